@@ -1,0 +1,28 @@
+"""Ray Data pipeline for pointwise training: Parquet train shards -> negatives -> Ray Train split."""
+
+from __future__ import annotations
+
+import ray.data
+
+from cluster.dataset_format import PreparedDataset
+from cluster.negatives import NegativeSampler
+from launcher.config import DataSection
+
+
+def training_dataset(dataset: PreparedDataset, data: DataSection) -> ray.data.Dataset:
+    """Lazily read the train split and expand each positive with `data.negatives` sampled negatives.
+
+    The dataset is re-executed every epoch, so each epoch draws fresh negatives. Ray Train splits it
+    with streaming_split(world, equal=True): equal row counts, hence equal step counts, per rank.
+    """
+    files = [str(path) for path in dataset.split_files("train")]
+    known = None
+    if data.reject_positives:
+        train = dataset.read_split("train")
+        known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
+    sampler = NegativeSampler(dataset.num_items, data.negatives, known)
+    return (
+        ray.data.read_parquet(files, columns=["user_id", "item_id"])
+        .randomize_block_order()
+        .map_batches(sampler, batch_format="numpy")
+    )

@@ -1,0 +1,267 @@
+"""Dataset preparation: raw interactions -> contiguous ids, implicit feedback, splits, Parquet shards.
+
+ML-100K's size makes a single-process columnar job (pyarrow + numpy, fully vectorised) the right tool;
+the output format is what the Ray Data pipeline streams, whatever produced it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from cluster.dataset_format import FORMAT, SPLITS, write_split
+from launcher.errors import UserError
+
+
+@dataclass
+class PrepareOptions:
+    split: str = "random"
+    """"random": per-user random 8:1:1 (seeded). "loo": leave-one-out by time (last -> test, one before -> valid)."""
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 2026
+    min_rating: float | None = None
+    """Implicit feedback: keep interactions with rating >= min_rating; None keeps every interaction."""
+    shards: int = 4
+    """Parquet files per split."""
+
+
+def ml100k_source() -> Path:
+    """Path of ML-100K inside the installed recbole wheel (never copied into this repository)."""
+    spec = importlib.util.find_spec("recbole")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("MovieLens-100K comes from the `recbole==1.2.1` wheel: pip install --no-deps recbole==1.2.1")
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k" / "ml-100k.inter"
+    if not path.is_file():
+        raise UserError(f"recbole is installed but {path} is missing; reinstall recbole==1.2.1")
+    return path
+
+
+def read_interactions(
+    path: str | Path,
+    user_col: str,
+    item_col: str,
+    rating_col: str | None = None,
+    timestamp_col: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Read a CSV/TSV/Parquet interaction file into raw columns user, item, rating, timestamp.
+
+    Ids must be integers. Missing rating -> 1.0; missing timestamp -> the row number (file order).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"input file not found: {path}")
+    table = _read_table(path)
+    wanted = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
+    missing = [col for col in wanted.values() if col is not None and col not in table.column_names]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; columns are: {', '.join(table.column_names)}")
+    if table.num_rows == 0:
+        raise UserError(f"{path}: no interactions (the file has no data rows)")
+    out = {
+        "user": _integer_column(table, user_col, path),
+        "item": _integer_column(table, item_col, path),
+    }
+    out["rating"] = (
+        _numeric_column(table, rating_col, path, np.float32)
+        if rating_col
+        else np.ones(table.num_rows, dtype=np.float32)
+    )
+    out["timestamp"] = (
+        _numeric_column(table, timestamp_col, path, np.int64)
+        if timestamp_col
+        else np.arange(table.num_rows, dtype=np.int64)
+    )
+    return out
+
+
+def _read_table(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
+        if suffix in (".csv", ".tsv", ".inter", ".txt", ".dat"):
+            delimiter = "," if suffix == ".csv" else "\t"
+            with path.open("r", errors="replace") as handle:
+                first = handle.readline()
+            if suffix != ".csv" and "\t" not in first and "," in first:
+                delimiter = ","
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{path}: cannot read as {suffix.lstrip('.')}: {str(exc).splitlines()[0]}") from None
+    raise UserError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
+
+
+def _integer_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count:
+        raise UserError(f"{path}: column {name!r} has {column.null_count} empty value(s)")
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64)
+    if pa.types.is_floating(column.type):
+        values = column.to_numpy()
+        if np.all(np.isfinite(values)) and np.all(values == np.floor(values)):
+            return values.astype(np.int64)
+    sample = column.slice(0, 5).to_pylist()
+    raise UserError(f"{path}: column {name!r} must hold integer ids, found {column.type} values such as {sample}")
+
+
+def _numeric_column(table: pa.Table, name: str, path: Path, dtype: type) -> np.ndarray:
+    column = table.column(name)
+    if column.null_count or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        sample = column.slice(0, 5).to_pylist()
+        raise UserError(f"{path}: column {name!r} must be numeric with no empty values, found e.g. {sample}")
+    return column.to_numpy().astype(dtype)
+
+
+def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions, source: str) -> dict[str, Any]:
+    """Turn raw interactions into a prepared dataset in `out`. Returns the stats written to stats.json."""
+    out = Path(out)
+    if options.shards < 1:
+        raise UserError("--shards must be >= 1")
+    if options.split not in ("random", "loo"):
+        raise UserError(f"unknown split {options.split!r}; use random or loo")
+    keep = np.ones(len(raw["user"]), dtype=bool)
+    if options.min_rating is not None:
+        keep = raw["rating"] >= options.min_rating
+    if not keep.any():
+        raise UserError(f"no interaction has rating >= {options.min_rating}")
+    user_raw, item_raw = raw["user"][keep], raw["item"][keep]
+    rating, timestamp = raw["rating"][keep], raw["timestamp"][keep]
+
+    user_ids, user = np.unique(user_raw, return_inverse=True)
+    item_ids, item = np.unique(item_raw, return_inverse=True)
+    # Implicit feedback: a repeated (user, item) pair is one positive; keep its latest occurrence.
+    order = np.lexsort((np.arange(len(user)), timestamp, item, user))
+    pair = user[order] * len(item_ids) + item[order]
+    last_of_pair = np.r_[pair[1:] != pair[:-1], True]
+    rows = order[last_of_pair]
+    user, item, rating, timestamp = user[rows], item[rows], rating[rows], timestamp[rows]
+
+    rng = np.random.default_rng(options.seed)
+    assignment = (
+        _split_random(user, options.ratios, rng) if options.split == "random" else _split_leave_one_out(user, timestamp)
+    )
+
+    if out.exists():
+        if not (out / "stats.json").exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not a prepared dataset; choose an empty or new folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    split_counts = {}
+    for index, split in enumerate(SPLITS):
+        selected = np.flatnonzero(assignment == index)
+        if split == "train":
+            selected = rng.permutation(selected)  # shards then mix users, so any file subset is a fair sample
+        columns = {
+            "user_id": user[selected].astype(np.int64),
+            "item_id": item[selected].astype(np.int64),
+            "rating": rating[selected].astype(np.float32),
+            "timestamp": timestamp[selected].astype(np.int64),
+        }
+        write_split(columns, out / split, options.shards)
+        split_counts[split] = int(len(selected))
+    pq.write_table(pa.table({"raw_id": user_ids, "id": np.arange(len(user_ids))}), out / "user_ids.parquet")
+    pq.write_table(pa.table({"raw_id": item_ids, "id": np.arange(len(item_ids))}), out / "item_ids.parquet")
+
+    stats = {
+        "format": FORMAT,
+        "source": source,
+        "users": int(len(user_ids)),
+        "items": int(len(item_ids)),
+        "interactions": int(len(user)),
+        "density": float(len(user)) / (len(user_ids) * len(item_ids)),
+        "splits": split_counts,
+        "split_method": options.split,
+        "ratios": list(options.ratios) if options.split == "random" else None,
+        "seed": options.seed,
+        "min_rating": options.min_rating,
+        "shards": options.shards,
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+    """Per-user random split: int(n*valid) valid rows, int(n*test) test rows, the rest train.
+
+    Users with at least 3 interactions get at least one valid and one test row. Returns 0/1/2 per row.
+    """
+    n_rows = len(user)
+    order = np.lexsort((rng.random(n_rows), user))  # by user, random within user
+    sorted_user = user[order]
+    starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
+    counts = np.diff(np.r_[starts, n_rows])
+    position = np.arange(n_rows) - np.repeat(starts, counts)
+    n_valid = np.floor(counts * ratios[1]).astype(np.int64)
+    n_test = np.floor(counts * ratios[2]).astype(np.int64)
+    enough = counts >= 3
+    n_valid = np.where(enough, np.maximum(n_valid, 1), 0)
+    n_test = np.where(enough, np.maximum(n_test, 1), 0)
+    n_train = np.repeat(counts - n_valid - n_test, counts)
+    n_valid_rows = np.repeat(n_valid, counts)
+    split_sorted = np.where(position < n_train, 0, np.where(position < n_train + n_valid_rows, 1, 2))
+    assignment = np.empty(n_rows, dtype=np.int8)
+    assignment[order] = split_sorted
+    return assignment
+
+
+def _split_leave_one_out(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """Last interaction by time -> test, the one before -> valid; ties broken by input order (stable)."""
+    n_rows = len(user)
+    order = np.lexsort((np.arange(n_rows), timestamp, user))
+    sorted_user = user[order]
+    ends = np.r_[np.flatnonzero(sorted_user[1:] != sorted_user[:-1]), n_rows - 1]
+    counts = np.diff(np.r_[-1, ends])
+    split_sorted = np.zeros(n_rows, dtype=np.int8)
+    has_three = counts >= 3
+    split_sorted[ends[has_three]] = 2
+    split_sorted[ends[has_three] - 1] = 1
+    assignment = np.empty(n_rows, dtype=np.int8)
+    assignment[order] = split_sorted
+    return assignment
+
+
+def prepare_ml100k(out: str | Path, options: PrepareOptions) -> dict[str, Any]:
+    source = ml100k_source()
+    raw = read_interactions(source, "user_id:token", "item_id:token", "rating:float", "timestamp:float")
+    return prepare(raw, out, options, source="ml-100k (recbole 1.2.1 package copy of u.data)")
+
+
+def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 0) -> dict[str, Any]:
+    """Keep the first `users` users of a prepared dataset (all their interactions); for fast tests.
+
+    Items are re-indexed contiguously over what remains.
+    """
+    from cluster.dataset_format import PreparedDataset
+
+    dataset = PreparedDataset.open(source)
+    splits = {split: dataset.read_split(split) for split in SPLITS}
+    keep_items = np.unique(np.concatenate([s["item_id"][s["user_id"] < users] for s in splits.values()]))
+    item_remap = np.full(dataset.num_items, -1, dtype=np.int64)
+    item_remap[keep_items] = np.arange(len(keep_items))
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    counts = {}
+    for split, rows in splits.items():
+        mask = rows["user_id"] < users
+        sub = {name: values[mask] for name, values in rows.items()}
+        sub["item_id"] = item_remap[sub["item_id"]]
+        write_split(sub, out / split, dataset.stats.get("shards", 2))
+        counts[split] = int(mask.sum())
+    total = sum(counts.values())
+    stats = dict(dataset.stats, users=users, items=int(len(keep_items)), interactions=total,
+                 density=total / (users * len(keep_items)), splits=counts,
+                 source=f"sample of {users} users from {dataset.root}")
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats

@@ -1,0 +1,1 @@
+"""The user-facing `shardrec` command line and its typed configuration. No torch.distributed here."""

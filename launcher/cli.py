@@ -1,0 +1,204 @@
+"""The `shardrec` command line. `main(argv) -> exit code`; user errors print one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from launcher.config import RunConfig, config_from_json, load_config
+from launcher.errors import UserError
+
+
+def report_user_error(exc: UserError) -> int:
+    print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
+    return exc.exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad usage already; keep its messages but without the traceback noise."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise UserError(message)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shardrec", description="Distributed recommendation training on sharded embedding tables.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    data = commands.add_parser("data", help="prepare interaction datasets").add_subparsers(
+        dest="data_command", required=True, parser_class=_Parser
+    )
+    prepare = data.add_parser("prepare", help="prepare a built-in dataset (ml-100k)")
+    prepare.add_argument("name", choices=["ml-100k"])
+    imported = data.add_parser("import", help="prepare any CSV/TSV/Parquet interaction file")
+    imported.add_argument("file")
+    imported.add_argument("--user-col", required=True)
+    imported.add_argument("--item-col", required=True)
+    imported.add_argument("--rating-col")
+    imported.add_argument("--timestamp-col")
+    for sub in (prepare, imported):
+        sub.add_argument("--out", required=True, help="output folder")
+        sub.add_argument("--split", choices=["random", "loo"], default="random",
+                         help="random: per-user 8:1:1 (default); loo: leave-one-out by time")
+        sub.add_argument("--seed", type=int, default=2026)
+        sub.add_argument("--min-rating", type=float, default=None,
+                         help="keep interactions with rating >= this as positives (default: all)")
+        sub.add_argument("--shards", type=int, default=4, help="Parquet files per split")
+    sample = data.add_parser("sample", help="keep the first N users of a prepared dataset (quick experiments)")
+    sample.add_argument("source")
+    sample.add_argument("--users", type=int, required=True)
+    sample.add_argument("--out", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train a model through Ray (embedded local cluster unless --cluster.address)",
+        epilog="Any config value can be overridden with --section.key value, e.g. --trainer.epochs 5.",
+    )
+    _add_train_arguments(train)
+    commands.add_parser("models", help="list registered models and their parameters")
+    show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
+    _add_train_arguments(show)
+    return parser
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML config, e.g. launcher/configs/ncf_ml100k.toml")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
+    overrides = []
+    index = 0
+    while index < len(extra):
+        token = extra[index]
+        if not token.startswith("--") or "." not in token:
+            raise UserError(f"unrecognised argument {token!r}; config overrides look like --section.key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if index + 1 >= len(extra):
+                raise UserError(f"override {token} needs a value")
+            index += 1
+            value = extra[index]
+        overrides.append((key, value))
+        index += 1
+    return overrides
+
+
+def parse_train_args(argv: list[str]) -> tuple[RunConfig, Path | None]:
+    """Parse `--config`, `--resume` and dotted overrides (shared by `shardrec train` and torchrun)."""
+    parser = _Parser(prog="shardrec train")
+    _add_train_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    return _resolve_config(args, _split_overrides(extra))
+
+
+def _resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> tuple[RunConfig, Path | None]:
+    if args.resume:
+        resume_dir = Path(args.resume)
+        saved = resume_dir / "config.json"
+        if not saved.is_file():
+            raise UserError(f"--resume {resume_dir}: not a run folder (no config.json)")
+        config = config_from_json(saved.read_text())
+        for key, value in overrides:
+            from launcher.config import parse_override_value
+
+            config.set(key, parse_override_value(value))
+        return config.validate(), resume_dir
+    if not args.config:
+        raise UserError("--config is required (or --resume RUN_DIR)")
+    return load_config(args.config, overrides), None
+
+
+def resolve_run_dir(config: RunConfig, resume_dir: Path | None) -> Path:
+    if resume_dir is not None:
+        return resume_dir.resolve()
+    name = config.trainer.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(config.trainer.run_root) / name).resolve()
+    if (run_dir / "checkpoints").exists():
+        raise UserError(f"run folder {run_dir} already has checkpoints: use --resume {run_dir} or another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from cluster.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
+
+    if args.data_command == "sample":
+        stats = sample_dataset(args.source, args.out, args.users)
+    else:
+        options = PrepareOptions(split=args.split, seed=args.seed, min_rating=args.min_rating, shards=args.shards)
+        if args.data_command == "prepare":
+            stats = prepare_ml100k(args.out, options)
+        else:
+            raw = read_interactions(args.file, args.user_col, args.item_col, args.rating_col, args.timestamp_col)
+            stats = prepare(raw, args.out, options, source=str(Path(args.file).resolve()))
+    print(
+        f"prepared {args.out}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
+        f"(density {stats['density']:.4f}); splits {stats['splits']}"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from cluster.dataset_format import PreparedDataset
+
+    config, resume_dir = _resolve_config(args, overrides)
+    PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
+
+    from cluster.launch import TrainingFailed, train_on_ray  # heavy imports only once the input is sound
+    from trainers.loop import format_summary
+
+    # Workers do not share the driver's working directory: hand them absolute paths.
+    config.data.path = str(Path(config.data.path).resolve())
+    run_dir = resolve_run_dir(config, resume_dir)
+    print(f"[shardrec] run folder {run_dir}", flush=True)
+    try:
+        summary = train_on_ray(config, run_dir, resume=resume_dir is not None)
+    except TrainingFailed as exc:
+        print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+def _cmd_models() -> int:
+    import dataclasses
+
+    from models.params import MODEL_PARAMS
+
+    for name, params in sorted(MODEL_PARAMS.items()):
+        defaults = {f.name: getattr(params(), f.name) for f in dataclasses.fields(params)}
+        print(f"{name}: {params.__doc__.strip().splitlines()[0] if params.__doc__ else ''}")
+        print(f"  parameters: {json.dumps(defaults)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = _build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command in ("train", "config"):
+            overrides = _split_overrides(extra)
+            if args.command == "config":
+                config, _ = _resolve_config(args, overrides)
+                print(config.to_json())
+                return 0
+            return _cmd_train(args, overrides)
+        if extra:
+            raise UserError(f"unrecognised arguments: {' '.join(extra)}")
+        if args.command == "data":
+            return _cmd_data(args)
+        return _cmd_models()
+    except UserError as exc:
+        return report_user_error(exc)
+
+
+def entry() -> None:
+    sys.exit(main())

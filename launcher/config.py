@@ -1,0 +1,288 @@
+"""Typed run configuration: defaults < TOML file < `--section.key value` overrides.
+
+Each section is a dataclass; each component receives only its own section. The `model` section is
+special: its `name` picks a model from the registry and every other key is that model's parameter,
+validated against the model's own parameter dataclass (models/params.py), so a typo in a model
+parameter is caught before any rank starts.
+
+Nothing here imports torch: configuration errors must surface in well under a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from models.params import MODEL_PARAMS
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+
+
+@dataclass
+class DataSection:
+    path: str = "runs/data/ml-100k"
+    """Folder written by `shardrec data prepare` / `shardrec data import`."""
+    negatives: int = 4
+    """Sampled negatives per positive for pointwise (BCE) training, drawn in the data pipeline."""
+    reject_positives: bool = True
+    """Resample negatives that are in the user's training items (exact, vectorised membership test)."""
+    shuffle_buffer: int = 20_000
+    """Rows in each rank's local shuffle buffer."""
+
+    def validate(self) -> None:
+        if self.negatives < 1:
+            raise UserError(f"data.negatives must be >= 1, got {self.negatives}")
+        if self.shuffle_buffer < 0:
+            raise UserError("data.shuffle_buffer must be >= 0")
+
+
+@dataclass
+class ModelSection:
+    name: str = "ncf"
+    """Registered model name (see `shardrec models`)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Model parameters; in TOML and on the command line they sit directly under [model]."""
+
+    def validate(self) -> None:
+        if self.name not in MODEL_PARAMS:
+            raise UserError(f"unknown model {self.name!r}; known models: {', '.join(sorted(MODEL_PARAMS))}")
+        self.resolved_params()
+
+    def resolved_params(self) -> Any:
+        """The model's parameter dataclass with defaults filled in; raises UserError on bad keys."""
+        params_cls = MODEL_PARAMS[self.name]
+        known = {f.name: f for f in dataclasses.fields(params_cls)}
+        for key, value in self.params.items():
+            if key not in known:
+                raise UserError(
+                    f"unknown key model.{key} for model {self.name!r}; known keys: {', '.join(sorted(known))}"
+                )
+            _check_type(f"model.{key}", value, _field_type(params_cls, key))
+        instance = params_cls(**self.params)
+        if hasattr(instance, "validate"):
+            instance.validate()
+        return instance
+
+
+@dataclass
+class TrainerSection:
+    epochs: int = 20
+    batch_size: int = 1024
+    """Rows per step on each rank (positives and their negatives together)."""
+    sparse_lr: float = 0.05
+    """Learning rate of the fused row-wise Adagrad applied to the embedding tables in backward."""
+    dense_lr: float = 0.001
+    """Learning rate of Adam on the dense (replicated) parameters."""
+    seed: int = 0
+    log_every: int = 50
+    """Steps between JSONL step records."""
+    eval_every: int = 1
+    """Epochs between validation passes."""
+    checkpoint_every: int = 1
+    """Epochs between checkpoints (the last epoch is always checkpointed)."""
+    run_root: str = "runs"
+    """Folder that receives one sub-folder per run."""
+    run_name: str = ""
+    """Run folder name; empty means <model>-<timestamp>."""
+    max_steps_per_epoch: int = 0
+    """Stop each epoch after this many steps (0: the whole epoch). For smoke tests."""
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sparse_lr <= 0 or self.dense_lr <= 0:
+            raise UserError("trainer.sparse_lr and trainer.dense_lr must be > 0")
+        if self.max_steps_per_epoch < 0:
+            raise UserError("trainer.max_steps_per_epoch must be >= 0")
+
+
+@dataclass
+class ShardingSection:
+    default: str = ""
+    """Sharding type for every table not named in `tables`; empty lets the TorchRec planner choose."""
+    tables: dict[str, str] = field(default_factory=dict)
+    """Per-table sharding type, e.g. {gmf_user = "row_wise"}; on the command line --sharding.tables.gmf_user row_wise."""
+
+    def validate(self) -> None:
+        for where, kind in [("sharding.default", self.default)] + [
+            (f"sharding.tables.{t}", k) for t, k in self.tables.items()
+        ]:
+            if kind and kind not in SHARDING_TYPES:
+                raise UserError(f"{where}: unknown sharding type {kind!r}; choose from {', '.join(SHARDING_TYPES)}")
+
+
+@dataclass
+class EvalSection:
+    protocol: str = "full"
+    """"full": rank every item, training items masked. "sampled": the held-out item against sampled negatives."""
+    k: int = 10
+    sampled_negatives: int = 99
+    user_batch: int = 256
+    """Users scored at once in full ranking (memory ~ user_batch x items floats)."""
+
+    def validate(self) -> None:
+        if self.protocol not in ("full", "sampled"):
+            raise UserError(f"eval.protocol must be 'full' or 'sampled', got {self.protocol!r}")
+        if self.k < 1 or self.user_batch < 1 or self.sampled_negatives < 1:
+            raise UserError("eval.k, eval.user_batch and eval.sampled_negatives must be >= 1")
+
+
+@dataclass
+class ClusterSection:
+    address: str = ""
+    """Ray address to attach to ("auto" inside `ray job submit`); empty starts an embedded local cluster."""
+    num_workers: int = 2
+    """Training ranks (Ray Train workers)."""
+    cpus_per_worker: float = 0.5
+    """Ray CPU resource per worker. Below 1 on small machines so Ray Data read tasks still get a CPU."""
+    use_gpu: bool = False
+    backend: str = "gloo"
+    """torch.distributed backend: gloo on CPU, nccl on GPUs."""
+    object_store_mb: int = 512
+    """Object store cap of the embedded local cluster."""
+    max_failures: int = 0
+    """Times Ray Train restarts a failed worker group (from the last checkpoint)."""
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise UserError("cluster.num_workers must be >= 1")
+        if self.cpus_per_worker <= 0:
+            raise UserError("cluster.cpus_per_worker must be > 0")
+        if self.backend not in ("gloo", "nccl"):
+            raise UserError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
+        if self.max_failures < 0:
+            raise UserError("cluster.max_failures must be >= 0")
+
+
+@dataclass
+class RunConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    sharding: ShardingSection = field(default_factory=ShardingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        model = out.pop("model")
+        out["model"] = {"name": model["name"], **model["params"]}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        config = cls()
+        for section_name, values in raw.items():
+            if not isinstance(values, dict):
+                raise UserError(f"config: {section_name!r} must be a [section], got a plain value")
+            for key, value in values.items():
+                config.set(f"{section_name}.{key}", value)
+        return config
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Set `section.key` (or `section.dictfield.key`), checking the key exists and the type fits."""
+        parts = dotted.split(".")
+        if len(parts) < 2:
+            raise UserError(f"override {dotted!r} must look like section.key")
+        section_name, key, rest = parts[0], parts[1], parts[2:]
+        sections = {f.name for f in dataclasses.fields(self)}
+        if section_name not in sections:
+            raise UserError(f"unknown config section {section_name!r}; known: {', '.join(sorted(sections))}")
+        section = getattr(self, section_name)
+        if isinstance(section, ModelSection):
+            if key == "name" and not rest:
+                _check_type(dotted, value, str)
+                section.name = value
+            elif rest:
+                raise UserError(f"unknown key {dotted!r}: model parameters are flat (model.<param>)")
+            else:
+                # Checked against the model's parameters in validate(), once the name is final.
+                section.params[key] = value
+            return
+        known = {f.name for f in dataclasses.fields(section)}
+        if key not in known:
+            raise UserError(f"unknown key {section_name}.{key}; known keys: {', '.join(sorted(known))}")
+        expected = _field_type(type(section), key)
+        if typing.get_origin(expected) is dict:
+            _, value_type = typing.get_args(expected)
+            if rest:
+                _check_type(dotted, value, value_type)
+                getattr(section, key)[".".join(rest)] = value
+                return
+            if not isinstance(value, dict):
+                raise UserError(f"{dotted} must be a table of values, got {value!r}")
+            for sub_key, sub_value in value.items():
+                _check_type(f"{dotted}.{sub_key}", sub_value, value_type)
+            setattr(section, key, dict(value))
+            return
+        if rest:
+            raise UserError(f"unknown key {dotted!r}")
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        _check_type(dotted, value, expected)
+        setattr(section, key, value)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_type(where: str, value: Any, expected: Any) -> None:
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        for item in value:
+            _check_type(where, item, item_type)
+        return
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return
+    if expected is int and isinstance(value, bool):
+        raise UserError(f"{where} must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise UserError(f"{where} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def parse_override_value(text: str) -> Any:
+    """Command-line values are read as TOML values (42, 0.5, true, [64, 32]); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
+    """Defaults < TOML file < overrides; validated. Raises UserError with a one-line reason."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: not valid TOML: {exc}") from None
+    config = RunConfig.from_dict(raw)
+    for dotted, text in overrides:
+        config.set(dotted, parse_override_value(text))
+    return config.validate()
+
+
+def config_from_json(text: str) -> RunConfig:
+    return RunConfig.from_dict(json.loads(text)).validate()

@@ -1,0 +1,1 @@
+"""Recommendation models on TorchRec embedding tables, looked up by name (models.registry)."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: a prepared ML-100K (real data from the installed package) and small samples of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cluster.prepare import PrepareOptions, prepare_ml100k, sample_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ml100k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ml-100k"
+    prepare_ml100k(out, PrepareOptions(shards=4))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ml100k_small(ml100k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 60 users of ML-100K with all their interactions: seconds per epoch."""
+    out = tmp_path_factory.mktemp("data") / "ml-100k-60u"
+    sample_dataset(ml100k, out, users=60)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _loopback_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))

@@ -1,0 +1,43 @@
+"""torchrun entry: `torchrun --nproc-per-node 2 -m trainers --config launcher/configs/ncf_ml100k.toml [...]`.
+
+Accepts the same arguments as `shardrec train` (config, dotted overrides, --resume); no Ray involved.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from launcher.cli import parse_train_args, report_user_error, resolve_run_dir
+from launcher.errors import UserError
+from trainers.distributed import setup, teardown
+from trainers.entry import torchrun_rank
+from trainers.loop import format_summary
+
+
+def main(argv: list[str]) -> int:
+    try:
+        config, resume_dir = parse_train_args(argv)
+    except UserError as exc:
+        return report_user_error(exc)
+    context = setup(config.cluster.backend)
+    try:
+        # Every rank must use rank 0's run folder name (it may contain a timestamp).
+        chosen = [str(resolve_run_dir(config, resume_dir)) if context.is_main else None]
+        dist.broadcast_object_list(chosen, src=0)
+        from pathlib import Path
+
+        run_dir = Path(chosen[0])
+        summary = torchrun_rank(config, run_dir, resume_dir is not None, context)
+        if context.is_main:
+            print(format_summary(summary), flush=True)
+    except UserError as exc:
+        return report_user_error(exc)
+    finally:
+        teardown(context)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

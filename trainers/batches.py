@@ -1,0 +1,91 @@
+"""Per-rank batch sources. Both yield dicts of numpy columns {user_id, item_id, label} of exactly
+`batch_size` rows and are wrapped in `lockstep` so that every rank runs the same number of steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+
+from cluster.dataset_format import PreparedDataset
+from cluster.negatives import NegativeSampler
+from trainers.distributed import all_agree
+
+Batch = dict[str, np.ndarray]
+
+
+class BatchSource(Protocol):
+    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+
+
+class RayShardSource:
+    """Batches from this rank's Ray Data stream (`streaming_split(world, equal=True)` done by Ray Train)."""
+
+    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int) -> None:
+        self.shard = shard
+        self.batch_size = batch_size
+        self.shuffle_buffer = shuffle_buffer
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        yield from self.shard.iter_batches(
+            batch_size=self.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=self.shuffle_buffer or None,
+        )
+
+
+class ParquetFilesSource:
+    """Without Ray: this rank reads train files rank::world with pyarrow and samples negatives itself.
+
+    Used under plain torchrun. Files are striped over ranks, so ranks see different rows; with fewer
+    files than ranks, rows are striped instead.
+    """
+
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        sampler: NegativeSampler,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        files = dataset.split_files("train")
+        if len(files) >= world_size:
+            rows = dataset.read_split("train", files[rank::world_size])
+        else:
+            every = dataset.read_split("train")
+            rows = {name: values[rank::world_size] for name, values in every.items()}
+        self.users, self.items = rows["user_id"], rows["item_id"]
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.seed = seed + 1000 * rank
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng((self.seed, epoch))
+        expanded = self.sampler({"user_id": self.users, "item_id": self.items}, rng)
+        order = rng.permutation(len(expanded["label"]))
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield {name: values[index] for name, values in expanded.items()}
+
+
+def lockstep(batches: Iterator[Batch], max_steps: int = 0) -> Iterator[Batch]:
+    """Yield batches while every rank still has one (and under max_steps, if set)."""
+    step = 0
+    iterator = iter(batches)
+    while True:
+        batch = next(iterator, None)
+        if max_steps and step >= max_steps:
+            batch = None
+        if not all_agree(batch is not None):
+            return
+        yield batch  # type: ignore[misc]
+        step += 1
+
+
+def training_pairs(dataset: PreparedDataset) -> np.ndarray:
+    train = dataset.read_split("train")
+    return NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)

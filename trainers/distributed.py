@@ -1,0 +1,65 @@
+"""Process-group setup: the only place that reads RANK / WORLD_SIZE and friends."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class RankContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    owns_process_group: bool
+    """True when we created the process group (torchrun) and so must destroy it."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
+    """Join the job's process group, creating it from the environment if the launcher did not.
+
+    Ray Train workers arrive with an initialised group; torchrun ranks arrive with MASTER_ADDR etc.
+    The collective timeout bounds how long a healthy rank waits for a dead one.
+    """
+    owns = False
+    if not dist.is_initialized():
+        for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise RuntimeError(f"{name} is not set: start ranks with torchrun or through `shardrec train`")
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        owns = True
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    return RankContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+
+
+def teardown(context: RankContext) -> None:
+    if context.owns_process_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_agree(flag: bool) -> bool:
+    """True only if every rank passes True. Used so all ranks stop a loop at the same step: TorchRec's
+    collectives hang when ranks run different numbers of steps."""
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def all_sum(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -1,0 +1,196 @@
+"""Distributed ranking evaluation over sharded tables.
+
+Every embedding row is looked up once per pass (items split over ranks, then all-gathered; users
+split over ranks), and each rank scores its own users against every item locally. Per-user metric
+sums are added across ranks, so the result equals a single process scoring every user.
+
+Protocols:
+- full: rank all items; the user's training items (and, for test, validation items) are masked.
+- sampled: each held-out item against `sampled_negatives` items the user never interacted with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster.dataset_format import PreparedDataset
+from launcher.config import EvalSection
+from models.base import UserItemModel
+from trainers.collate import ids_to_kjt
+from trainers.distributed import all_sum
+from trainers.ranking_metrics import metrics_from_hits
+
+LOOKUP_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class UserItems:
+    """Items of each user in CSR form: items[indptr[u]:indptr[u+1]]."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "UserItems":
+        order = np.argsort(users, kind="stable")
+        counts = np.bincount(users, minlength=num_users)
+        return cls(np.r_[0, np.cumsum(counts)], items[order])
+
+    def of(self, user: int) -> np.ndarray:
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def merged(self, other: "UserItems") -> "UserItems":
+        num_users = len(self.indptr) - 1
+        users = np.r_[np.repeat(np.arange(num_users), self.counts()), np.repeat(np.arange(num_users), other.counts())]
+        return UserItems.build(users, np.r_[self.items, other.items], num_users)
+
+
+class Evaluator:
+    def __init__(self, dataset: PreparedDataset, config: EvalSection, rank: int, world_size: int, seed: int = 0):
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.num_users, self.num_items = dataset.num_users, dataset.num_items
+        self.seed = seed
+        self.by_split = {}
+        for split in ("train", "valid", "test"):
+            rows = dataset.read_split(split)
+            self.by_split[split] = UserItems.build(rows["user_id"], rows["item_id"], self.num_users)
+        self.masks = {"valid": self.by_split["train"], "test": self.by_split["train"].merged(self.by_split["valid"])}
+        self.everything = self.masks["test"].merged(self.by_split["test"])
+
+    def protocol_name(self, split: str) -> str:
+        if self.config.protocol == "full":
+            masked = "train" if split == "valid" else "train+valid"
+            return f"full ranking over all {self.num_items} items, {masked} items masked"
+        return f"sampled: each held-out item vs {self.config.sampled_negatives} unseen items"
+
+    @torch.no_grad()
+    def evaluate(self, model: UserItemModel, split: str) -> dict[str, float | str | int]:
+        """Collective: every rank must call it. `model` is the unwrapped module with sharded tables."""
+        was_training = model.training
+        model.eval()
+        try:
+            items = self._all_item_vectors(model)
+            targets = self.by_split[split]
+            eval_users = np.flatnonzero(targets.counts() > 0)
+            mine = eval_users[self.rank :: self.world_size]
+            sums = self._score_users(model, mine, items, split)
+        finally:
+            model.train(was_training)
+        k = self.config.k
+        total = all_sum(sums)
+        count = total[-1]
+        names = ["recall", "ndcg", "hit", "mrr"] if self.config.protocol == "full" else ["hit", "ndcg"]
+        result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split)}
+        result["cases"] = int(count)
+        for index, name in enumerate(names):
+            result[f"{name}@{k}"] = total[index] / max(count, 1.0)
+        return result
+
+    def _lookup(self, model: UserItemModel, column: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Collective lookup of one entity's rows; every rank passes the same number of ids."""
+        features = {f: c for f, c in model.feature_columns.items()}
+        pooled = model.tables(ids_to_kjt({column: ids}, features)).to_dict()
+        return {f: pooled[f] for f in model.features_of(column)}
+
+    def _lookup_padded(self, model: UserItemModel, column: str, ids: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+        """Look up `ids` padded (with row 0) to `length`, in fixed chunks so all ranks make equal calls."""
+        padded = np.zeros(length, dtype=np.int64)
+        padded[: len(ids)] = ids
+        parts: dict[str, list[torch.Tensor]] = {}
+        for start in range(0, length, LOOKUP_CHUNK):
+            for feature, values in self._lookup(model, column, padded[start : start + LOOKUP_CHUNK]).items():
+                parts.setdefault(feature, []).append(values)
+        return {f: torch.cat(v)[: len(ids)] for f, v in parts.items()}
+
+    def _all_item_vectors(self, model: UserItemModel) -> dict[str, torch.Tensor]:
+        per_rank = -(-self.num_items // self.world_size)
+        start = self.rank * per_rank
+        mine = np.arange(start, min(start + per_rank, self.num_items), dtype=np.int64)
+        local = self._lookup_padded(model, "item_id", mine, per_rank)
+        gathered = {}
+        for feature, values in local.items():
+            padded = torch.zeros(per_rank, values.shape[1], dtype=values.dtype)
+            padded[: len(values)] = values
+            pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(pieces, padded)
+            gathered[feature] = torch.cat(pieces)[: self.num_items]
+        return gathered
+
+    def _score_users(self, model: UserItemModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str) -> list[float]:
+        longest = torch.tensor([len(users)])
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        batch = self.config.user_batch
+        n_batches = -(-int(longest.item()) // batch)
+        metric_count = 4 if self.config.protocol == "full" else 2
+        sums = np.zeros(metric_count + 1)
+        for index in range(n_batches):
+            chunk = users[index * batch : (index + 1) * batch]
+            # Lookups are collective: a rank with no users left still joins with padding rows.
+            vectors = self._lookup_padded(model, "user_id", chunk, batch)
+            if len(chunk) == 0:
+                continue
+            vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
+            scores = model.score_all(vectors, items)
+            if self.config.protocol == "full":
+                sums += self._full_ranking_sums(scores, chunk, split)
+            else:
+                sums += self._sampled_sums(scores, chunk, split)
+        return sums.tolist()
+
+    def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+        scores = mask_items(scores, users, self.masks[split])
+        k = min(self.config.k, self.num_items)
+        top = torch.topk(scores, k, dim=1).indices.numpy()
+        targets = self.by_split[split]
+        hits = np.zeros(top.shape, dtype=bool)
+        for row, user in enumerate(users):
+            hits[row] = np.isin(top[row], targets.of(user))
+        num_relevant = torch.as_tensor(targets.counts()[users])
+        metrics = metrics_from_hits(torch.as_tensor(hits), num_relevant)
+        return np.array([metrics[m].sum().item() for m in ("recall", "ndcg", "hit", "mrr")] + [len(users)])
+
+    def _sampled_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+        k = self.config.k
+        hit_sum = ndcg_sum = cases = 0.0
+        for row, user in enumerate(users):
+            rng = np.random.default_rng((self.seed, int(user)))
+            seen = self.everything.of(user)
+            for target in self.by_split[split].of(user):
+                negatives = sample_unseen(rng, self.num_items, seen, self.config.sampled_negatives)
+                rank = int((scores[row, negatives] > scores[row, target]).sum())
+                if rank < k:
+                    hit_sum += 1.0
+                    ndcg_sum += 1.0 / np.log2(rank + 2)
+                cases += 1
+        return np.array([hit_sum, ndcg_sum, cases])
+
+
+def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> torch.Tensor:
+    """Set each user's masked items to -inf so they cannot be recommended. scores: [U, I]."""
+    counts = masked.counts()[users]
+    rows = np.repeat(np.arange(len(users)), counts)
+    cols = np.concatenate([masked.of(u) for u in users]) if len(users) else np.empty(0, np.int64)
+    scores = scores.clone()
+    scores[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.int64)] = float("-inf")
+    return scores
+
+
+def sample_unseen(rng: np.random.Generator, num_items: int, seen: np.ndarray, count: int) -> np.ndarray:
+    """`count` distinct items not in `seen` (sorted or not). Raises if the catalogue is too small."""
+    available = num_items - len(np.unique(seen))
+    if available < count:
+        raise ValueError(f"only {available} unseen items, cannot sample {count} negatives")
+    chosen: np.ndarray = np.empty(0, dtype=np.int64)
+    while len(chosen) < count:
+        draw = rng.integers(0, num_items, size=2 * count)
+        draw = draw[~np.isin(draw, seen)]
+        chosen = np.unique(np.r_[chosen, draw])
+    return rng.permutation(chosen)[:count]

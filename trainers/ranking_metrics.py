@@ -1,0 +1,47 @@
+"""Top-K ranking metrics from hit matrices. Pure torch, no process group: the evaluator sums these
+per-user values across ranks, and the tests check them against hand-computed values and torchmetrics."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _discounts(k: int) -> torch.Tensor:
+    return 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))
+
+
+def recall_at_k(hits: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """hits: bool [U, K], True where the i-th ranked item is relevant; num_relevant: [U] (>= 1)."""
+    return hits.sum(1).double() / num_relevant.double()
+
+
+def ndcg_at_k(hits: torch.Tensor, num_relevant: torch.Tensor) -> torch.Tensor:
+    """Binary-relevance NDCG; the ideal ranking puts min(num_relevant, K) relevant items first."""
+    k = hits.shape[1]
+    discounts = _discounts(k)
+    dcg = (hits.double() * discounts).sum(1)
+    ideal_cumulative = torch.cumsum(discounts, 0)
+    idcg = ideal_cumulative[(num_relevant.clamp(max=k) - 1).long()]
+    return dcg / idcg
+
+
+def hit_at_k(hits: torch.Tensor) -> torch.Tensor:
+    return hits.any(1).double()
+
+
+def mrr_at_k(hits: torch.Tensor) -> torch.Tensor:
+    """Reciprocal rank of the first relevant item within the top K, 0 if none."""
+    k = hits.shape[1]
+    ranks = torch.arange(1, k + 1, dtype=torch.float64)
+    first = torch.where(hits, ranks, torch.full_like(ranks, float("inf"))).min(1).values
+    return torch.where(torch.isinf(first), torch.zeros_like(first), 1.0 / first)
+
+
+def metrics_from_hits(hits: torch.Tensor, num_relevant: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-user values of every metric, keyed without the @K suffix."""
+    return {
+        "recall": recall_at_k(hits, num_relevant),
+        "ndcg": ndcg_at_k(hits, num_relevant),
+        "hit": hit_at_k(hits),
+        "mrr": mrr_at_k(hits),
+    }

@@ -1,0 +1,103 @@
+"""Build a model on the meta device, plan its sharding, wrap it in DistributedModelParallel, and
+initialise every shard identically whatever the layout."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from launcher.config import RunConfig
+from models.base import UserItemModel
+from models.registry import build_model
+from sharding.planner import describe_plan, make_sharders, plan_sharding
+
+# TorchRec's planner warns about building a Topology by hand and about dry-run dense estimates on
+# every plan; both are expected here and drown the useful output.
+for _name in ("torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+INIT_CHUNK_ROWS = 65_536
+
+
+@dataclass
+class ShardedModel:
+    dmp: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    """Fused table optimizer (steps inside backward) + Adam on dense parameters; one state_dict."""
+    plan_rows: list[dict[str, Any]]
+
+    @property
+    def model(self) -> UserItemModel:
+        return self.dmp.module  # type: ignore[return-value]
+
+
+def build_sharded_model(config: RunConfig, num_users: int, num_items: int, device: torch.device) -> ShardedModel:
+    """Collective: every rank calls it with the same config and gets its own shards."""
+    torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
+    model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta")
+    # Attach the table optimizer before planning so the planner counts its state.
+    apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
+    plan = plan_sharding(
+        model,
+        world_size=dist.get_world_size(),
+        device_type=device.type,
+        default=config.sharding.default,
+        per_table=config.sharding.tables,
+        batch_size=config.trainer.batch_size,
+        process_group=dist.group.WORLD,
+    )
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=make_sharders())
+    init_tables(dmp, model.init_std(), config.trainer.seed)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=config.trainer.dense_lr),
+    )
+    optimizer = CombinedOptimizer([("tables", dmp.fused_optimizer), ("dense", dense)])
+    return ShardedModel(dmp, optimizer, describe_plan(plan))
+
+
+@torch.no_grad()
+def init_tables(dmp: torch.nn.Module, std: float, seed: int) -> None:
+    """normal(0, std) for every embedding row, as a function of (seed, table, row) only.
+
+    TorchRec's fused kernels initialise shards uniformly and ignore the table's init_fn, and a
+    layout-independent init is what lets sharded and unsharded runs be compared exactly. Rows are
+    drawn in fixed chunks; a rank draws only the chunks that overlap its shards.
+    """
+    for table_index, (name, value) in enumerate(sorted(dmp.state_dict().items())):
+        if ".embedding_bags." not in name and ".embeddings." not in name:
+            continue
+        shards = (
+            [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
+            if hasattr(value, "local_shards")
+            else [([0, 0], value)]
+        )
+        for (row_offset, col_offset), local in shards:
+            rows, cols = local.shape
+            first_chunk = row_offset // INIT_CHUNK_ROWS
+            last_chunk = (row_offset + rows - 1) // INIT_CHUNK_ROWS
+            full_width = _table_width(value, local)
+            for chunk in range(first_chunk, last_chunk + 1):
+                generator = torch.Generator().manual_seed(hash((seed, table_index, chunk)) & 0x7FFFFFFF)
+                block = torch.randn(INIT_CHUNK_ROWS, full_width, generator=generator) * std
+                chunk_start = chunk * INIT_CHUNK_ROWS
+                lo = max(row_offset, chunk_start)
+                hi = min(row_offset + rows, chunk_start + INIT_CHUNK_ROWS)
+                local[lo - row_offset : hi - row_offset] = block[
+                    lo - chunk_start : hi - chunk_start, col_offset : col_offset + cols
+                ].to(local.dtype)
+
+
+def _table_width(value: Any, local: torch.Tensor) -> int:
+    if hasattr(value, "metadata"):
+        return int(value.metadata().size[1])
+    return int(local.shape[1])
