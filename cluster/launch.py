@@ -26,6 +26,10 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
     with ray_cluster(section) as where:
+        import ray.data
+
+        # Our own log lines report progress; Ray Data's live bars flood captured logs.
+        ray.data.DataContext.get_current().enable_progress_bars = False
         say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
         trainer = TorchTrainer(
             ray_train_loop,

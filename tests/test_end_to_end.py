@@ -1,0 +1,126 @@
+"""End to end through the real launchers: `shardrec train` on an embedded Ray cluster, plain torchrun,
+and `ray job submit` against a `ray start --head` cluster on loopback. Each test stops what it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow]
+VENV_BIN = Path(sys.executable).parent
+CONFIG = str(REPO / "launcher/configs/ncf_ml100k.toml")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    return env
+
+
+def _run(args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _small_run_args(data: Path, runs: Path, name: str, epochs: int = 2) -> list[str]:
+    return ["--config", CONFIG, "--data.path", str(data), "--trainer.run_root", str(runs),
+            "--trainer.run_name", name, "--trainer.epochs", str(epochs), "--trainer.batch_size", "256"]
+
+
+def _corrupt_copy(data: Path, target: Path, file: str) -> Path:
+    shutil.copytree(data, target)
+    (target / file).write_bytes(b"PAR1 truncated garbage")
+    return target
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_shardrec_train_through_ray(ml100k_small, tmp_path):
+    result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, "ray")], 360)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "ray"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["best"]["test"]["protocol"].startswith("full ranking")
+    assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    ranks_in_plan = {s["rank"] for row in summary["plan"] for s in row["shards"]}
+    assert ranks_in_plan == {0, 1}
+    assert "test at best validation epoch" in result.stdout and "run folder" in result.stdout
+    kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "epoch" in kinds and "eval" in kinds
+    assert (run / "checkpoints" / "epoch-0002" / "progress.json").exists()
+    assert any((run / "tensorboard").iterdir())
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_failing_rank_under_ray_fails_the_command(ml100k_small, tmp_path):
+    broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "valid/part-00000.parquet")
+    result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(broken, tmp_path, "bad")], 360)
+    assert result.returncode == 1
+    assert "training failed" in result.stderr and "valid" in result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_trains_and_resumes(ml100k_small, tmp_path):
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
+    first = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "tr", epochs=2)], 240)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run = tmp_path / "tr"
+    resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "3"], 240)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [3]  # only the new epoch ran
+    assert (run / "checkpoints" / "epoch-0003" / "progress.json").exists()
+
+
+@pytest.mark.timeout(200)
+def test_torchrun_one_rank_failing_ends_the_job(ml100k_small, tmp_path):
+    # Under torchrun rank r reads train files r::2, so only rank 1 meets the corrupt file; rank 0 would
+    # wait in a collective forever unless the failure ends the whole job.
+    broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "train/part-00001.parquet")
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
+    result = _run([*torchrun, *_small_run_args(broken, tmp_path, "tr")], 180)
+    assert result.returncode != 0
+    assert "cannot read split 'train'" in result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
+    ray = str(VENV_BIN / "ray")
+    dashboard = _free_port()
+    temp_dir = Path("/tmp") / f"shardrec-head-{os.getpid()}"
+    start = _run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
+                  "--object-store-memory", str(400 * 1024 * 1024), "--temp-dir", str(temp_dir),
+                  "--disable-usage-stats"], 120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        address = f"http://127.0.0.1:{dashboard}"
+        submit = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+                  str(VENV_BIN / "python"), "-m", "launcher", "train"]
+        ok = _run([*submit, *_small_run_args(ml100k_small, tmp_path, "job", epochs=1), "--cluster.address", "auto"], 300)
+        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
+        assert (tmp_path / "job" / "summary.json").exists()
+        broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "valid/part-00000.parquet")
+        bad = _run([*submit, *_small_run_args(broken, tmp_path, "bad", epochs=1), "--cluster.address", "auto"], 300)
+        assert bad.returncode != 0
+    finally:
+        _run([ray, "stop", "--force"], 120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
