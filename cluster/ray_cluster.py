@@ -41,8 +41,13 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
         object_store_memory=section.object_store_mb * 1024 * 1024,
         _temp_dir=temp_dir,
         _node_ip_address="127.0.0.1",
-        include_dashboard=False,
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls; without
+        # it the cleaner logs a warning every few seconds.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=log,
+        # Ray Train otherwise routes worker print() through its logger as well: every line twice.
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )
     try:
         yield f"embedded local Ray cluster ({cpus} CPUs, {section.object_store_mb} MB object store, {temp_dir})"

@@ -175,3 +175,20 @@ def test_checkpoint_from_two_ranks_loads_into_one_rank(ml100k_small, tmp_path):
     assert loaded["before"] != saved  # a fresh model scores differently...
     for name in ("recall@10", "ndcg@10", "hit@10", "mrr@10"):
         assert loaded["after"][name] == pytest.approx(saved[name], abs=1e-9)  # ...the loaded one identically
+
+
+def _sampled_evaluation(rank: int, world: int, config_json: str) -> dict:
+    config, dataset, sharded = _build(config_json)
+    return Evaluator(dataset, config.eval, rank, world, seed=7).evaluate(sharded.model, "test")
+
+
+def test_sampled_protocol_is_independent_of_world_size(ml100k_small):
+    config = _config(ml100k_small, "table_wise", **{"eval.protocol": "sampled"})
+    (single,) = run_ranks(_sampled_evaluation, 1, config)
+    double = run_ranks(_sampled_evaluation, 2, _config(ml100k_small, "row_wise", **{"eval.protocol": "sampled"}))
+    assert single["protocol"].startswith("sampled: each held-out item vs 99")
+    test_rows = len(PreparedDataset.open(ml100k_small).read_split("test")["user_id"])
+    assert single["cases"] == test_rows == double[0]["cases"]  # one case per held-out item
+    assert 0.0 < single["hit@10"] <= 1.0
+    for name in ("hit@10", "ndcg@10"):
+        assert double[0][name] == pytest.approx(single[name], abs=1e-12)

@@ -13,12 +13,12 @@ def ids_to_kjt(columns: dict[str, np.ndarray | torch.Tensor], feature_columns: d
     Empty bags let one sharded lookup fetch only user rows or only item rows: every rank still calls
     the collective with all features, as TorchRec requires.
     """
-    present = [torch.as_tensor(c) for c in columns.values()]
-    batch = len(present[0])
+    batch = len(next(iter(columns.values())))
     values, lengths = [], []
     for feature, column in feature_columns.items():
         if column in columns:
-            values.append(torch.as_tensor(columns[column], dtype=torch.int64))
+            # torch.tensor copies: Ray Data hands out read-only numpy views.
+            values.append(torch.tensor(columns[column], dtype=torch.int64))
             lengths.append(torch.ones(batch, dtype=torch.int32))
         else:
             lengths.append(torch.zeros(batch, dtype=torch.int32))

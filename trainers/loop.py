@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ def run_training(
     config: RunConfig, context: RankContext, source: BatchSource, run_dir: Path, resume: bool = False
 ) -> dict[str, Any]:
     """Train per `config`; returns the run summary (identical on every rank; rank 0 writes it)."""
+    # TorchRec still calls collectives that torch marks deprecated: one warning per call site and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     dataset = PreparedDataset.open(config.data.path)
     sharded = build_sharded_model(config, dataset.num_users, dataset.num_items, context.device)
     log = RunLog(run_dir, context.is_main)
@@ -59,7 +62,7 @@ def run_training(
         for batch in lockstep(source.epoch(epoch), config.trainer.max_steps_per_epoch):
             kjt = ids_to_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, features)
             logits = sharded.dmp(kjt)
-            loss = F.binary_cross_entropy_with_logits(logits, torch.as_tensor(batch["label"]))
+            loss = F.binary_cross_entropy_with_logits(logits, torch.tensor(batch["label"]))
             sharded.optimizer.zero_grad()
             loss.backward()
             sharded.optimizer.step()
