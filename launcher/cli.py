@@ -59,6 +59,24 @@ def _build_parser() -> argparse.ArgumentParser:
         epilog="Any config value can be overridden with --section.key value, e.g. --trainer.epochs 5.",
     )
     _add_train_arguments(train)
+    plan = commands.add_parser(
+        "plan",
+        help="sharding-plan experiment: plan, memory per rank and cost on a described cluster, offline",
+        epilog="Sharding constraints from the config can be overridden: --sharding.tables.user row_wise.",
+    )
+    source = plan.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="model config; table sizes from its dataset or --users/--items")
+    source.add_argument("--tables", help="table-spec file (TOML [[table]] or CSV: name,rows,dim,pooling,optimizer)")
+    plan.add_argument("--topology", action="append", required=True,
+                      help="preset name (e.g. 8x8xH100) or TOML file; repeat to compare clusters")
+    plan.add_argument("--users", type=_count, help="user rows, e.g. 2_000_000_000 (overrides the dataset's)")
+    plan.add_argument("--items", type=_count, help="item rows (overrides the dataset's)")
+    plan.add_argument("--strategy", default="planner",
+                      help="planner (default) or force one sharding type on every table")
+    plan.add_argument("--compare", choices=["strategies"], help="plan every strategy side by side")
+    plan.add_argument("--reserve", type=float, default=0.15, help="fraction of rank memory kept from tables")
+    plan.add_argument("--batch-size", type=int, default=512, help="per-rank batch size the estimates assume")
+    plan.add_argument("--out", help="folder for plan.json (usable by --sharding.plan), report.json and report.png")
     commands.add_parser("models", help="list registered models and their parameters")
     show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
     _add_train_arguments(show)
@@ -68,6 +86,16 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config, e.g. launcher/configs/ncf_ml100k.toml")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
 
 
 def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
@@ -156,6 +184,8 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
 
     # Workers do not share the driver's working directory: hand them absolute paths.
     config.data.path = str(Path(config.data.path).resolve())
+    if config.sharding.plan:
+        config.sharding.plan = str(Path(config.sharding.plan).resolve())
     run_dir = resolve_run_dir(config, resume_dir)
     print(f"[shardrec] run folder {run_dir}", flush=True)
     try:
@@ -184,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)
+        if args.command == "plan":
+            from launcher.plan_command import run_plan_command
+
+            return run_plan_command(args, _split_overrides(extra))
         if args.command in ("train", "config"):
             overrides = _split_overrides(extra)
             if args.command == "config":

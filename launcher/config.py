@@ -109,6 +109,9 @@ class ShardingSection:
     """Sharding type for every table not named in `tables`; empty lets the TorchRec planner choose."""
     tables: dict[str, str] = field(default_factory=dict)
     """Per-table sharding type, e.g. {gmf_user = "row_wise"}; on the command line --sharding.tables.gmf_user row_wise."""
+    plan: str = ""
+    """A plan.json from `shardrec plan --out`: train with exactly those placements. It takes precedence:
+    the planner does not run and `default` / `tables` are ignored."""
 
     def validate(self) -> None:
         for where, kind in [("sharding.default", self.default)] + [

@@ -35,7 +35,8 @@ def run_training(
     dataset = PreparedDataset.open(config.data.path)
     sharded = build_sharded_model(config, dataset.num_users, dataset.num_items, context.device)
     log = RunLog(run_dir, context.is_main)
-    log.info(f"sharding plan over {context.world_size} rank(s):\n{format_plan(sharded.plan_rows)}")
+    source_of_plan = f"from {config.sharding.plan}" if config.sharding.plan else "by the TorchRec planner"
+    log.info(f"sharding plan over {context.world_size} rank(s), {source_of_plan}:\n{format_plan(sharded.plan_rows)}")
     if context.is_main:
         (run_dir / "config.json").write_text(config.to_json() + "\n")
         (run_dir / "plan.json").write_text(json.dumps(sharded.plan_rows, indent=2) + "\n")

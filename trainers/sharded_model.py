@@ -18,6 +18,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from launcher.config import RunConfig
 from models.base import UserItemModel
 from models.registry import build_model
+from sharding.plan_io import load_plan_file, retarget
 from sharding.planner import describe_plan, make_sharders, plan_sharding
 
 # TorchRec's planner warns about building a Topology by hand and about dry-run dense estimates on
@@ -46,15 +47,19 @@ def build_sharded_model(config: RunConfig, num_users: int, num_items: int, devic
     model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta")
     # Attach the table optimizer before planning so the planner counts its state.
     apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
-    plan = plan_sharding(
-        model,
-        world_size=dist.get_world_size(),
-        device_type=device.type,
-        default=config.sharding.default,
-        per_table=config.sharding.tables,
-        batch_size=config.trainer.batch_size,
-        process_group=dist.group.WORLD,
-    )
+    if config.sharding.plan:
+        shapes = {c.name: (c.num_embeddings, c.embedding_dim) for c in model.tables.embedding_bag_configs()}
+        plan = retarget(load_plan_file(config.sharding.plan), device.type, dist.get_world_size(), shapes)
+    else:
+        plan = plan_sharding(
+            model,
+            world_size=dist.get_world_size(),
+            device_type=device.type,
+            default=config.sharding.default,
+            per_table=config.sharding.tables,
+            batch_size=config.trainer.batch_size,
+            process_group=dist.group.WORLD,
+        )
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=make_sharders())
     init_tables(dmp, model.init_std(), config.trainer.seed)
     dense = KeyedOptimizerWrapper(

@@ -1,0 +1,90 @@
+"""`shardrec plan`: sharding-plan experiments from a model config or a table-spec file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from launcher.config import RunConfig, load_config
+from launcher.errors import UserError
+
+
+def _specs_from_config(config: RunConfig, users: int | None, items: int | None):
+    from cluster.dataset_format import PreparedDataset
+    from models.registry import build_model
+    from sharding.tables import specs_from_module
+
+    if users is None or items is None:
+        try:
+            dataset = PreparedDataset.open(config.data.path)
+        except UserError as exc:
+            raise UserError(f"{exc}; or give the table sizes with --users and --items") from None
+        users = users or dataset.num_users
+        items = items or dataset.num_items
+    model = build_model(config.model.name, config.model.resolved_params(), users, items, device="meta")
+    return specs_from_module(model)
+
+
+def run_plan_command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
+    from sharding.experiment import STRATEGIES, PlanInfeasible, run_plan
+    from sharding.plan_io import save_plan
+    from sharding.report import format_comparison, format_report, write_json, write_png
+    from sharding.tables import read_table_specs
+    from sharding.topology import load_topology
+
+    if not 0 <= args.reserve < 1:
+        raise UserError("--reserve must be in [0, 1)")
+    per_table: dict[str, str] = {}
+    if args.config:
+        config = load_config(args.config, overrides)
+        specs = _specs_from_config(config, args.users, args.items)
+        per_table = dict(config.sharding.tables)
+        if config.sharding.default and args.strategy == "planner":
+            per_table = {s.name: per_table.get(s.name, config.sharding.default) for s in specs}
+    else:
+        if overrides:
+            raise UserError("--section.key overrides need --config")
+        if args.users or args.items:
+            raise UserError("--users/--items apply to --config; a table-spec file gives its own sizes")
+        specs = read_table_specs(args.tables)
+    unknown = sorted(set(per_table) - {s.name for s in specs})
+    if unknown:
+        raise UserError(f"sharding constraints name unknown tables {unknown}; tables: {[s.name for s in specs]}")
+    topologies = [load_topology(t) for t in args.topology]
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    if args.compare or len(topologies) > 1:
+        options = [(t, s) for t in topologies for s in (STRATEGIES if args.compare else [args.strategy])]
+        rows = []
+        for topology, strategy in options:
+            label = strategy if len(topologies) == 1 else f"{topology.name}/{strategy}"
+            try:
+                report = run_plan(specs, topology, strategy, per_table if strategy == "planner" else None,
+                                  args.reserve, args.batch_size)
+                rows.append({"label": label, "report": report})
+            except PlanInfeasible as exc:
+                rows.append({"label": label, "error": str(exc)})
+        print(format_comparison(rows))
+        for row in rows:
+            if "error" in row and "\n" in row["error"]:
+                print(f"\n{row['label']}: {row['error']}")
+        if out:
+            dump = [{"label": r["label"], **({"error": r["error"]} if "error" in r else r["report"].to_dict())} for r in rows]
+            (out / "comparison.json").write_text(json.dumps(dump, indent=1) + "\n")
+            for row in rows:
+                if "report" in row:
+                    write_png(row["report"], out / f"report-{row['label'].replace('/', '-')}.png")
+            print(f"\nwrote {out}/comparison.json and one report-*.png per option that fits")
+        return 0 if any("report" in r for r in rows) else 2
+
+    report = run_plan(specs, topologies[0], args.strategy, per_table, args.reserve, args.batch_size)
+    print(format_report(report))
+    if out:
+        save_plan(report.plan, out / "plan.json", topologies[0].world_size, topologies[0].device)
+        write_json(report, out / "report.json")
+        write_png(report, out / "report.png")
+        print(f"\nwrote {out}/plan.json (train with --sharding.plan), report.json, report.png")
+    return 0

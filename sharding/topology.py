@@ -1,0 +1,89 @@
+"""Cluster specs (cluster/topologies/*.toml) and their TorchRec planner Topology."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from launcher.errors import UserError
+
+GIB = 1024**3
+PRESET_DIR = Path(__file__).resolve().parents[1] / "cluster" / "topologies"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    nodes: int
+    devices_per_node: int
+    device: str
+    """"cuda" (tables in HBM, host memory for UVM) or "cpu" (tables in host memory)."""
+    hbm_gb: float
+    """Memory per accelerator, GiB (0 for CPU ranks)."""
+    host_memory_gb: float
+    """Host memory per node, GiB."""
+    intra_node_bw_gbps: float
+    """Per-device bandwidth inside a node, GB/s."""
+    inter_node_bw_gbps: float
+    """Per-device bandwidth across nodes, GB/s."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @property
+    def host_memory_per_rank(self) -> int:
+        return int(self.host_memory_gb * GIB / self.devices_per_node)
+
+    @property
+    def device_memory_per_rank(self) -> int:
+        """Bytes a rank's tables may occupy in its fast memory (HBM, or host memory on CPU)."""
+        return int(self.hbm_gb * GIB) if self.device == "cuda" else self.host_memory_per_rank
+
+    def describe(self) -> str:
+        memory = f"{self.hbm_gb:g} GiB HBM" if self.device == "cuda" else f"{self.host_memory_per_rank / GIB:.1f} GiB host"
+        return f"{self.name}: {self.nodes} node(s) x {self.devices_per_node} {self.device} ranks, {memory} per rank"
+
+
+def load_topology(name_or_path: str) -> ClusterSpec:
+    """A preset name (e.g. 8x8xH100) or a TOML file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        preset = PRESET_DIR / f"{name_or_path}.toml"
+        if not preset.is_file():
+            presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+            raise UserError(f"topology {name_or_path!r}: no such file or preset; presets: {presets}")
+        path = preset
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    known = {f.name: f.type for f in fields(ClusterSpec)}
+    unknown = sorted(set(raw) - set(known))
+    missing = sorted(set(known) - set(raw))
+    if unknown or missing:
+        raise UserError(f"{path}: unknown keys {unknown} / missing keys {missing}")
+    spec = ClusterSpec(**raw)
+    if spec.device not in ("cuda", "cpu"):
+        raise UserError(f"{path}: device must be cuda or cpu, got {spec.device!r}")
+    if spec.nodes < 1 or spec.devices_per_node < 1:
+        raise UserError(f"{path}: nodes and devices_per_node must be >= 1")
+    if spec.device == "cuda" and spec.hbm_gb <= 0:
+        raise UserError(f"{path}: a cuda topology needs hbm_gb > 0")
+    return spec
+
+
+def to_planner_topology(spec: ClusterSpec):  # -> torchrec Topology (imported lazily: torchrec is slow to import)
+    from torchrec.distributed.planner import Topology
+
+    bytes_per_ms = 1e9 / 1000  # GB/s -> bytes per millisecond, TorchRec's bandwidth unit
+    return Topology(
+        world_size=spec.world_size,
+        compute_device=spec.device,
+        hbm_cap=int(spec.hbm_gb * GIB) if spec.device == "cuda" else None,
+        ddr_cap=spec.host_memory_per_rank,
+        local_world_size=spec.devices_per_node,
+        intra_host_bw=spec.intra_node_bw_gbps * bytes_per_ms,
+        inter_host_bw=spec.inter_node_bw_gbps * bytes_per_ms,
+    )
