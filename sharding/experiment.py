@@ -107,16 +107,18 @@ def run_plan(
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     _check_fits_at_all(specs, topology, reserve, strategy)
+    kernels = _kernels_worth_searching(specs, topology, reserve)
     constraints = {}
     for spec in specs:
         kind = (per_table or {}).get(spec.name) or (None if strategy == "planner" else strategy)
-        if kind:
-            constraints[spec.name] = ParameterConstraints(sharding_types=[kind])
+        if kind or kernels:
+            constraints[spec.name] = ParameterConstraints(sharding_types=[kind] if kind else None, compute_kernels=kernels)
     planner = EmbeddingShardingPlanner(
         topology=to_planner_topology(topology),
         batch_size=batch_size,
         constraints=constraints,
         storage_reservation=FixedPercentageStorageReservation(percentage=reserve),
+        proposer=_proposers(topology.world_size),
     )
     started = time.perf_counter()
     try:
@@ -131,12 +133,39 @@ def run_plan(
     return PlanReport(topology, strategy, reserve, tables, ranks, plan, elapsed)
 
 
+GRID_SEARCH_MAX_RANKS = 64
+
+
+def _kernels_worth_searching(specs: list[TableSpec], topology: ClusterSpec, reserve: float) -> list[str] | None:
+    """On GPUs, when every table fits a rank's HBM and all of them fit the cluster's, UVM kernels only
+    trade speed for capacity nobody needs: leaving them out shrinks the search about threefold
+    (DLRM-v2 on 128 simulated GPUs: 32 s -> 10.5 s on a 2-core CPU). None keeps every kernel."""
+    if topology.device != "cuda":
+        return None
+    usable_rank = topology.device_memory_per_rank * (1 - reserve)
+    needs = [_table_need(s) for s in specs]
+    if max(needs) <= usable_rank and sum(needs) <= usable_rank * topology.world_size:
+        return ["fused", "dense"]
+    return None
+
+
+def _proposers(world_size: int) -> list[Any]:
+    """TorchRec's default proposers, minus the grid search on large clusters: it proposes every
+    combination of per-table options and the partitioner deep-copies every device per proposal, which
+    took ~50 s for two tables on 1,024 ranks. The greedy and uniform proposers remain."""
+    from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
+
+    proposers = [GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
+    return ([GridSearchProposer()] if world_size <= GRID_SEARCH_MAX_RANKS else []) + proposers
+
+
 def _account(specs: list[TableSpec], options: list[Any], topology: ClusterSpec) -> tuple[list[dict], list[RankUsage]]:
     by_name = {s.name: s for s in specs}
+    order = {s.name: index for index, s in enumerate(specs)}
     ranks = [RankUsage(rank) for rank in range(topology.world_size)]
     tables = []
     host_tier = topology.device == "cuda"
-    for option in sorted(options, key=lambda o: o.name):
+    for option in sorted(options, key=lambda o: order[o.name]):  # the spec's order, as the user wrote it
         spec = by_name[option.name]
         uvm = option.compute_kernel in ("fused_uvm", "fused_uvm_caching")
         shard_rows = []

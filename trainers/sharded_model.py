@@ -3,7 +3,6 @@ initialise every shard identically whatever the layout."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,11 +19,6 @@ from models.base import UserItemModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
 from sharding.planner import describe_plan, make_sharders, plan_sharding
-
-# TorchRec's planner warns about building a Topology by hand and about dry-run dense estimates on
-# every plan; both are expected here and drown the useful output.
-for _name in ("torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 INIT_CHUNK_ROWS = 65_536
 
