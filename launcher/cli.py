@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.config import RunConfig, config_from_json, load_config
+from launcher.config import RunConfig, config_from_json, load_config, parse_override_value
 from launcher.errors import UserError
 
 
@@ -134,8 +134,6 @@ def _resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) 
             raise UserError(f"--resume {resume_dir}: not a run folder (no config.json)")
         config = config_from_json(saved.read_text())
         for key, value in overrides:
-            from launcher.config import parse_override_value
-
             config.set(key, parse_override_value(value))
         return config.validate(), resume_dir
     if not args.config:

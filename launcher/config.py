@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.files import read_toml
 from models.params import MODEL_PARAMS
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
@@ -272,15 +273,7 @@ def parse_override_value(text: str) -> Any:
 
 def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
     """Defaults < TOML file < overrides; validated. Raises UserError with a one-line reason."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "config file") if path is not None else {}
     config = RunConfig.from_dict(raw)
     for dotted, text in overrides:
         config.set(dotted, parse_override_value(text))

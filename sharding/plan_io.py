@@ -15,6 +15,7 @@ from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, Shard
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
 from launcher.errors import UserError
+from launcher.files import read_json
 
 FORMAT = "shardrec.plan/1"
 # Kernels that need an accelerator, and what a CPU dry run uses instead.
@@ -72,13 +73,7 @@ def save_plan(plan: ShardingPlan, path: str | Path, world_size: int, device: str
 
 
 def load_plan_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"plan file not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
+    raw = read_json(path, "plan file")
     plan_from_dict(raw)  # validates the format
     return raw
 

@@ -4,7 +4,6 @@ module the planner can plan (no memory is allocated, whatever the table sizes)."
 from __future__ import annotations
 
 import csv
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from launcher.errors import UserError
+from launcher.files import read_toml
 
 # Optimizer names in table-spec files -> (torch optimizer class path, state floats per row, per element).
 OPTIMIZERS = {
@@ -44,13 +44,10 @@ class TableSpec:
 def read_table_specs(path: str | Path) -> list[TableSpec]:
     """TOML ([[table]] entries) or CSV (header name,rows,dim[,pooling][,optimizer])."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"table-spec file not found: {path}")
     if path.suffix == ".toml":
-        try:
-            entries = tomllib.loads(path.read_text()).get("table", [])
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{path}: not valid TOML: {exc}") from None
+        entries = read_toml(path, "table-spec file").get("table", [])
+    elif not path.is_file():
+        raise UserError(f"table-spec file not found: {path}")
     else:
         with path.open() as handle:
             entries = list(csv.DictReader(handle))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from launcher.errors import UserError
+from launcher.files import read_toml
 
 GIB = 1024**3
 PRESET_DIR = Path(__file__).resolve().parents[1] / "cluster" / "topologies"
@@ -55,10 +55,7 @@ def load_topology(name_or_path: str) -> ClusterSpec:
             presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
             raise UserError(f"topology {name_or_path!r}: no such file or preset; presets: {presets}")
         path = preset
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "topology file")
     known = {f.name: f.type for f in fields(ClusterSpec)}
     unknown = sorted(set(raw) - set(known))
     missing = sorted(set(known) - set(raw))

@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pandas as pd  # noqa: F401  (ray[data] brings pandas; used to write a CSV like a user would)
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest

@@ -6,6 +6,7 @@ Accepts the same arguments as `shardrec train` (config, dotted overrides, --resu
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -26,8 +27,6 @@ def main(argv: list[str]) -> int:
         # Every rank must use rank 0's run folder name (it may contain a timestamp).
         chosen = [str(resolve_run_dir(config, resume_dir)) if context.is_main else None]
         dist.broadcast_object_list(chosen, src=0)
-        from pathlib import Path
-
         run_dir = Path(chosen[0])
         summary = torchrun_rank(config, run_dir, resume_dir is not None, context)
         if context.is_main:
