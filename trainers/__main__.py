@@ -24,10 +24,18 @@ def main(argv: list[str]) -> int:
         return report_user_error(exc)
     context = setup(config.cluster.backend)
     try:
-        # Every rank must use rank 0's run folder name (it may contain a timestamp).
-        chosen = [str(resolve_run_dir(config, resume_dir)) if context.is_main else None]
+        # Every rank must use rank 0's run folder name (it may contain a timestamp), and must learn of
+        # rank 0's refusal too, or it would wait for the folder name forever.
+        chosen: list[object] = [None]
+        if context.is_main:
+            try:
+                chosen = [resolve_run_dir(config, resume_dir)]
+            except UserError as exc:
+                chosen = [exc]
         dist.broadcast_object_list(chosen, src=0)
-        run_dir = Path(chosen[0])
+        if isinstance(chosen[0], UserError):
+            raise chosen[0]
+        run_dir = Path(chosen[0])  # type: ignore[arg-type]
         summary = torchrun_rank(config, run_dir, resume_dir is not None, context)
         if context.is_main:
             print(format_summary(summary), flush=True)
