@@ -1,9 +1,12 @@
-"""What every user-item model offers the trainer and the evaluator.
+"""What every model offers the trainer and the evaluator.
 
-A model owns one TorchRec EmbeddingBagCollection (`self.tables`) whose features each read one batch
-column ("user_id" or "item_id"), one id per row. Training calls `forward(features)` on aligned
-(user, item) pairs; ranking calls `score_all(user_vectors, item_vectors)` on embeddings looked up
-once, so full ranking never runs the sharded lookup for every (user, item) pair.
+A model owns its TorchRec EmbeddingBagCollection (`self.tables`, built on the meta device so
+DistributedModelParallel materialises only each rank's shards) and is its own task wrapper:
+`forward(batch)` returns the training loss, so the trainer never names a model or a loss.
+
+Ranking goes through `vectors(column, ids)` and `score_all(users, items)`: the evaluator fetches
+every item's vectors once and scores each rank's users against them locally. `vectors` may run
+collectives (sharded lookups): every rank calls it the same number of times with the same count.
 """
 
 from __future__ import annotations
@@ -11,30 +14,59 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from models.features import ids_to_kjt
+
+Batch = dict[str, torch.Tensor]
 
 
-class UserItemModel(nn.Module):
+class RecModel(nn.Module):
     tables: EmbeddingBagCollection
-    feature_columns: dict[str, str]
-    """feature name -> batch column it reads ("user_id" or "item_id")."""
 
-    def features_of(self, column: str) -> list[str]:
-        return [f for f, c in self.feature_columns.items() if c == column]
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Scalar training loss for a batch of id columns (see the model's batch kind)."""
+        raise NotImplementedError
 
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """Logits for aligned pairs, shape [B]."""
-        pooled = self.tables(features).to_dict()
-        return self.score_pairs(pooled)
+    def begin_ranking(self) -> None:
+        """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing."""
 
-    def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """vectors: feature -> [B, dim] for aligned (user, item) rows. Returns logits [B]."""
+    def end_ranking(self) -> None:
+        """Drop whatever begin_ranking cached."""
+
+    def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Representations of users ("user_id") or items ("item_id"), feature -> [len(ids), dim]."""
         raise NotImplementedError
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
-        """users: feature -> [U, dim]; items: feature -> [I, dim]. Returns logits [U, I] (eval mode)."""
+        """users: feature -> [U, dim]; items: feature -> [I, dim]. Returns scores [U, I] (eval mode)."""
         raise NotImplementedError
 
     def init_std(self) -> float:
         """Standard deviation of the normal init applied to every embedding row."""
+        raise NotImplementedError
+
+
+class UserItemModel(RecModel):
+    """A pointwise model: each table feature reads one batch column ("user_id" or "item_id"), one id
+    per row; the loss is binary cross-entropy of `score_pairs` against the batch's labels."""
+
+    feature_columns: dict[str, str]
+    """feature name -> batch column it reads."""
+
+    def features_of(self, column: str) -> list[str]:
+        return [f for f, c in self.feature_columns.items() if c == column]
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        features = ids_to_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
+        return self.score_pairs(self.tables(features).to_dict())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch["label"])
+
+    def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.tables(ids_to_kjt({column: ids}, self.feature_columns)).to_dict()
+        return {f: pooled[f] for f in self.features_of(column)}
+
+    def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """vectors: feature -> [B, dim] for aligned (user, item) rows. Returns logits [B]."""
         raise NotImplementedError

@@ -3,7 +3,6 @@ import torch
 
 from models.params import NCFParams
 from models.registry import build_model, model_names
-from trainers.collate import ids_to_kjt
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -22,10 +21,12 @@ def test_registry_knows_ncf():
 
 def test_ncf_shapes_and_gradients_reach_every_table():
     model = _ncf(dropout=0.2)
-    kjt = ids_to_kjt({"user_id": torch.tensor([0, 3, 6]), "item_id": torch.tensor([1, 10, 4])}, model.feature_columns)
-    logits = model(kjt)
+    batch = {"user_id": torch.tensor([0, 3, 6]), "item_id": torch.tensor([1, 10, 4]), "label": torch.tensor([1.0, 0, 0])}
+    logits = model.logits(batch)
     assert logits.shape == (3,)
-    logits.sum().backward()
+    loss = model(batch)
+    assert loss.shape == () and loss > 0
+    (logits.sum() + loss).backward()
     for name, table in model.tables.embedding_bags.items():
         assert table.weight.grad is not None and table.weight.grad.abs().sum() > 0, name
     assert model.mlp[0].weight.grad.abs().sum() > 0 and model.output.weight.grad.abs().sum() > 0
@@ -34,12 +35,7 @@ def test_ncf_shapes_and_gradients_reach_every_table():
 def test_score_all_equals_scoring_every_pair():
     model = _ncf().eval()
     users, items = torch.arange(7), torch.arange(11)
-    pooled_users = model.tables(ids_to_kjt({"user_id": users}, model.feature_columns)).to_dict()
-    pooled_items = model.tables(ids_to_kjt({"item_id": items}, model.feature_columns)).to_dict()
-    all_scores = model.score_all(
-        {f: pooled_users[f] for f in model.features_of("user_id")},
-        {f: pooled_items[f] for f in model.features_of("item_id")},
-    )
+    all_scores = model.score_all(model.vectors("user_id", users), model.vectors("item_id", items))
     grid_users, grid_items = torch.meshgrid(users, items, indexing="ij")
-    pairs = model(ids_to_kjt({"user_id": grid_users.flatten(), "item_id": grid_items.flatten()}, model.feature_columns))
+    pairs = model.logits({"user_id": grid_users.flatten(), "item_id": grid_items.flatten()})
     torch.testing.assert_close(all_scores, pairs.view(7, 11), rtol=1e-5, atol=1e-6)

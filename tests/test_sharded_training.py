@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cluster.dataset_format import PreparedDataset
 from launcher.config import config_from_json, load_config
 from tests.forked_ranks import run_ranks
 from trainers import checkpoint
-from trainers.collate import ids_to_kjt
 from trainers.evaluate import Evaluator
 from trainers.sharded_model import build_sharded_model
 
@@ -83,8 +81,8 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
                          rng.integers(0, dataset.num_items, global_batch))
         labels = (np.arange(global_batch) % 2 == 0).astype(np.float32)
         mine = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-        kjt = ids_to_kjt({"user_id": users[mine], "item_id": items[mine]}, sharded.model.feature_columns)
-        loss = F.binary_cross_entropy_with_logits(sharded.dmp(kjt), torch.as_tensor(labels[mine]))
+        loss = sharded.dmp({"user_id": torch.as_tensor(users[mine]), "item_id": torch.as_tensor(items[mine]),
+                            "label": torch.as_tensor(labels[mine])})
         sharded.optimizer.zero_grad()
         loss.backward()
         sharded.optimizer.step()
@@ -149,9 +147,10 @@ def test_distributed_evaluation_equals_single_process_reference(ml100k_small, pr
 def _train_save_evaluate(rank: int, world: int, config_json: str, path: str) -> dict:
     config, dataset, sharded = _build(config_json)
     train = dataset.read_split("train")
-    kjt = ids_to_kjt({"user_id": train["user_id"][:200], "item_id": train["item_id"][:200]}, sharded.model.feature_columns)
+    batch = {"user_id": torch.as_tensor(train["user_id"][:200]), "item_id": torch.as_tensor(train["item_id"][:200]),
+             "label": torch.ones(200)}
     for _ in range(5):
-        loss = F.binary_cross_entropy_with_logits(sharded.dmp(kjt), torch.ones(200))
+        loss = sharded.dmp(batch)
         sharded.optimizer.zero_grad()
         loss.backward()
         sharded.optimizer.step()

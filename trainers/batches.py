@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Protocol
 
 import numpy as np
+import torch
 
 from cluster.dataset_format import PreparedDataset
 from cluster.negatives import NegativeSampler
@@ -69,6 +70,14 @@ class ParquetFilesSource:
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
             yield {name: values[index] for name, values in expanded.items()}
+
+
+def to_tensors(batch: Batch) -> dict[str, torch.Tensor]:
+    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels."""
+    return {
+        name: torch.tensor(values, dtype=torch.float32 if name == "label" else torch.int64)
+        for name, values in batch.items()
+    }
 
 
 def lockstep(batches: Iterator[Batch], max_steps: int = 0) -> Iterator[Batch]:

@@ -19,8 +19,7 @@ import torch.distributed as dist
 
 from cluster.dataset_format import PreparedDataset
 from launcher.config import EvalSection
-from models.base import UserItemModel
-from trainers.collate import ids_to_kjt
+from models.base import RecModel
 from trainers.distributed import all_sum
 from trainers.ranking_metrics import metrics_from_hits
 
@@ -72,17 +71,19 @@ class Evaluator:
         return f"sampled: each held-out item vs {self.config.sampled_negatives} unseen items"
 
     @torch.no_grad()
-    def evaluate(self, model: UserItemModel, split: str) -> dict[str, float | str | int]:
+    def evaluate(self, model: RecModel, split: str) -> dict[str, float | str | int]:
         """Collective: every rank must call it. `model` is the unwrapped module with sharded tables."""
         was_training = model.training
         model.eval()
         try:
+            model.begin_ranking()
             items = self._all_item_vectors(model)
             targets = self.by_split[split]
             eval_users = np.flatnonzero(targets.counts() > 0)
             mine = eval_users[self.rank :: self.world_size]
             sums = self._score_users(model, mine, items, split)
         finally:
+            model.end_ranking()
             model.train(was_training)
         k = self.config.k
         total = all_sum(sums)
@@ -94,23 +95,18 @@ class Evaluator:
             result[f"{name}@{k}"] = total[index] / max(count, 1.0)
         return result
 
-    def _lookup(self, model: UserItemModel, column: str, ids: np.ndarray) -> dict[str, torch.Tensor]:
-        """Collective lookup of one entity's rows; every rank passes the same number of ids."""
-        features = {f: c for f, c in model.feature_columns.items()}
-        pooled = model.tables(ids_to_kjt({column: ids}, features)).to_dict()
-        return {f: pooled[f] for f in model.features_of(column)}
-
-    def _lookup_padded(self, model: UserItemModel, column: str, ids: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+    def _lookup_padded(self, model: RecModel, column: str, ids: np.ndarray, length: int) -> dict[str, torch.Tensor]:
         """Look up `ids` padded (with row 0) to `length`, in fixed chunks so all ranks make equal calls."""
         padded = np.zeros(length, dtype=np.int64)
         padded[: len(ids)] = ids
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, length, LOOKUP_CHUNK):
-            for feature, values in self._lookup(model, column, padded[start : start + LOOKUP_CHUNK]).items():
+            chunk = torch.as_tensor(padded[start : start + LOOKUP_CHUNK])
+            for feature, values in model.vectors(column, chunk).items():
                 parts.setdefault(feature, []).append(values)
         return {f: torch.cat(v)[: len(ids)] for f, v in parts.items()}
 
-    def _all_item_vectors(self, model: UserItemModel) -> dict[str, torch.Tensor]:
+    def _all_item_vectors(self, model: RecModel) -> dict[str, torch.Tensor]:
         per_rank = -(-self.num_items // self.world_size)
         start = self.rank * per_rank
         mine = np.arange(start, min(start + per_rank, self.num_items), dtype=np.int64)
@@ -124,7 +120,7 @@ class Evaluator:
             gathered[feature] = torch.cat(pieces)[: self.num_items]
         return gathered
 
-    def _score_users(self, model: UserItemModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str) -> list[float]:
+    def _score_users(self, model: RecModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str) -> list[float]:
         longest = torch.tensor([len(users)])
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         batch = self.config.user_batch

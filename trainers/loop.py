@@ -11,15 +11,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from cluster.dataset_format import PreparedDataset
 from launcher.config import RunConfig
 from sharding.planner import format_plan
 from trainers import checkpoint
-from trainers.batches import BatchSource, lockstep
-from trainers.collate import ids_to_kjt
+from trainers.batches import BatchSource, lockstep, to_tensors
 from trainers.distributed import RankContext, all_sum
 from trainers.evaluate import Evaluator
 from trainers.run_log import RunLog
@@ -52,7 +48,6 @@ def run_training(
         log.info(f"resumed from {latest} (epoch {progress['epoch']}, step {step})")
 
     evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed)
-    features = sharded.model.feature_columns
     k = config.eval.k
     history = []
     for epoch in range(first_epoch, config.trainer.epochs + 1):
@@ -61,15 +56,14 @@ def run_training(
         loss_sum, rows, steps = 0.0, 0, 0
         log.start_epoch(epoch, None)
         for batch in lockstep(source.epoch(epoch), config.trainer.max_steps_per_epoch):
-            kjt = ids_to_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, features)
-            logits = sharded.dmp(kjt)
-            loss = F.binary_cross_entropy_with_logits(logits, torch.tensor(batch["label"]))
+            loss = sharded.dmp(to_tensors(batch))
             sharded.optimizer.zero_grad()
             loss.backward()
             sharded.optimizer.step()
             value = loss.item()
-            loss_sum += value * len(logits)
-            rows += len(logits)
+            batch_rows = len(batch["user_id"])
+            loss_sum += value * batch_rows
+            rows += batch_rows
             steps += 1
             step += 1
             log.advance(value)

@@ -15,7 +15,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from launcher.config import RunConfig
-from models.base import UserItemModel
+from models.base import RecModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
 from sharding.planner import describe_plan, make_sharders, plan_sharding
@@ -31,7 +31,7 @@ class ShardedModel:
     plan_rows: list[dict[str, Any]]
 
     @property
-    def model(self) -> UserItemModel:
+    def model(self) -> RecModel:
         return self.dmp.module  # type: ignore[return-value]
 
 

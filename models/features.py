@@ -1,4 +1,4 @@
-"""Numpy batch columns -> KeyedJaggedTensor for a model's features (one id per row per feature)."""
+"""Batch columns -> KeyedJaggedTensor for a model's features (one id per row per feature)."""
 
 from __future__ import annotations
 
