@@ -45,7 +45,7 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
 
     with ray_cluster(ClusterSection(), log=False):
         ray.data.DataContext.get_current().enable_progress_bars = False
-        splits = training_dataset(dataset, data).streaming_split(2, equal=True)
+        splits = training_dataset(dataset, data, "pointwise").streaming_split(2, equal=True)
         rates = []
         for _ in range(epochs):
             counts = [0, 0]

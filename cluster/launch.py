@@ -9,6 +9,7 @@ from typing import Any
 from cluster.dataset_format import PreparedDataset
 from cluster.ray_cluster import ray_cluster
 from launcher.config import RunConfig
+from models.params import batch_kind
 
 
 class TrainingFailed(RuntimeError):
@@ -45,7 +46,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 storage_path=str(run_dir.resolve()),
                 failure_config=FailureConfig(max_failures=section.max_failures),
             ),
-            datasets={"train": training_dataset(dataset, config.data)},
+            datasets={"train": training_dataset(dataset, config.data, batch_kind(config.model.name))},
         )
         try:
             trainer.fit()

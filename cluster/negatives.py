@@ -6,7 +6,11 @@ import numpy as np
 
 
 class NegativeSampler:
-    """Expands each positive (user, item) row into 1 positive + k uniformly sampled negative rows.
+    """Draws k uniform negative items per positive (user, item) row.
+
+    "pointwise" batches: each positive becomes 1 positive + k negative rows with a `label` column.
+    "pairwise" batches: each positive becomes k rows (user_id, item_id, neg_item_id), for BPR-style
+    losses.
 
     With `known_pairs` (sorted int64 keys user * num_items + item of the training positives), negatives
     that hit a known positive are redrawn, a few rounds at most; the rare survivors stay (documented
@@ -14,7 +18,17 @@ class NegativeSampler:
     interaction, no Python sets.
     """
 
-    def __init__(self, num_items: int, negatives: int, known_pairs: np.ndarray | None = None, rounds: int = 5) -> None:
+    def __init__(
+        self,
+        num_items: int,
+        negatives: int,
+        known_pairs: np.ndarray | None = None,
+        rounds: int = 5,
+        kind: str = "pointwise",
+    ) -> None:
+        if kind not in ("pointwise", "pairwise"):
+            raise ValueError(f"unknown batch kind {kind!r}")
+        self.kind = kind
         self.num_items = num_items
         self.negatives = negatives
         self.known_pairs = known_pairs
@@ -43,6 +57,8 @@ class NegativeSampler:
                 if not clash.any():
                     break
                 neg_items[clash] = rng.integers(0, self.num_items, size=int(clash.sum()), dtype=np.int64)
+        if self.kind == "pairwise":
+            return {"user_id": neg_users, "item_id": np.repeat(items, k), "neg_item_id": neg_items}
         return {
             "user_id": np.concatenate([users, neg_users]),
             "item_id": np.concatenate([items, neg_items]),

@@ -9,7 +9,7 @@ from cluster.negatives import NegativeSampler
 from launcher.config import DataSection
 
 
-def training_dataset(dataset: PreparedDataset, data: DataSection) -> ray.data.Dataset:
+def training_dataset(dataset: PreparedDataset, data: DataSection, batch_kind: str) -> ray.data.Dataset:
     """Lazily read the train split and expand each positive with `data.negatives` sampled negatives.
 
     The dataset is re-executed every epoch, so each epoch draws fresh negatives. Ray Train splits it
@@ -20,7 +20,7 @@ def training_dataset(dataset: PreparedDataset, data: DataSection) -> ray.data.Da
     if data.reject_positives:
         train = dataset.read_split("train")
         known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
-    sampler = NegativeSampler(dataset.num_items, data.negatives, known)
+    sampler = NegativeSampler(dataset.num_items, data.negatives, known, kind=batch_kind)
     return (
         ray.data.read_parquet(files, columns=["user_id", "item_id"])
         .randomize_block_order()

@@ -77,6 +77,11 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserve", type=float, default=0.15, help="fraction of rank memory kept from tables")
     plan.add_argument("--batch-size", type=int, default=512, help="per-rank batch size the estimates assume")
     plan.add_argument("--out", help="folder for plan.json (usable by --sharding.plan), report.json and report.png")
+    baseline = commands.add_parser("baseline", help="score a training-free baseline with the model evaluator")
+    baseline.add_argument("name", choices=["popularity"])
+    baseline.add_argument("--data", required=True, help="prepared dataset folder")
+    baseline.add_argument("--protocol", choices=["full", "sampled"], default="full")
+    baseline.add_argument("--k", type=int, default=10)
     commands.add_parser("models", help="list registered models and their parameters")
     show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
     _add_train_arguments(show)
@@ -195,6 +200,19 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     return 0
 
 
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from cluster.baselines import popularity
+    from cluster.dataset_format import PreparedDataset
+    from launcher.config import EvalSection
+
+    section = EvalSection(protocol=args.protocol, k=args.k)
+    section.validate()
+    for split, result in popularity(PreparedDataset.open(args.data), section).items():
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in result.items() if "@" in name)
+        print(f"popularity, {split} ({result['protocol']}; {result['cases']} cases): {metrics}")
+    return 0
+
+
 def _cmd_models() -> int:
     import dataclasses
 
@@ -227,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unrecognised arguments: {' '.join(extra)}")
         if args.command == "data":
             return _cmd_data(args)
+        if args.command == "baseline":
+            return _cmd_baseline(args)
         return _cmd_models()
     except UserError as exc:
         return report_user_error(exc)

@@ -27,6 +27,10 @@ class RecModel(nn.Module):
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
 
+    def bind_data(self, train_files: list, num_users: int, num_items: int) -> None:
+        """Give the model what it needs from the training data beyond batches (e.g. a graph). Default
+        nothing. Called on every rank after the model is built."""
+
     def begin_ranking(self) -> None:
         """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing."""
 

@@ -6,6 +6,7 @@ Kept free of torch imports so the launcher can validate a config in milliseconds
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from launcher.errors import UserError
 
@@ -14,6 +15,7 @@ from launcher.errors import UserError
 class NCFParams:
     """Neural Collaborative Filtering (GMF + MLP), as in the seed design."""
 
+    batch_kind: ClassVar[str] = "pointwise"
     gmf_dim: int = 32
     mlp_dims: list[int] = field(default_factory=lambda: [64, 32, 16])
     """MLP layer widths; the first is the concatenated user+item MLP embedding width (each half)."""
@@ -31,6 +33,30 @@ class NCFParams:
             raise UserError("model.dropout must be in [0, 1)")
 
 
+@dataclass
+class LightGCNParams:
+    """LightGCN: layer-0 user/item tables, K propagations over the normalised graph, BPR loss."""
+
+    batch_kind: ClassVar[str] = "pairwise"
+    embed_dim: int = 64
+    n_layers: int = 3
+    reg_weight: float = 1e-4
+    """L2 on the layer-0 embeddings of each batch's users, positives and negatives (per row, halved)."""
+    init_std: float = 0.1
+
+    def validate(self) -> None:
+        if self.embed_dim < 1 or self.n_layers < 0:
+            raise UserError("model.embed_dim must be >= 1 and model.n_layers >= 0")
+        if self.reg_weight < 0:
+            raise UserError("model.reg_weight must be >= 0")
+
+
 MODEL_PARAMS: dict[str, type] = {
     "ncf": NCFParams,
+    "lightgcn": LightGCNParams,
 }
+
+
+def batch_kind(model_name: str) -> str:
+    """What the data pipeline must produce for this model: "pointwise" or "pairwise" batches."""
+    return MODEL_PARAMS[model_name].batch_kind

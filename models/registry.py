@@ -11,6 +11,7 @@ from models.params import MODEL_PARAMS
 # name -> "module:function". Imported lazily: torchrec costs seconds to import.
 _BUILDERS: dict[str, str] = {
     "ncf": "models.ncf:build_ncf",
+    "lightgcn": "models.lightgcn:build_lightgcn",
 }
 assert set(_BUILDERS) == set(MODEL_PARAMS), "every model needs both a builder and a parameter dataclass"
 

@@ -124,3 +124,16 @@ def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
     finally:
         _run([ray, "stop", "--force"], 120)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("config", ["lightgcn_ml100k.toml"])
+def test_model_config_trains_end_to_end(ml100k_small, tmp_path, config):
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
+    args = _small_run_args(ml100k_small, tmp_path, "m", epochs=2)
+    args[1] = str(REPO / "launcher/configs" / config)
+    result = _run([*torchrun, *args, "--trainer.eval_every", "1"], 180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    assert summary["best"]["test"]["ndcg@10"] > 0

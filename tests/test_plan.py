@@ -153,7 +153,7 @@ def _placements_from_plan(rank: int, world: int, config_json: str) -> dict:
 
     config = config_from_json(config_json)
     dataset = PreparedDataset.open(config.data.path)
-    sharded = build_sharded_model(config, dataset.num_users, dataset.num_items, torch.device("cpu"))
+    sharded = build_sharded_model(config, dataset, torch.device("cpu"))
     held = {}
     for name, value in sharded.dmp.state_dict().items():
         if ".embedding_bags." in name:

@@ -32,7 +32,7 @@ def _config(data: Path, default: str, **extra: str) -> str:
 def _build(config_json: str):
     config = config_from_json(config_json)
     dataset = PreparedDataset.open(config.data.path)
-    return config, dataset, build_sharded_model(config, dataset.num_users, dataset.num_items, torch.device("cpu"))
+    return config, dataset, build_sharded_model(config, dataset, torch.device("cpu"))
 
 
 def _local_placements(rank: int, world: int, config_json: str) -> dict[str, list[tuple[int, int, int]]]:

@@ -66,7 +66,7 @@ class ParquetFilesSource:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng((self.seed, epoch))
         expanded = self.sampler({"user_id": self.users, "item_id": self.items}, rng)
-        order = rng.permutation(len(expanded["label"]))
+        order = rng.permutation(len(expanded["user_id"]))
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
             yield {name: values[index] for name, values in expanded.items()}

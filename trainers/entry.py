@@ -8,6 +8,7 @@ from typing import Any
 from cluster.dataset_format import PreparedDataset
 from cluster.negatives import NegativeSampler
 from launcher.config import RunConfig, config_from_json
+from models.params import batch_kind
 from trainers import checkpoint
 from trainers.batches import ParquetFilesSource, RayShardSource, training_pairs
 from trainers.distributed import RankContext, setup, teardown
@@ -34,7 +35,7 @@ def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankC
     """Body of a torchrun rank: reads its own Parquet files with pyarrow, no Ray."""
     dataset = PreparedDataset.open(config.data.path)
     known = training_pairs(dataset) if config.data.reject_positives else None
-    sampler = NegativeSampler(dataset.num_items, config.data.negatives, known)
+    sampler = NegativeSampler(dataset.num_items, config.data.negatives, known, kind=batch_kind(config.model.name))
     source = ParquetFilesSource(
         dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
     )

@@ -85,8 +85,23 @@ class Evaluator:
         finally:
             model.end_ranking()
             model.train(was_training)
+        return self._result(all_sum(sums), split)
+
+    @torch.no_grad()
+    def evaluate_item_scores(self, item_scores: torch.Tensor, split: str) -> dict[str, float | str | int]:
+        """Single process, no collectives: every user gets the same `item_scores` [I] (e.g. popularity).
+        The same masks, protocols and metric code as `evaluate`."""
+        users = np.flatnonzero(self.by_split[split].counts() > 0)
+        metric_count = 4 if self.config.protocol == "full" else 2
+        sums = np.zeros(metric_count + 1)
+        for start in range(0, len(users), self.config.user_batch):
+            chunk = users[start : start + self.config.user_batch]
+            scores = item_scores[None, :].expand(len(chunk), -1).clone()
+            sums += (self._full_ranking_sums if self.config.protocol == "full" else self._sampled_sums)(scores, chunk, split)
+        return self._result(sums.tolist(), split)
+
+    def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
         k = self.config.k
-        total = all_sum(sums)
         count = total[-1]
         names = ["recall", "ndcg", "hit", "mrr"] if self.config.protocol == "full" else ["hit", "ndcg"]
         result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split)}

@@ -29,7 +29,7 @@ def run_training(
     # TorchRec still calls collectives that torch marks deprecated: one warning per call site and rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     dataset = PreparedDataset.open(config.data.path)
-    sharded = build_sharded_model(config, dataset.num_users, dataset.num_items, context.device)
+    sharded = build_sharded_model(config, dataset, context.device)
     log = RunLog(run_dir, context.is_main)
     source_of_plan = f"from {config.sharding.plan}" if config.sharding.plan else "by the TorchRec planner"
     log.info(f"sharding plan over {context.world_size} rank(s), {source_of_plan}:\n{format_plan(sharded.plan_rows)}")

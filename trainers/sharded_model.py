@@ -14,6 +14,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from cluster.dataset_format import PreparedDataset
 from launcher.config import RunConfig
 from models.base import RecModel
 from models.registry import build_model
@@ -35,10 +36,12 @@ class ShardedModel:
         return self.dmp.module  # type: ignore[return-value]
 
 
-def build_sharded_model(config: RunConfig, num_users: int, num_items: int, device: torch.device) -> ShardedModel:
+def build_sharded_model(config: RunConfig, dataset: PreparedDataset, device: torch.device) -> ShardedModel:
     """Collective: every rank calls it with the same config and gets its own shards."""
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
+    num_users, num_items = dataset.num_users, dataset.num_items
     model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta")
+    model.bind_data(dataset.split_files("train"), num_users, num_items)
     # Attach the table optimizer before planning so the planner counts its state.
     apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
     if config.sharding.plan:
@@ -56,11 +59,12 @@ def build_sharded_model(config: RunConfig, num_users: int, num_items: int, devic
         )
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=make_sharders())
     init_tables(dmp, model.init_std(), config.trainer.seed)
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adam(params, lr=config.trainer.dense_lr),
-    )
-    optimizer = CombinedOptimizer([("tables", dmp.fused_optimizer), ("dense", dense)])
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    optimizers: list = [("tables", dmp.fused_optimizer)]
+    if dense_params:  # LightGCN has none, and Adam refuses an empty parameter list
+        dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adam(params, lr=config.trainer.dense_lr))
+        optimizers.append(("dense", dense))
+    optimizer = CombinedOptimizer(optimizers)
     return ShardedModel(dmp, optimizer, describe_plan(plan))
 
 
