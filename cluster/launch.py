@@ -46,7 +46,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 storage_path=str(run_dir.resolve()),
                 failure_config=FailureConfig(max_failures=section.max_failures),
             ),
-            datasets={"train": training_dataset(dataset, config.data, batch_kind(config.model.name))},
+            datasets={"train": training_dataset(dataset, config.data, batch_kind(config.model.resolved_params()))},
         )
         try:
             trainer.fit()

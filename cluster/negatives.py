@@ -10,7 +10,7 @@ class NegativeSampler:
 
     "pointwise" batches: each positive becomes 1 positive + k negative rows with a `label` column.
     "pairwise" batches: each positive becomes k rows (user_id, item_id, neg_item_id), for BPR-style
-    losses.
+    losses. "positives" batches pass positives through (in-batch negatives, e.g. sampled softmax).
 
     With `known_pairs` (sorted int64 keys user * num_items + item of the training positives), negatives
     that hit a known positive are redrawn, a few rounds at most; the rare survivors stay (documented
@@ -26,7 +26,7 @@ class NegativeSampler:
         rounds: int = 5,
         kind: str = "pointwise",
     ) -> None:
-        if kind not in ("pointwise", "pairwise"):
+        if kind not in ("pointwise", "pairwise", "positives"):
             raise ValueError(f"unknown batch kind {kind!r}")
         self.kind = kind
         self.num_items = num_items
@@ -48,6 +48,8 @@ class NegativeSampler:
         rng = rng or np.random.default_rng()
         users = batch["user_id"].astype(np.int64)
         items = batch["item_id"].astype(np.int64)
+        if self.kind == "positives":  # negatives come from the rest of the batch
+            return {"user_id": users, "item_id": items}
         k = self.negatives
         neg_users = np.repeat(users, k)
         neg_items = rng.integers(0, self.num_items, size=len(neg_users), dtype=np.int64)

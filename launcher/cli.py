@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from launcher.config import RunConfig, config_from_json, load_config, parse_override_value
 from launcher.errors import UserError
 
@@ -82,6 +84,15 @@ def _build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--data", required=True, help="prepared dataset folder")
     baseline.add_argument("--protocol", choices=["full", "sampled"], default="full")
     baseline.add_argument("--k", type=int, default=10)
+    export = commands.add_parser("export", help="write a trained retrieval model's user and item vectors")
+    export.add_argument("run_dir")
+    export.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    search = commands.add_parser("search", help="exact top-K items for a user from an export")
+    search.add_argument("export_dir")
+    search.add_argument("--user", type=int, required=True, help="raw user id, as in the input data")
+    search.add_argument("--k", type=int, default=10)
+    search.add_argument("--include-seen", action="store_true",
+                        help="also return items the user interacted with in training/validation")
     commands.add_parser("models", help="list registered models and their parameters")
     show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
     _add_train_arguments(show)
@@ -213,6 +224,23 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from cluster.dataset_format import PreparedDataset
+    from cluster.retrieval import ExactIndex
+
+    index = ExactIndex(args.export_dir)
+    user = index.user_index(args.user)
+    exclude = None
+    if not args.include_seen:
+        dataset = PreparedDataset.open(json.loads((Path(args.export_dir) / "export.json").read_text())["dataset"])
+        seen = [dataset.read_split(s) for s in ("train", "valid")]
+        exclude = [np.concatenate([s["item_id"][s["user_id"] == user] for s in seen])]
+    top = index.search(index.users[user : user + 1], args.k, exclude)[0]
+    print(f"top {args.k} items for user {args.user} (raw item ids, best first): "
+          f"{' '.join(str(index.item_raw[i]) for i in top)}")
+    return 0
+
+
 def _cmd_models() -> int:
     import dataclasses
 
@@ -247,6 +275,15 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_data(args)
         if args.command == "baseline":
             return _cmd_baseline(args)
+        if args.command == "export":
+            from trainers.export import export_run
+
+            info = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
+            print(f"exported {info['users']} users and {info['items']} items ({info['dim']}-dim {info['model']} "
+                  f"vectors from {info['checkpoint']}) to {info['out']}")
+            return 0
+        if args.command == "search":
+            return _cmd_search(args)
         return _cmd_models()
     except UserError as exc:
         return report_user_error(exc)

@@ -22,12 +22,15 @@ Batch = dict[str, torch.Tensor]
 
 class RecModel(nn.Module):
     tables: EmbeddingBagCollection
+    retrieval_key: str | None = None
+    """Set when score_all is a plain dot product of vectors()[retrieval_key]: such models can be
+    exported for nearest-neighbour retrieval."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
 
-    def bind_data(self, train_files: list, num_users: int, num_items: int) -> None:
+    def bind_data(self, dataset: "object") -> None:
         """Give the model what it needs from the training data beyond batches (e.g. a graph). Default
         nothing. Called on every rank after the model is built."""
 

@@ -9,8 +9,6 @@ it suits graphs whose embeddings fit one rank's memory even when the tables are 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -23,6 +21,8 @@ from models.params import LightGCNParams
 
 
 class LightGCN(RecModel):
+    retrieval_key = "final"
+
     def __init__(self, params: LightGCNParams, num_users: int, num_items: int, device: str = "meta") -> None:
         super().__init__()
         self.params = params
@@ -42,8 +42,9 @@ class LightGCN(RecModel):
     def init_std(self) -> float:
         return self.params.init_std
 
-    def bind_data(self, train_files: list[Path], num_users: int, num_items: int) -> None:
-        self.adjacency = normalized_adjacency(train_files, num_users, num_items)
+    def bind_data(self, dataset: object) -> None:
+        """dataset: a cluster.dataset_format.PreparedDataset; the graph comes from its train split."""
+        self.adjacency = normalized_adjacency(dataset.split_files("train"), self.num_users, self.num_items)  # type: ignore[attr-defined]
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
@@ -96,5 +97,7 @@ class LightGCN(RecModel):
         return users["final"] @ items["final"].T
 
 
-def build_lightgcn(params: LightGCNParams, num_users: int, num_items: int, device: str = "meta") -> LightGCN:
+def build_lightgcn(
+    params: LightGCNParams, num_users: int, num_items: int, device: str = "meta", **_: object
+) -> LightGCN:
     return LightGCN(params, num_users=num_users, num_items=num_items, device=device)

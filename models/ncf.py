@@ -71,5 +71,5 @@ class NCF(UserItemModel):
         return gmf + mlp_out @ w_out[gmf_dim:] + self.output.bias[0]
 
 
-def build_ncf(params: NCFParams, num_users: int, num_items: int, device: str = "meta") -> NCF:
+def build_ncf(params: NCFParams, num_users: int, num_items: int, device: str = "meta", **_: object) -> NCF:
     return NCF(params, num_users=num_users, num_items=num_items, device=device)

@@ -51,12 +51,45 @@ class LightGCNParams:
             raise UserError("model.reg_weight must be >= 0")
 
 
+@dataclass
+class TwoTowerParams:
+    """Two-tower retrieval: user and item towers over ID and side-feature embeddings, dot-product score."""
+
+    id_dim: int = 64
+    side_dim: int = 16
+    """Width of each side-feature table (ML-100K: user age, gender, occupation, zip; item decade, genres)."""
+    embed_dim: int = 64
+    dropout: float = 0.2
+    loss: str = "softmax"
+    """"pairwise": the seed's -log sigmoid(pos - neg) with sampled negatives; "softmax": in-batch
+    sampled softmax with log-Q popularity correction."""
+    temperature: float = 3.2
+    """Softmax logits are dot / temperature. Tower outputs are LayerNorm-ed (norm ~ sqrt(embed_dim)),
+    so dot / embed_dim is about a cosine; 3.2 = 0.05 x 64."""
+    side_features: bool = True
+    init_std: float = 0.05
+
+    @property
+    def batch_kind(self) -> str:
+        return "pairwise" if self.loss == "pairwise" else "positives"
+
+    def validate(self) -> None:
+        if min(self.id_dim, self.side_dim, self.embed_dim) < 1:
+            raise UserError("model.id_dim, model.side_dim and model.embed_dim must be >= 1")
+        if self.loss not in ("pairwise", "softmax"):
+            raise UserError(f"model.loss must be pairwise or softmax, got {self.loss!r}")
+        if self.temperature <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise UserError("model.temperature must be > 0 and model.dropout in [0, 1)")
+
+
 MODEL_PARAMS: dict[str, type] = {
     "ncf": NCFParams,
     "lightgcn": LightGCNParams,
+    "two_tower": TwoTowerParams,
 }
 
 
-def batch_kind(model_name: str) -> str:
-    """What the data pipeline must produce for this model: "pointwise" or "pairwise" batches."""
-    return MODEL_PARAMS[model_name].batch_kind
+def batch_kind(params: object) -> str:
+    """What the data pipeline must produce for these model parameters: "pointwise" (with labels),
+    "pairwise" (with a negative item per row) or "positives" (in-batch negatives)."""
+    return params.batch_kind  # type: ignore[attr-defined]

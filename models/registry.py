@@ -12,6 +12,7 @@ from models.params import MODEL_PARAMS
 _BUILDERS: dict[str, str] = {
     "ncf": "models.ncf:build_ncf",
     "lightgcn": "models.lightgcn:build_lightgcn",
+    "two_tower": "models.two_tower:build_two_tower",
 }
 assert set(_BUILDERS) == set(MODEL_PARAMS), "every model needs both a builder and a parameter dataclass"
 
@@ -27,6 +28,10 @@ def get_builder(name: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def build_model(name: str, params: Any, num_users: int, num_items: int, device: str = "meta") -> Any:
-    """Build a registered model. Embedding tables go on `device` ("meta" for sharding, "cpu" for reference)."""
-    return get_builder(name)(params, num_users=num_users, num_items=num_items, device=device)
+def build_model(
+    name: str, params: Any, num_users: int, num_items: int, device: str = "meta", feature_sizes: dict | None = None
+) -> Any:
+    """Build a registered model. Embedding tables go on `device` ("meta" for sharding, "cpu" for
+    reference). feature_sizes: side-feature cardinalities from the dataset's stats.json."""
+    return get_builder(name)(params, num_users=num_users, num_items=num_items, device=device,
+                             feature_sizes=feature_sizes or {})

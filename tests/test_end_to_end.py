@@ -127,7 +127,7 @@ def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("config", ["lightgcn_ml100k.toml"])
+@pytest.mark.parametrize("config", ["lightgcn_ml100k.toml", "two_tower_ml100k.toml"])
 def test_model_config_trains_end_to_end(ml100k_small, tmp_path, config):
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
     args = _small_run_args(ml100k_small, tmp_path, "m", epochs=2)

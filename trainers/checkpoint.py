@@ -44,6 +44,14 @@ def save(sharded: ShardedModel, path: Path, progress: dict[str, Any]) -> None:
     dist.barrier()
 
 
+def load_weights(sharded: ShardedModel, path: Path) -> None:
+    """Collective. Model weights only, into any layout (optimizer state may not reshard between
+    layouts, e.g. a table that was row_wise with a fused optimizer and is now data_parallel)."""
+    state = {"model": sharded.dmp.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    sharded.dmp.load_state_dict(state["model"])
+
+
 def load(sharded: ShardedModel, path: Path) -> dict[str, Any]:
     """Collective. Loads into the current layout (any world size); returns progress.json."""
     state = {"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}

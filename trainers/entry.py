@@ -35,7 +35,7 @@ def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankC
     """Body of a torchrun rank: reads its own Parquet files with pyarrow, no Ray."""
     dataset = PreparedDataset.open(config.data.path)
     known = training_pairs(dataset) if config.data.reject_positives else None
-    sampler = NegativeSampler(dataset.num_items, config.data.negatives, known, kind=batch_kind(config.model.name))
+    sampler = NegativeSampler(dataset.num_items, config.data.negatives, known, kind=batch_kind(config.model.resolved_params()))
     source = ParquetFilesSource(
         dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
     )

@@ -156,10 +156,13 @@ class Evaluator:
                 sums += self._sampled_sums(scores, chunk, split)
         return sums.tolist()
 
-    def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+    def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+        """The recommended items [U, K] of the full-ranking protocol: seen items masked, best first."""
         scores = mask_items(scores, users, self.masks[split])
-        k = min(self.config.k, self.num_items)
-        top = torch.topk(scores, k, dim=1).indices.numpy()
+        return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.numpy()
+
+    def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+        top = self.top_k(scores, users, split)
         targets = self.by_split[split]
         hits = np.zeros(top.shape, dtype=bool)
         for row, user in enumerate(users):

@@ -3,6 +3,7 @@ initialise every shard identically whatever the layout."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,13 @@ class ShardedModel:
 
 def build_sharded_model(config: RunConfig, dataset: PreparedDataset, device: torch.device) -> ShardedModel:
     """Collective: every rank calls it with the same config and gets its own shards."""
+    # TorchRec's own deprecation notices (storage reservation, DDP arguments): not actionable here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
     num_users, num_items = dataset.num_users, dataset.num_items
-    model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta")
-    model.bind_data(dataset.split_files("train"), num_users, num_items)
+    model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta",
+                        feature_sizes=dataset.stats.get("features"))
+    model.bind_data(dataset)
     # Attach the table optimizer before planning so the planner counts its state.
     apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
     if config.sharding.plan:

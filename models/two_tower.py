@@ -1,0 +1,167 @@
+"""Two-tower retrieval on sharded tables.
+
+Each tower reads its entity's ID embedding and, where the dataset has them, side-feature embeddings
+(ML-100K: user age group, gender, occupation, zip region; item release decade and genres, the genres
+a mean-pooled bag), all from one TorchRec EmbeddingBagCollection, then
+Linear 256 -> ReLU -> Dropout -> Linear 128 -> ReLU -> Linear embed_dim -> LayerNorm, as in the seed
+design. The score is the dot product of the two tower outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from models.base import Batch, RecModel
+from models.params import TwoTowerParams
+
+USER_SIDE = ("age", "gender", "occupation", "zip")
+ITEM_SIDE = ("year",)
+ITEM_BAG = "genres"
+
+
+def _tower(width_in: int, embed_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(width_in, 256), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(256, 128), nn.ReLU(),
+        nn.Linear(128, embed_dim), nn.LayerNorm(embed_dim),
+    )
+
+
+class TwoTower(RecModel):
+    retrieval_key = "tower"
+
+    def __init__(self, params: TwoTowerParams, num_users: int, num_items: int, device: str = "meta",
+                 feature_sizes: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.params = params
+        self.num_users, self.num_items = num_users, num_items
+        sizes = feature_sizes or {}
+        self.user_side = [f for f in USER_SIDE if params.side_features and f"user_{f}" in sizes]
+        self.item_side = [f for f in ITEM_SIDE if params.side_features and f"item_{f}" in sizes]
+        self.item_bag = params.side_features and f"item_{ITEM_BAG}" in sizes
+        tables = [("user_id", num_users, params.id_dim, PoolingType.SUM), ("item_id", num_items, params.id_dim, PoolingType.SUM)]
+        tables += [(f"user_{f}", sizes[f"user_{f}"], params.side_dim, PoolingType.SUM) for f in self.user_side]
+        tables += [(f"item_{f}", sizes[f"item_{f}"], params.side_dim, PoolingType.SUM) for f in self.item_side]
+        if self.item_bag:
+            tables.append((f"item_{ITEM_BAG}", sizes[f"item_{ITEM_BAG}"], params.side_dim, PoolingType.MEAN))
+        self.keys = [name for name, _, _, _ in tables]
+        self.tables = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim, feature_names=[name], pooling=pooling)
+                    for name, rows, dim, pooling in tables],
+            device=torch.device(device),
+        )
+        self.user_keys = [k for k in self.keys if k.startswith("user_")]
+        self.item_keys = [k for k in self.keys if k.startswith("item_")]
+        self.user_tower = _tower(params.id_dim + params.side_dim * len(self.user_side), params.embed_dim, params.dropout)
+        bag_width = params.side_dim * (len(self.item_side) + int(self.item_bag))
+        self.item_tower = _tower(params.id_dim + bag_width, params.embed_dim, params.dropout)
+        # Side-feature codes per id and item log-frequencies: plain attributes, not buffers, so that
+        # DistributedModelParallel neither shards nor broadcasts them. Filled by bind_data().
+        self.user_codes = torch.zeros(num_users, len(self.user_side), dtype=torch.int64)
+        self.item_codes = torch.zeros(num_items, len(self.item_side), dtype=torch.int64)
+        self.genre_offsets = torch.arange(num_items + 1, dtype=torch.int64)
+        self.genre_values = torch.zeros(num_items, dtype=torch.int64)
+        self.log_q = torch.zeros(num_items)
+
+    def init_std(self) -> float:
+        return self.params.init_std
+
+    def bind_data(self, dataset: object) -> None:
+        root = Path(dataset.root)  # type: ignore[attr-defined]
+        if self.user_side:
+            table = pq.read_table(root / "user_features.parquet")
+            self.user_codes = torch.as_tensor(np.stack([table.column(f).to_numpy() for f in self.user_side], 1))
+        if self.item_side or self.item_bag:
+            table = pq.read_table(root / "item_features.parquet")
+            if self.item_side:
+                self.item_codes = torch.as_tensor(np.stack([table.column(f).to_numpy() for f in self.item_side], 1))
+            if self.item_bag:
+                bags = table.column(ITEM_BAG).combine_chunks()
+                self.genre_offsets = torch.as_tensor(bags.offsets.to_numpy().astype(np.int64))
+                self.genre_values = torch.as_tensor(bags.values.to_numpy().astype(np.int64))
+        # log Q: in-batch negatives are drawn in proportion to training popularity.
+        counts = np.zeros(self.num_items)
+        for path in dataset.split_files("train"):  # type: ignore[attr-defined]
+            counts += np.bincount(pq.read_table(path, columns=["item_id"]).column(0).to_numpy(), minlength=self.num_items)
+        self.log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / max(counts.sum(), 1)), dtype=torch.float32)
+
+    def _features(self, users: torch.Tensor | None, items: torch.Tensor | None) -> KeyedJaggedTensor:
+        """One KJT for both towers' lookups; a side that is not asked for gets empty bags."""
+        stride = max(len(users) if users is not None else 0, len(items) if items is not None else 0)
+        values, lengths = [], []
+
+        def add(ids: torch.Tensor | None, count_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+            length = torch.zeros(stride, dtype=torch.int32)
+            if ids is not None:
+                if count_values is None:
+                    length[: len(ids)] = 1
+                    values.append(ids)
+                else:
+                    counts, bag_values = count_values
+                    length[: len(counts)] = counts.to(torch.int32)
+                    values.append(bag_values)
+            lengths.append(length)
+
+        for key in self.keys:
+            if key == "user_id":
+                add(users)
+            elif key.startswith("user_"):
+                add(None if users is None else self.user_codes[users, self.user_side.index(key[5:])])
+            elif key == "item_id":
+                add(items)
+            elif key == f"item_{ITEM_BAG}":
+                add(None if items is None else items, None if items is None else self._genres(items))
+            else:
+                add(None if items is None else self.item_codes[items, self.item_side.index(key[5:])])
+        return KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+
+    def _genres(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        starts, ends = self.genre_offsets[items], self.genre_offsets[items + 1]
+        counts = ends - starts
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return counts, self.genre_values[torch.repeat_interleave(starts, counts) + within]
+
+    def _towers(self, users: torch.Tensor | None, items: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        pooled = self.tables(self._features(users, items)).to_dict()
+        user_out = item_out = None
+        if users is not None:
+            user_out = self.user_tower(torch.cat([pooled[k][: len(users)] for k in self.user_keys], 1))
+        if items is not None:
+            item_out = self.item_tower(torch.cat([pooled[k][: len(items)] for k in self.item_keys], 1))
+        return user_out, item_out
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        users, positives = batch["user_id"], batch["item_id"]
+        if self.params.loss == "pairwise":
+            u, items = self._towers(users, torch.cat([positives, batch["neg_item_id"]]))
+            p, n = items[: len(users)], items[len(users) :]
+            return -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
+        u, p = self._towers(users, positives)
+        # In-batch sampled softmax: row b's positive is item b; the other rows' items are its negatives.
+        # Subtracting log Q undoes the popularity bias of in-batch sampling; other rows holding the
+        # same item are masked rather than counted as negatives.
+        logits = (u @ p.T) / self.params.temperature - self.log_q[positives][None, :]
+        same_item = positives[:, None] == positives[None, :]
+        logits = logits.masked_fill(same_item & ~torch.eye(len(users), dtype=torch.bool), float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(users)))
+
+    def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        users, items = self._towers(ids if column == "user_id" else None, ids if column == "item_id" else None)
+        return {"tower": users if column == "user_id" else items}
+
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        return users["tower"] @ items["tower"].T
+
+
+def build_two_tower(params: TwoTowerParams, num_users: int, num_items: int, device: str = "meta",
+                    feature_sizes: dict[str, int] | None = None, **_: object) -> TwoTower:
+    return TwoTower(params, num_users, num_items, device, feature_sizes)

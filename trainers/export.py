@@ -1,0 +1,93 @@
+"""`shardrec export RUN_DIR`: user and item vectors of a trained retrieval model, for serving.
+
+Runs as a single process (its own 1-rank gloo group): the run's last checkpoint loads into one rank
+whatever world size trained it.
+
+    RUN_DIR/export/items.parquet   item_id, raw_id, vector   (the index to search)
+    RUN_DIR/export/users.parquet   user_id, raw_id, vector   (known users, ready to query)
+    RUN_DIR/export/export.json     model, dimension, where it came from
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from cluster.dataset_format import PreparedDataset
+from launcher.config import config_from_json
+from launcher.errors import UserError
+from trainers import checkpoint
+from trainers.sharded_model import ShardedModel, build_sharded_model
+
+CHUNK = 4096
+
+
+def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
+    """[count, dim] vectors of every user or item, in id order (single rank)."""
+    model = sharded.model
+    key = model.retrieval_key
+    model.eval()
+    model.begin_ranking()
+    try:
+        with torch.no_grad():
+            parts = [model.vectors(column, torch.arange(start, min(start + CHUNK, count)))[key]
+                     for start in range(0, count, CHUNK)]
+    finally:
+        model.end_ranking()
+    return torch.cat(parts).numpy().astype(np.float32)
+
+
+def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json)")
+    config = config_from_json(config_file.read_text())
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        raise UserError(f"{run_dir} has no complete checkpoint to export")
+    dataset = PreparedDataset.open(config.data.path)
+    out = out or run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}
+        sharded = build_sharded_model(config, dataset, torch.device("cpu"))
+        if sharded.model.retrieval_key is None:
+            raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
+                            "vectors, so it cannot be exported for retrieval (two_tower and lightgcn can)")
+        checkpoint.load_weights(sharded, latest)
+        users = all_vectors(sharded, "user_id", dataset.num_users)
+        items = all_vectors(sharded, "item_id", dataset.num_items)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+    for name, vectors, id_file in (("users", users, "user_ids.parquet"), ("items", items, "item_ids.parquet")):
+        raw = pq.read_table(dataset.root / id_file).column("raw_id")
+        column = "user_id" if name == "users" else "item_id"
+        table = pa.table({column: np.arange(len(vectors), dtype=np.int64), "raw_id": raw,
+                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
+        pq.write_table(table, out / f"{name}.parquet")
+    info = {"model": config.model.name, "dim": int(items.shape[1]), "users": len(users), "items": len(items),
+            "checkpoint": str(latest), "dataset": str(dataset.root)}
+    (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    return {**info, "out": str(out)}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
