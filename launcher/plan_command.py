@@ -15,14 +15,17 @@ def _specs_from_config(config: RunConfig, users: int | None, items: int | None):
     from models.registry import build_model
     from sharding.tables import specs_from_module
 
-    if users is None or items is None:
-        try:
-            dataset = PreparedDataset.open(config.data.path)
-        except UserError as exc:
+    try:
+        dataset = PreparedDataset.open(config.data.path)
+    except UserError as exc:
+        if users is None or items is None:
             raise UserError(f"{exc}; or give the table sizes with --users and --items") from None
-        users = users or dataset.num_users
-        items = items or dataset.num_items
-    model = build_model(config.model.name, config.model.resolved_params(), users, items, device="meta")
+        dataset = None  # explicit sizes and no dataset: ID tables only, no side-feature tables
+    users = users or dataset.num_users
+    items = items or dataset.num_items
+    features = dataset.stats.get("features") if dataset is not None else None
+    model = build_model(config.model.name, config.model.resolved_params(), users, items, device="meta",
+                        feature_sizes=features)
     return specs_from_module(model)
 
 

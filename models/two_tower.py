@@ -65,12 +65,13 @@ class TwoTower(RecModel):
         bag_width = params.side_dim * (len(self.item_side) + int(self.item_bag))
         self.item_tower = _tower(params.id_dim + bag_width, params.embed_dim, params.dropout)
         # Side-feature codes per id and item log-frequencies: plain attributes, not buffers, so that
-        # DistributedModelParallel neither shards nor broadcasts them. Filled by bind_data().
-        self.user_codes = torch.zeros(num_users, len(self.user_side), dtype=torch.int64)
-        self.item_codes = torch.zeros(num_items, len(self.item_side), dtype=torch.int64)
-        self.genre_offsets = torch.arange(num_items + 1, dtype=torch.int64)
-        self.genre_values = torch.zeros(num_items, dtype=torch.int64)
-        self.log_q = torch.zeros(num_items)
+        # DistributedModelParallel neither shards nor broadcasts them. Filled by bind_data(), and only
+        # then: a model built for planning (billions of rows on the meta device) must not allocate them.
+        self.user_codes: torch.Tensor | None = None
+        self.item_codes: torch.Tensor | None = None
+        self.genre_offsets: torch.Tensor | None = None
+        self.genre_values: torch.Tensor | None = None
+        self.log_q: torch.Tensor | None = None
 
     def init_std(self) -> float:
         return self.params.init_std
@@ -96,6 +97,8 @@ class TwoTower(RecModel):
 
     def _features(self, users: torch.Tensor | None, items: torch.Tensor | None) -> KeyedJaggedTensor:
         """One KJT for both towers' lookups; a side that is not asked for gets empty bags."""
+        if self.log_q is None:
+            raise RuntimeError("TwoTower needs its feature tables: call bind_data() first")
         stride = max(len(users) if users is not None else 0, len(items) if items is not None else 0)
         values, lengths = [], []
 

@@ -7,3 +7,14 @@ import logging
 # would bury the report.
 for _name in ("torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+class _DropDataParallelSpecNotice(logging.Filter):
+    """The planner logs "Sharding spec not found" on the root logger for every data_parallel table,
+    which by definition has no sharding spec."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Sharding spec not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_DropDataParallelSpecNotice())

@@ -187,3 +187,12 @@ def test_training_uses_exactly_the_saved_plan(ml100k_small, tmp_path, topology):
             assert held[rank][table] == expected, (table, rank)
     assert saved["modules"]["tables"]["gmf_user"]["sharding_type"] == "row_wise"
     assert saved["modules"]["tables"]["gmf_item"]["sharding_type"] == "column_wise"
+
+
+def test_two_tower_at_web_scale_from_its_config(capsys):
+    """"Two-tower with 2 B users and 200 M items on 16x8 H100", asked the way a user would."""
+    assert main(["plan", "--config", str(REPO / "launcher/configs/two_tower_ml100k.toml"), "--users", "2_000_000_000",
+                 "--items", "200_000_000", "--topology", "16x8xH100"]) == 0
+    out = capsys.readouterr().out
+    user_row = next(line for line in out.splitlines() if line.startswith("user_id"))
+    assert "2,000,000,000" in user_row and ("row_wise" in user_row or "table_row_wise" in user_row)
