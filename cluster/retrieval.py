@@ -42,3 +42,38 @@ class ExactIndex:
 def _vectors(path: Path) -> np.ndarray:
     column = pq.read_table(path, columns=["vector"]).column(0).combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), -1).astype(np.float32)
+
+
+class ApproximateIndex:
+    """faiss HNSW graph over the item vectors (inner product): sub-linear search, approximate results.
+
+    Seen items are removed after the search, so it over-fetches `k + len(exclude)` candidates.
+    """
+
+    def __init__(self, items: np.ndarray, neighbours: int = 32, ef_search: int = 64) -> None:
+        try:
+            import faiss
+        except ImportError:
+            raise UserError("the approximate index needs faiss: pip install faiss-cpu") from None
+        self.index = faiss.IndexHNSWFlat(items.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efSearch = ef_search
+        self.index.add(np.ascontiguousarray(items, dtype=np.float32))
+
+    def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> np.ndarray:
+        extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+        fetch = min(k + extra, self.index.ntotal)
+        self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, fetch)
+        _, found = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, candidates in enumerate(found):
+            if exclude is not None:
+                candidates = candidates[~np.isin(candidates, exclude[row])]
+            candidates = candidates[candidates >= 0][:k]
+            out[row, : len(candidates)] = candidates
+        return out
+
+
+def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
+    """Mean over queries of |approx top-K ∩ exact top-K| / K."""
+    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact)]
+    return float(np.mean(hits) / exact.shape[1])

@@ -89,7 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder (default RUN_DIR/export)")
     search = commands.add_parser("search", help="exact top-K items for a user from an export")
     search.add_argument("export_dir")
-    search.add_argument("--user", type=int, required=True, help="raw user id, as in the input data")
+    target = search.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", type=int, help="raw user id, as in the input data")
+    target.add_argument("--measure-recall", action="store_true",
+                        help="approximate vs exact top-K over every exported user: recall@K and query time")
+    search.add_argument("--approx", action="store_true", help="use the approximate (faiss HNSW) index")
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--include-seen", action="store_true",
                         help="also return items the user interacted with in training/validation")
@@ -229,13 +233,31 @@ def _cmd_search(args: argparse.Namespace) -> int:
     from cluster.retrieval import ExactIndex
 
     index = ExactIndex(args.export_dir)
-    user = index.user_index(args.user)
+    users = np.arange(len(index.users)) if args.measure_recall else np.array([index.user_index(args.user)])
     exclude = None
     if not args.include_seen:
         dataset = PreparedDataset.open(json.loads((Path(args.export_dir) / "export.json").read_text())["dataset"])
         seen = [dataset.read_split(s) for s in ("train", "valid")]
-        exclude = [np.concatenate([s["item_id"][s["user_id"] == user] for s in seen])]
-    top = index.search(index.users[user : user + 1], args.k, exclude)[0]
+        exclude = [np.concatenate([s["item_id"][s["user_id"] == user] for s in seen]) for user in users]
+    if args.measure_recall:
+        from cluster.retrieval import ApproximateIndex, recall_at_k
+
+        started = time.perf_counter()
+        exact = index.search(index.users[users], args.k, exclude)
+        exact_s = time.perf_counter() - started
+        approximate = ApproximateIndex(index.items)
+        started = time.perf_counter()
+        found = approximate.search(index.users[users], args.k, exclude)
+        approx_s = time.perf_counter() - started
+        print(f"{len(users)} users, {len(index.items)} items: approximate (faiss HNSW) recall@{args.k} against exact "
+              f"{recall_at_k(found, exact):.4f}; query time exact {exact_s * 1000:.1f} ms, approximate {approx_s * 1000:.1f} ms")
+        return 0
+    if args.approx:
+        from cluster.retrieval import ApproximateIndex
+
+        top = ApproximateIndex(index.items).search(index.users[users], args.k, exclude)[0]
+    else:
+        top = index.search(index.users[users], args.k, exclude)[0]
     print(f"top {args.k} items for user {args.user} (raw item ids, best first): "
           f"{' '.join(str(index.item_raw[i]) for i in top)}")
     return 0

@@ -165,6 +165,30 @@ class TwoTower(RecModel):
         return users["tower"] @ items["tower"].T
 
 
+def user_encoder(model: TwoTower, tables: dict[str, torch.Tensor]) -> dict:
+    """Everything needed to embed a user outside the training job: the user tower's weights, the
+    user-side tables (full, as gathered by the exporter) and the order of the side features."""
+    return {
+        "params": {"id_dim": model.params.id_dim, "side_dim": model.params.side_dim,
+                   "embed_dim": model.params.embed_dim},
+        "side_features": list(model.user_side),
+        "tables": {key: tables[key] for key in model.user_keys},
+        "user_tower": {k: v.detach().clone() for k, v in model.user_tower.state_dict().items()},
+    }
+
+
+def encode_users(encoder: dict, user_ids: torch.Tensor, side_codes: torch.Tensor) -> torch.Tensor:
+    """Plain-torch user tower: user_ids [B], side_codes [B, len(side_features)] -> vectors [B, embed_dim]."""
+    params = encoder["params"]
+    tower = _tower(params["id_dim"] + params["side_dim"] * len(encoder["side_features"]), params["embed_dim"], 0.0)
+    tower.load_state_dict(encoder["user_tower"])
+    tower.eval()
+    parts = [encoder["tables"]["user_id"][user_ids]]
+    parts += [encoder["tables"][f"user_{name}"][side_codes[:, i]] for i, name in enumerate(encoder["side_features"])]
+    with torch.no_grad():
+        return tower(torch.cat(parts, 1))
+
+
 def build_two_tower(params: TwoTowerParams, num_users: int, num_items: int, device: str = "meta",
                     feature_sizes: dict[str, int] | None = None, **_: object) -> TwoTower:
     return TwoTower(params, num_users, num_items, device, feature_sizes)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from cluster.dataset_format import PreparedDataset
 from cluster.retrieval import ExactIndex
 from launcher.config import config_from_json, load_config
 from models.params import TwoTowerParams
+from models.two_tower import encode_users
 from models.registry import build_model
 from tests.forked_ranks import run_ranks
 from trainers import checkpoint
@@ -146,6 +148,12 @@ def test_export_then_exact_search_matches_the_evaluator_top_k(ml100k_small, tmp_
     exclude = [np.concatenate([s["item_id"][s["user_id"] == u] for s in seen]) for u in range(dataset.num_users)]
     searched = index.search(index.users, 10, exclude)
     assert json.loads((Path(info["out"]) / "export.json").read_text())["model"] == "two_tower"
+    # The exported encoder alone reproduces the exported user vectors.
+    encoder = torch.load(Path(info["out"]) / "user_encoder.pt", weights_only=False)
+    codes = torch.as_tensor(np.stack([pq.read_table(ml100k_small / "user_features.parquet").column(f).to_numpy()
+                                      for f in encoder["side_features"]], 1))
+    again = encode_users(encoder, torch.arange(dataset.num_users), codes).numpy()
+    np.testing.assert_allclose(again, index.users, rtol=1e-4, atol=1e-5)
     for user in range(dataset.num_users):
         if not np.array_equal(searched[user], evaluator_top[user]):
             # Only a near-tie may order differently (numpy and torch round float32 sums differently).

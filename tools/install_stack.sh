@@ -15,7 +15,7 @@ $PIP install fbgemm-gpu-cpu==1.8.0
 $PIP install --no-deps torchrec==1.8.0
 $PIP install tensordict tqdm pyre-extensions iopath numpy \
   'ray[data,train,default]==2.60.0' pyarrow==26.0.1 'torchmetrics==1.9.*' tensorboard \
-  matplotlib pytest pytest-timeout
+  matplotlib faiss-cpu pytest pytest-timeout
 # MovieLens-100K ships inside this data-only wheel; --no-deps keeps its heavy requirements out.
 $PIP install --no-deps recbole==1.2.1
 $PIP install --no-deps -e .

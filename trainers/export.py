@@ -6,6 +6,8 @@ whatever world size trained it.
     RUN_DIR/export/items.parquet   item_id, raw_id, vector   (the index to search)
     RUN_DIR/export/users.parquet   user_id, raw_id, vector   (known users, ready to query)
     RUN_DIR/export/export.json     model, dimension, where it came from
+    RUN_DIR/export/user_encoder.pt two-tower only: user tower + user tables, to embed users offline
+                                   (models.two_tower.encode_users)
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         checkpoint.load_weights(sharded, latest)
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
+        if hasattr(sharded.model, "user_tower"):
+            from models.two_tower import user_encoder
+
+            torch.save(user_encoder(sharded.model, full_tables(sharded)), out / "user_encoder.pt")
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -83,6 +89,23 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
             "checkpoint": str(latest), "dataset": str(dataset.root)}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "out": str(out)}
+
+
+def full_tables(sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    """table name -> whole weight, assembled from this (only) rank's shards."""
+    tables = {}
+    for name, value in sharded.dmp.state_dict().items():
+        if ".embedding_bags." not in name:
+            continue
+        if hasattr(value, "local_shards"):
+            full = torch.zeros(*value.metadata().size)
+            for shard in value.local_shards():
+                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                full[row : row + rows, col : col + cols] = shard.tensor
+        else:
+            full = value.detach().clone()
+        tables[name.split(".")[-2]] = full
+    return tables
 
 
 def _free_port() -> int:
