@@ -1,15 +1,22 @@
-"""LightGCN on sharded layer-0 tables, full-graph mode.
+"""LightGCN on sharded layer-0 tables, in full-graph or sampled-neighbourhood mode.
 
 Each step every rank looks up all layer-0 rows through the sharded tables (TorchRec's all-to-all
 brings each rank the rows other ranks hold, and sends gradients back to their owners), propagates K
 layers over the whole normalised graph, averages layers 0..K and scores with dot products. Exactly
 the seed design's propagation; the price is that every rank holds all N x dim propagated rows, so
 it suits graphs whose embeddings fit one rank's memory even when the tables are sharded.
+
+Sampled mode (`propagation = "sampled"`) fetches and propagates only the batch's K-hop neighbourhood,
+keeping at most `fanout` neighbours per node (models/neighbourhood.py): memory per step scales with
+batch x fanout^K instead of the graph, at the cost of a noisy (unbiased) estimate of the propagation.
+With fanout >= the largest degree it equals full mode exactly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
@@ -17,6 +24,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from models.base import Batch, RecModel
 from models.graph import normalized_adjacency
+from models.neighbourhood import NeighbourSampler
 from models.params import LightGCNParams
 
 
@@ -37,6 +45,8 @@ class LightGCN(RecModel):
         )
         # A plain attribute, not a buffer: DistributedModelParallel must neither shard nor broadcast it.
         self.adjacency: torch.Tensor | None = None
+        self.sampler: NeighbourSampler | None = None
+        self._rng = np.random.default_rng(0)
         self._ranking: torch.Tensor | None = None
 
     def init_std(self) -> float:
@@ -45,6 +55,7 @@ class LightGCN(RecModel):
     def bind_data(self, dataset: object) -> None:
         """dataset: a cluster.dataset_format.PreparedDataset; the graph comes from its train split."""
         self.adjacency = normalized_adjacency(dataset.split_files("train"), self.num_users, self.num_items)  # type: ignore[attr-defined]
+        self.sampler = NeighbourSampler(self.adjacency, self.params.fanout)
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
@@ -59,38 +70,82 @@ class LightGCN(RecModel):
         pooled = self.tables(features).to_dict()
         return torch.cat([pooled["user"][:users], pooled["item"][:items]])
 
-    def propagate(self, layer0: torch.Tensor) -> torch.Tensor:
-        """Mean of layers 0..K, where layer k = A_hat @ layer k-1. [N, dim] -> [N, dim]."""
+    def propagate(self, layer0: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of layers 0..K, where layer k = A @ layer k-1 (A: the graph, or a sampled part of it)."""
         if self.adjacency is None:
             raise RuntimeError("LightGCN needs its graph: call bind_data() first")
+        matrix = self.adjacency if matrix is None else matrix
         layers = [layer0]
         for _ in range(self.params.n_layers):
-            layers.append(torch.sparse.mm(self.adjacency, layers[-1]))
+            layers.append(torch.sparse.mm(matrix, layers[-1]))
         return torch.stack(layers).mean(0)
+
+    def node_rows(self, nodes: np.ndarray) -> torch.Tensor:
+        """Layer-0 rows of graph nodes (users first, then items), in `nodes` order (collective).
+
+        Ranks ask for different numbers of rows; every rank pads its request to the largest, so all
+        make the same sharded lookup."""
+        is_user = nodes < self.num_users
+        users = torch.as_tensor(nodes[is_user])
+        items = torch.as_tensor(nodes[~is_user] - self.num_users)
+        stride = torch.tensor([max(len(users), len(items), 1)])
+        if dist.is_initialized():
+            dist.all_reduce(stride, op=dist.ReduceOp.MAX)
+        stride = int(stride.item())
+        lengths = torch.zeros(2 * stride, dtype=torch.int32)
+        lengths[: len(users)] = 1
+        lengths[stride : stride + len(items)] = 1
+        features = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"], values=torch.cat([users, items]), lengths=lengths)
+        pooled = self.tables(features).to_dict()
+        rows = torch.zeros(len(nodes), self.params.embed_dim, dtype=pooled["user"].dtype)
+        mask = torch.as_tensor(is_user)
+        rows[mask] = pooled["user"][: len(users)]
+        rows[~mask] = pooled["item"][: len(items)]
+        return rows
+
+    def sampled_final(self, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+        """Propagated rows of `targets` from their sampled K-hop neighbourhood.
+        Returns (final rows of the sampled nodes, their layer-0 rows, node -> row position)."""
+        if self.sampler is None:
+            raise RuntimeError("LightGCN needs its graph: call bind_data() first")
+        nodes, matrix = self.sampler.sample(targets, self.params.n_layers, self._rng)
+        layer0 = self.node_rows(nodes)
+        return self.propagate(layer0, matrix), layer0, {int(n): i for i, n in enumerate(nodes)}
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """BPR over (user_id, item_id, neg_item_id) rows, plus L2 on their layer-0 rows."""
-        layer0 = self.layer0()
-        final = self.propagate(layer0)
         users = batch["user_id"]
         positives = batch["item_id"] + self.num_users
         negatives = batch["neg_item_id"] + self.num_users
+        if self.params.propagation == "full":
+            layer0 = self.layer0()
+            final = self.propagate(layer0)
+        else:
+            targets = torch.cat([users, positives, negatives]).numpy()
+            final, layer0, position = self.sampled_final(targets)
+            remap = np.vectorize(position.__getitem__, otypes=[np.int64])
+            users, positives, negatives = (torch.as_tensor(remap(t.numpy())) for t in (users, positives, negatives))
         u, p, n = final[users], final[positives], final[negatives]
         bpr = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
         l2 = (layer0[users].pow(2).sum() + layer0[positives].pow(2).sum() + layer0[negatives].pow(2).sum()) / 2
         return bpr + self.params.reg_weight * l2 / len(users)
 
     def begin_ranking(self) -> None:
-        with torch.no_grad():
-            self._ranking = self.propagate(self.layer0())
+        if self.params.propagation == "full":  # sampled mode propagates per vectors() call instead
+            with torch.no_grad():
+                self._ranking = self.propagate(self.layer0())
 
     def end_ranking(self) -> None:
         self._ranking = None
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        offset = 0 if column == "user_id" else self.num_users
+        if self.params.propagation == "sampled":
+            targets = (ids + offset).numpy()
+            final, _, position = self.sampled_final(targets)
+            return {"final": final[torch.as_tensor([position[int(t)] for t in targets])]}
         if self._ranking is None:
             raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")
-        offset = 0 if column == "user_id" else self.num_users
         return {"final": self._ranking[ids + offset]}
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -43,10 +43,16 @@ class LightGCNParams:
     reg_weight: float = 1e-4
     """L2 on the layer-0 embeddings of each batch's users, positives and negatives (per row, halved)."""
     init_std: float = 0.1
+    propagation: str = "full"
+    """"full": every step propagates the whole graph (exact). "sampled": only the batch's K-hop
+    neighbourhood, with at most `fanout` sampled neighbours per node (unbiased estimate)."""
+    fanout: int = 20
 
     def validate(self) -> None:
         if self.embed_dim < 1 or self.n_layers < 0:
             raise UserError("model.embed_dim must be >= 1 and model.n_layers >= 0")
+        if self.propagation not in ("full", "sampled") or self.fanout < 1:
+            raise UserError("model.propagation must be full or sampled, and model.fanout >= 1")
         if self.reg_weight < 0:
             raise UserError("model.reg_weight must be >= 0")
 

@@ -104,3 +104,34 @@ def test_sharded_lightgcn_training_matches_unsharded(ml100k_small):
     assert sharded[0] == sharded[1]
     assert reference[-1] < reference[0] - 0.05  # gradients reach the tables through the propagation
     np.testing.assert_allclose(sharded[0], reference, rtol=2e-4, atol=1e-6)
+
+
+def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str) -> float:
+    worst = 0.0
+    finals = []
+    for config_json in (full_json, sampled_json):
+        config = config_from_json(config_json)
+        dataset = PreparedDataset.open(config.data.path)
+        model = build_sharded_model(config, dataset, torch.device("cpu")).model.eval()
+        ids = torch.arange(rank * 7, rank * 7 + 7)  # different users per rank
+        with torch.no_grad():
+            model.begin_ranking()
+            finals.append((model.vectors("user_id", ids)["final"], model.vectors("item_id", ids)["final"]))
+            model.end_ranking()
+    for full, sampled in zip(*finals):
+        worst = max(worst, float((full - sampled).abs().max()))
+    return worst
+
+
+def test_sampled_mode_with_every_neighbour_equals_full_mode(ml100k_small):
+    full = _config(ml100k_small, "row_wise")
+    sampled = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
+                                   ("model.propagation", "sampled"), ("model.fanout", "100000")]).to_json()
+    assert max(run_ranks(_sampled_vs_full, 2, full, sampled)) < 1e-5
+
+
+def test_sampled_mode_trains(ml100k_small):
+    config = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
+                                  ("model.propagation", "sampled"), ("model.fanout", "5")]).to_json()
+    losses = run_ranks(_train_losses, 2, config, 8)
+    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0] - 0.05
