@@ -103,12 +103,14 @@ class LightGCN(RecModel):
         rows[~mask] = pooled["item"][: len(items)]
         return rows
 
-    def sampled_final(self, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    def sampled_final(
+        self, targets: np.ndarray, fanout: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
         """Propagated rows of `targets` from their sampled K-hop neighbourhood.
         Returns (final rows of the sampled nodes, their layer-0 rows, node -> row position)."""
         if self.sampler is None:
             raise RuntimeError("LightGCN needs its graph: call bind_data() first")
-        nodes, matrix = self.sampler.sample(targets, self.params.n_layers, self._rng)
+        nodes, matrix = self.sampler.sample(targets, self.params.n_layers, self._rng, fanout)
         layer0 = self.node_rows(nodes)
         return self.propagate(layer0, matrix), layer0, {int(n): i for i, n in enumerate(nodes)}
 
@@ -142,7 +144,7 @@ class LightGCN(RecModel):
         offset = 0 if column == "user_id" else self.num_users
         if self.params.propagation == "sampled":
             targets = (ids + offset).numpy()
-            final, _, position = self.sampled_final(targets)
+            final, _, position = self.sampled_final(targets, self.params.eval_fanout)
             return {"final": final[torch.as_tensor([position[int(t)] for t in targets])]}
         if self._ranking is None:
             raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")

@@ -21,9 +21,14 @@ class NeighbourSampler:
         self.weights = adjacency_csr.values().numpy()
         self.fanout = fanout
 
-    def sample(self, targets: np.ndarray, hops: int, rng: np.random.Generator) -> tuple[np.ndarray, torch.Tensor]:
+    def sample(
+        self, targets: np.ndarray, hops: int, rng: np.random.Generator, fanout: int | None = None
+    ) -> tuple[np.ndarray, torch.Tensor]:
         """Returns (nodes, matrix): the sampled node set (targets first, in the given order, unique)
-        and a sparse [len(nodes), len(nodes)] propagation matrix over it."""
+        and a sparse [len(nodes), len(nodes)] propagation matrix over it. fanout overrides the
+        sampler's (0: keep every neighbour)."""
+        fanout = self.fanout if fanout is None else fanout
+        limit = fanout if fanout > 0 else np.iinfo(np.int64).max
         nodes, position = list(dict.fromkeys(targets.tolist())), {}
         for index, node in enumerate(nodes):
             position[node] = index
@@ -32,7 +37,7 @@ class NeighbourSampler:
         for _ in range(hops):
             if len(frontier) == 0:
                 break
-            src, dst, weight = self._sample_edges(frontier, rng)
+            src, dst, weight = self._sample_edges(frontier, rng, limit)
             fresh = [n for n in dict.fromkeys(dst.tolist()) if n not in position]
             for node in fresh:
                 position[node] = len(nodes)
@@ -50,7 +55,9 @@ class NeighbourSampler:
         matrix = torch.sparse_coo_tensor(index, value, (size, size)).coalesce().to_sparse_csr()
         return np.array(nodes, dtype=np.int64), matrix
 
-    def _sample_edges(self, frontier: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _sample_edges(
+        self, frontier: np.ndarray, rng: np.random.Generator, limit: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         starts, ends = self.indptr[frontier], self.indptr[frontier + 1]
         degree = ends - starts
         owner = np.repeat(np.arange(len(frontier)), degree)
@@ -58,8 +65,8 @@ class NeighbourSampler:
         # Keep the `fanout` edges with the smallest random keys within each node's segment.
         order = np.lexsort((rng.random(len(edge)), owner))
         rank_in_segment = np.arange(len(order)) - np.repeat(np.cumsum(degree) - degree, degree)
-        kept = order[rank_in_segment < self.fanout]
-        kept_per_node = np.minimum(degree, self.fanout)
+        kept = order[rank_in_segment < limit]
+        kept_per_node = np.minimum(degree, limit)
         scale = np.where(kept_per_node > 0, degree / np.maximum(kept_per_node, 1), 0.0)
         src = frontier[owner[kept]]
         return src, self.indices[edge[kept]], self.weights[edge[kept]] * scale[owner[kept]]

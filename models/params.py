@@ -47,12 +47,15 @@ class LightGCNParams:
     """"full": every step propagates the whole graph (exact). "sampled": only the batch's K-hop
     neighbourhood, with at most `fanout` sampled neighbours per node (unbiased estimate)."""
     fanout: int = 20
+    eval_fanout: int = 0
+    """Neighbours kept per node when sampled mode computes vectors for ranking; 0 keeps all (exact
+    propagation over each evaluated chunk's K-hop neighbourhood)."""
 
     def validate(self) -> None:
         if self.embed_dim < 1 or self.n_layers < 0:
             raise UserError("model.embed_dim must be >= 1 and model.n_layers >= 0")
-        if self.propagation not in ("full", "sampled") or self.fanout < 1:
-            raise UserError("model.propagation must be full or sampled, and model.fanout >= 1")
+        if self.propagation not in ("full", "sampled") or self.fanout < 1 or self.eval_fanout < 0:
+            raise UserError("model.propagation must be full or sampled, model.fanout >= 1, model.eval_fanout >= 0")
         if self.reg_weight < 0:
             raise UserError("model.reg_weight must be >= 0")
 

@@ -128,6 +128,10 @@ def test_sampled_mode_with_every_neighbour_equals_full_mode(ml100k_small):
     sampled = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
                                    ("model.propagation", "sampled"), ("model.fanout", "100000")]).to_json()
     assert max(run_ranks(_sampled_vs_full, 2, full, sampled)) < 1e-5
+    # ...and the comparison can fail: keeping 2 neighbours per node changes the vectors.
+    few = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
+                               ("model.propagation", "sampled"), ("model.eval_fanout", "2")]).to_json()
+    assert min(run_ranks(_sampled_vs_full, 2, full, few)) > 1e-3
 
 
 def test_sampled_mode_trains(ml100k_small):
