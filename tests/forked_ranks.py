@@ -60,3 +60,17 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                 process.kill()
                 process.join()
     return [results[rank] for rank in range(world)]
+
+
+def train_step(sharded: Any, global_batch: dict[str, Any], rank: int, world: int) -> float:
+    """One optimizer step on this rank's contiguous slice of a global batch (numpy columns);
+    returns the mean of the ranks' losses, i.e. the global batch's loss when slices are equal."""
+    size = len(next(iter(global_batch.values())))
+    mine = slice(rank * size // world, (rank + 1) * size // world)
+    loss = sharded.dmp({name: torch.as_tensor(values[mine]) for name, values in global_batch.items()})
+    sharded.optimizer.zero_grad()
+    loss.backward()
+    sharded.optimizer.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / world

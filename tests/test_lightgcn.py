@@ -14,7 +14,7 @@ import torch
 from cluster.dataset_format import PreparedDataset
 from launcher.config import config_from_json, load_config
 from models.graph import normalized_adjacency
-from tests.forked_ranks import run_ranks
+from tests.forked_ranks import run_ranks, train_step
 from trainers.sharded_model import build_sharded_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
@@ -85,17 +85,7 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
         "item_id": train["item_id"][rows],
         "neg_item_id": rng.integers(0, dataset.num_items, global_batch),
     }
-    mine = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-    losses = []
-    for _ in range(steps):
-        loss = sharded.dmp({name: torch.as_tensor(values[mine]) for name, values in batch.items()})
-        sharded.optimizer.zero_grad()
-        loss.backward()
-        sharded.optimizer.step()
-        total = loss.detach().clone()
-        torch.distributed.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+    return [train_step(sharded, batch, rank, world) for _ in range(steps)]
 
 
 def test_sharded_lightgcn_training_matches_unsharded(ml100k_small):

@@ -12,7 +12,7 @@ import torch
 
 from cluster.dataset_format import PreparedDataset
 from launcher.config import config_from_json, load_config
-from tests.forked_ranks import run_ranks
+from tests.forked_ranks import run_ranks, train_step
 from trainers import checkpoint
 from trainers.evaluate import Evaluator
 from trainers.sharded_model import build_sharded_model
@@ -80,15 +80,7 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
         items = np.where(np.arange(global_batch) % 2 == 0, train["item_id"][rows],
                          rng.integers(0, dataset.num_items, global_batch))
         labels = (np.arange(global_batch) % 2 == 0).astype(np.float32)
-        mine = slice(rank * global_batch // world, (rank + 1) * global_batch // world)
-        loss = sharded.dmp({"user_id": torch.as_tensor(users[mine]), "item_id": torch.as_tensor(items[mine]),
-                            "label": torch.as_tensor(labels[mine])})
-        sharded.optimizer.zero_grad()
-        loss.backward()
-        sharded.optimizer.step()
-        total = loss.detach().clone()
-        torch.distributed.all_reduce(total)
-        losses.append(total.item() / world)
+        losses.append(train_step(sharded, {"user_id": users, "item_id": items, "label": labels}, rank, world))
     return losses
 
 

@@ -16,7 +16,7 @@ from launcher.config import config_from_json, load_config
 from models.params import TwoTowerParams
 from models.two_tower import encode_users
 from models.registry import build_model
-from tests.forked_ranks import run_ranks
+from tests.forked_ranks import run_ranks, train_step
 from trainers import checkpoint
 from trainers.evaluate import Evaluator
 from trainers.export import export_run
@@ -88,17 +88,7 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
     rows = rng.integers(0, len(train["user_id"]), 64)
     batch = {"user_id": train["user_id"][rows], "item_id": train["item_id"][rows],
              "neg_item_id": rng.integers(0, dataset.num_items, 64)}
-    mine = slice(rank * 64 // world, (rank + 1) * 64 // world)
-    losses = []
-    for _ in range(8):
-        loss = sharded.dmp({k: torch.as_tensor(v[mine]) for k, v in batch.items()})
-        sharded.optimizer.zero_grad()
-        loss.backward()
-        sharded.optimizer.step()
-        total = loss.detach().clone()
-        torch.distributed.all_reduce(total)
-        losses.append(total.item() / world)
-    return losses
+    return [train_step(sharded, batch, rank, world) for _ in range(steps)]
 
 
 @pytest.mark.distributed
