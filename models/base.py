@@ -30,9 +30,11 @@ class RecModel(nn.Module):
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
 
-    def bind_data(self, dataset: "object") -> None:
-        """Give the model what it needs from the training data beyond batches (e.g. a graph). Default
-        nothing. Called on every rank after the model is built."""
+    def bind_data(self, dataset: object) -> None:
+        """Give the model what it needs from the training data beyond batches (a graph, feature
+        tables, item frequencies). `dataset` is a cluster.dataset_format.PreparedDataset (typed
+        loosely: models do not import the data layer). Default nothing. Called on every rank after
+        the model is built."""
 
     def begin_ranking(self) -> None:
         """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing."""
