@@ -17,15 +17,15 @@ import threading
 import time
 
 from cluster.dataset_format import PreparedDataset
-from cluster.negatives import NegativeSampler
+from cluster.negatives import sampler_for
 from launcher.config import ClusterSection, DataSection
-from trainers.batches import ParquetFilesSource, training_pairs
+from trainers.batches import ParquetFilesSource
 
 BATCH = 1024
 
 
 def pyarrow_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int) -> float:
-    sampler = NegativeSampler(dataset.num_items, data.negatives, training_pairs(dataset))
+    sampler = sampler_for(dataset, data.negatives, data.reject_positives, "pointwise")
     rates = []
     for epoch in range(epochs):
         started = time.perf_counter()

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from cluster.dataset_format import PreparedDataset
 
 
 class NegativeSampler:
@@ -66,3 +71,13 @@ class NegativeSampler:
             "item_id": np.concatenate([items, neg_items]),
             "label": np.concatenate([np.ones(len(users), np.float32), np.zeros(len(neg_users), np.float32)]),
         }
+
+
+def sampler_for(dataset: "PreparedDataset", negatives: int, reject_positives: bool, kind: str) -> NegativeSampler:
+    """The sampler a training pipeline uses; with reject_positives it reads the train split once to
+    know every training pair."""
+    known = None
+    if reject_positives:
+        train = dataset.read_split("train")
+        known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
+    return NegativeSampler(dataset.num_items, negatives, known, kind=kind)

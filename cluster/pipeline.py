@@ -5,7 +5,7 @@ from __future__ import annotations
 import ray.data
 
 from cluster.dataset_format import PreparedDataset
-from cluster.negatives import NegativeSampler
+from cluster.negatives import sampler_for
 from launcher.config import DataSection
 
 
@@ -16,11 +16,7 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, batch_kind: st
     with streaming_split(world, equal=True): equal row counts, hence equal step counts, per rank.
     """
     files = [str(path) for path in dataset.split_files("train")]
-    known = None
-    if data.reject_positives:
-        train = dataset.read_split("train")
-        known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
-    sampler = NegativeSampler(dataset.num_items, data.negatives, known, kind=batch_kind)
+    sampler = sampler_for(dataset, data.negatives, data.reject_positives, batch_kind)
     return (
         ray.data.read_parquet(files, columns=["user_id", "item_id"])
         .randomize_block_order()

@@ -15,17 +15,13 @@ from launcher.config import ClusterSection
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def ray_env() -> dict[str, str]:
-    return dict(LOOPBACK_ENV)
-
-
 @contextlib.contextmanager
 def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
     Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit."""
     import ray
 
-    os.environ.update(ray_env())
+    os.environ.update(LOOPBACK_ENV)
     if section.address:
         ray.init(address=section.address, log_to_driver=True)
         try:

@@ -236,9 +236,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     users = np.arange(len(index.users)) if args.measure_recall else np.array([index.user_index(args.user)])
     exclude = None
     if not args.include_seen:
+        from trainers.evaluate import UserItems
+
         dataset = PreparedDataset.open(json.loads((Path(args.export_dir) / "export.json").read_text())["dataset"])
         seen = [dataset.read_split(s) for s in ("train", "valid")]
-        exclude = [np.concatenate([s["item_id"][s["user_id"] == user] for s in seen]) for user in users]
+        by_user = UserItems.build(np.concatenate([s["user_id"] for s in seen]),
+                                  np.concatenate([s["item_id"] for s in seen]), dataset.num_users)
+        exclude = [by_user.of(user) for user in users]
     if args.measure_recall:
         from cluster.retrieval import ApproximateIndex, recall_at_k
 

@@ -98,21 +98,21 @@ def run_plan(
 ) -> PlanReport:
     """Plan `specs` on `topology`. strategy "planner" lets TorchRec choose (within `per_table`
     constraints); any other forces that sharding type on every table. Raises PlanInfeasible."""
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import PlannerError
 
-    from sharding.planner import make_sharders
+    from sharding.planner import make_constraints, make_sharders
 
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    constraints = make_constraints(
+        [s.name for s in specs],
+        default="" if strategy == "planner" else strategy,
+        per_table=per_table or {},
+        compute_kernels=_kernels_worth_searching(specs, topology, reserve),
+    )
     _check_fits_at_all(specs, topology, reserve, strategy)
-    kernels = _kernels_worth_searching(specs, topology, reserve)
-    constraints = {}
-    for spec in specs:
-        kind = (per_table or {}).get(spec.name) or (None if strategy == "planner" else strategy)
-        if kind or kernels:
-            constraints[spec.name] = ParameterConstraints(sharding_types=[kind] if kind else None, compute_kernels=kernels)
     planner = EmbeddingShardingPlanner(
         topology=to_planner_topology(topology),
         batch_size=batch_size,

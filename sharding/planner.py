@@ -39,17 +39,23 @@ def table_names(model: nn.Module) -> list[str]:
     return names
 
 
-def make_constraints(names: list[str], default: str, per_table: dict[str, str]) -> dict[str, ParameterConstraints]:
+def make_constraints(
+    names: list[str], default: str, per_table: dict[str, str], compute_kernels: list[str] | None = None
+) -> dict[str, ParameterConstraints]:
+    """Per table: its own sharding type, else `default`, else the planner's choice; optionally a
+    restricted set of compute kernels. Unknown table names are a user error."""
     unknown = sorted(set(per_table) - set(names))
     if unknown:
         from launcher.errors import UserError
 
-        raise UserError(f"sharding.tables names unknown table(s) {unknown}; the model's tables are {names}")
+        raise UserError(f"sharding constraints name unknown table(s) {unknown}; the tables are {names}")
     constraints = {}
     for name in names:
         kind = per_table.get(name) or default
-        if kind:
-            constraints[name] = ParameterConstraints(sharding_types=[kind])
+        if kind or compute_kernels:
+            constraints[name] = ParameterConstraints(
+                sharding_types=[kind] if kind else None, compute_kernels=compute_kernels
+            )
     return constraints
 
 

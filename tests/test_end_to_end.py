@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.forked_ranks import free_port
 
 pytestmark = [pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
@@ -94,19 +94,13 @@ def test_torchrun_one_rank_failing_ends_the_job(ml100k_small, tmp_path):
     assert "cannot read split 'train'" in result.stdout + result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
     ray = str(VENV_BIN / "ray")
-    dashboard = _free_port()
+    dashboard = free_port()
     temp_dir = Path("/tmp") / f"shardrec-head-{os.getpid()}"
-    start = _run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+    start = _run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
                   "--object-store-memory", str(400 * 1024 * 1024), "--temp-dir", str(temp_dir),
                   "--disable-usage-stats"], 120)

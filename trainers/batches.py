@@ -92,8 +92,3 @@ def lockstep(batches: Iterator[Batch], max_steps: int = 0) -> Iterator[Batch]:
             return
         yield batch  # type: ignore[misc]
         step += 1
-
-
-def training_pairs(dataset: PreparedDataset) -> np.ndarray:
-    train = dataset.read_split("train")
-    return NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.dataset_format import PreparedDataset
-from cluster.negatives import NegativeSampler
+from cluster.negatives import sampler_for
 from launcher.config import RunConfig, config_from_json
 from models.params import batch_kind
 from trainers import checkpoint
-from trainers.batches import ParquetFilesSource, RayShardSource, training_pairs
+from trainers.batches import ParquetFilesSource, RayShardSource
 from trainers.distributed import RankContext, setup, teardown
 from trainers.loop import run_training
 
@@ -34,8 +34,8 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
 def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankContext) -> dict[str, Any]:
     """Body of a torchrun rank: reads its own Parquet files with pyarrow, no Ray."""
     dataset = PreparedDataset.open(config.data.path)
-    known = training_pairs(dataset) if config.data.reject_positives else None
-    sampler = NegativeSampler(dataset.num_items, config.data.negatives, known, kind=batch_kind(config.model.resolved_params()))
+    kind = batch_kind(config.model.resolved_params())
+    sampler = sampler_for(dataset, config.data.negatives, config.data.reject_positives, kind)
     source = ParquetFilesSource(
         dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
     )

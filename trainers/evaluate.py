@@ -92,13 +92,20 @@ class Evaluator:
         """Single process, no collectives: every user gets the same `item_scores` [I] (e.g. popularity).
         The same masks, protocols and metric code as `evaluate`."""
         users = np.flatnonzero(self.by_split[split].counts() > 0)
-        metric_count = 4 if self.config.protocol == "full" else 2
-        sums = np.zeros(metric_count + 1)
+        sums = self._empty_sums()
         for start in range(0, len(users), self.config.user_batch):
             chunk = users[start : start + self.config.user_batch]
-            scores = item_scores[None, :].expand(len(chunk), -1).clone()
-            sums += (self._full_ranking_sums if self.config.protocol == "full" else self._sampled_sums)(scores, chunk, split)
+            sums += self._sums(item_scores[None, :].expand(len(chunk), -1).clone(), chunk, split)
         return self._result(sums.tolist(), split)
+
+    def _empty_sums(self) -> np.ndarray:
+        """Per-metric sums, then the number of cases."""
+        return np.zeros((4 if self.config.protocol == "full" else 2) + 1)
+
+    def _sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
+        if self.config.protocol == "full":
+            return self._full_ranking_sums(scores, users, split)
+        return self._sampled_sums(scores, users, split)
 
     def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
         k = self.config.k
@@ -140,8 +147,7 @@ class Evaluator:
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         batch = self.config.user_batch
         n_batches = -(-int(longest.item()) // batch)
-        metric_count = 4 if self.config.protocol == "full" else 2
-        sums = np.zeros(metric_count + 1)
+        sums = self._empty_sums()
         for index in range(n_batches):
             chunk = users[index * batch : (index + 1) * batch]
             # Lookups are collective: a rank with no users left still joins with padding rows.
@@ -149,11 +155,7 @@ class Evaluator:
             if len(chunk) == 0:
                 continue
             vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
-            scores = model.score_all(vectors, items)
-            if self.config.protocol == "full":
-                sums += self._full_ranking_sums(scores, chunk, split)
-            else:
-                sums += self._sampled_sums(scores, chunk, split)
+            sums += self._sums(model.score_all(vectors, items), chunk, split)
         return sums.tolist()
 
     def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
