@@ -18,6 +18,7 @@ import time
 
 from cluster.dataset_format import PreparedDataset
 from cluster.negatives import sampler_for
+from models.params import NCFParams
 from launcher.config import ClusterSection, DataSection
 from trainers.batches import ParquetFilesSource
 
@@ -45,7 +46,7 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
 
     with ray_cluster(ClusterSection(), log=False):
         ray.data.DataContext.get_current().enable_progress_bars = False
-        splits = training_dataset(dataset, data, "pointwise").streaming_split(2, equal=True)
+        splits = training_dataset(dataset, data, NCFParams()).streaming_split(2, equal=True)
         rates = []
         for _ in range(epochs):
             counts = [0, 0]

@@ -3,7 +3,12 @@
     DIR/stats.json                 format marker, counts, density, how it was split
     DIR/user_ids.parquet           raw_id -> id (contiguous, 0-based)
     DIR/item_ids.parquet
-    DIR/{train,valid,test}/part-00000.parquet ...   columns user_id, item_id, rating, timestamp
+    DIR/{train,valid,test}/part-00000.parquet ...   columns user_id, item_id, rating, timestamp, position
+    DIR/sequences/part-00000.parquet ...            per-user ordered histories (`shardrec data sequences`)
+
+`position` is the interaction's 0-based index in its user's history ordered by timestamp, ties broken
+by input order. Many ML-100K rows share a timestamp, and the train split is shuffled on disk, so this
+column is the only record of the order that sequence models need.
 
 No Ray and no torch here: both the Ray Data pipeline and a bare torchrun rank read it.
 """
@@ -21,11 +26,12 @@ import pyarrow.parquet as pq
 
 from launcher.errors import UserError
 
-FORMAT = "shardrec.dataset/1"
+FORMAT = "shardrec.dataset/2"
 SPLITS = ("train", "valid", "test")
-COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+COLUMNS = ("user_id", "item_id", "rating", "timestamp", "position")
 SCHEMA = pa.schema(
-    [("user_id", pa.int64()), ("item_id", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64())]
+    [("user_id", pa.int64()), ("item_id", pa.int64()), ("rating", pa.float32()), ("timestamp", pa.int64()),
+     ("position", pa.int64())]
 )
 
 
@@ -48,7 +54,10 @@ class PreparedDataset:
         except json.JSONDecodeError as exc:
             raise UserError(f"{stats_file} is not valid JSON: {exc}") from None
         if stats.get("format") != FORMAT:
-            raise UserError(f"{root}: unsupported dataset format {stats.get('format')!r}, expected {FORMAT!r}")
+            raise UserError(
+                f"{root}: unsupported dataset format {stats.get('format')!r}, expected {FORMAT!r}; "
+                "prepare it again with this version of shardrec"
+            )
         dataset = cls(root, stats)
         for split in SPLITS:
             if not dataset.split_files(split):

@@ -22,6 +22,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cluster.pipeline import training_dataset
+    from cluster.sequences import build_with_ray, sequence_files
     from trainers.entry import ray_train_loop
 
     dataset = PreparedDataset.open(config.data.path)
@@ -32,6 +33,10 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
         # Our own log lines report progress; Ray Data's live bars flood captured logs.
         ray.data.DataContext.get_current().enable_progress_bars = False
         say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
+        params = config.model.resolved_params()
+        if batch_kind(params) == "sequence" and not sequence_files(dataset):
+            say("building per-user sequences with Ray Data (once per dataset)")
+            build_with_ray(dataset, say)
         trainer = TorchTrainer(
             ray_train_loop,
             train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume},
@@ -46,7 +51,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 storage_path=str(run_dir.resolve()),
                 failure_config=FailureConfig(max_failures=section.max_failures),
             ),
-            datasets={"train": training_dataset(dataset, config.data, batch_kind(config.model.resolved_params()))},
+            datasets={"train": training_dataset(dataset, config.data, params)},
         )
         try:
             trainer.fit()

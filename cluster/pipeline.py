@@ -1,24 +1,56 @@
-"""Ray Data pipeline for pointwise training: Parquet train shards -> negatives -> Ray Train split."""
+"""Ray Data pipelines for training.
+
+Interaction models: Parquet train shards -> sampled negatives -> Ray Train split.
+Sequence models: per-user sequences (cluster/sequences.py) -> fixed-width windows -> Ray Train split.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import pyarrow as pa
 import ray.data
 
 from cluster.dataset_format import PreparedDataset
 from cluster.negatives import sampler_for
+from cluster.sequences import sequence_files, training_windows
 from launcher.config import DataSection
+from models.params import batch_kind
 
 
-def training_dataset(dataset: PreparedDataset, data: DataSection, batch_kind: str) -> ray.data.Dataset:
-    """Lazily read the train split and expand each positive with `data.negatives` sampled negatives.
+def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -> ray.data.Dataset:
+    """The lazily executed training stream for a model with these parameters.
 
-    The dataset is re-executed every epoch, so each epoch draws fresh negatives. Ray Train splits it
-    with streaming_split(world, equal=True): equal row counts, hence equal step counts, per rank.
+    It is re-executed every epoch, so each epoch draws fresh negatives. Ray Train splits it with
+    streaming_split(world, equal=True): equal row counts, hence equal step counts, per rank.
     """
+    kind = batch_kind(params)
+    if kind == "sequence":
+        return _sequence_windows(dataset, params.window, params.stride)
     files = [str(path) for path in dataset.split_files("train")]
-    sampler = sampler_for(dataset, data.negatives, data.reject_positives, batch_kind)
+    sampler = sampler_for(dataset, data.negatives, data.reject_positives, kind)
     return (
         ray.data.read_parquet(files, columns=["user_id", "item_id"])
         .randomize_block_order()
         .map_batches(sampler, batch_format="numpy")
     )
+
+
+def _sequence_windows(dataset: PreparedDataset, window: int, stride: int) -> ray.data.Dataset:
+    files = [str(path) for path in sequence_files(dataset)]
+    if not files:
+        raise RuntimeError(f"{dataset.root}: no sequences; build them first (cluster.sequences.build_with_ray)")
+    # Windows are the same every epoch (nothing is sampled), and an epoch of a sequence model is only
+    # a few steps: cut them once and keep them in the object store rather than re-running the read
+    # and the cut each epoch, which cost more than the training steps on a small machine.
+    return (
+        ray.data.read_parquet(files, columns=["user_id", "train"])
+        .map_batches(_windows_of_batch, fn_kwargs={"window": window, "stride": stride}, batch_format="pyarrow")
+        .random_shuffle(seed=0)
+        .materialize()
+    )
+
+
+def _windows_of_batch(batch: pa.Table, window: int, stride: int) -> dict[str, Any]:
+    lists = batch.column("train").combine_chunks()
+    return training_windows(batch.column("user_id").to_numpy(), lists, window, stride)

@@ -146,9 +146,10 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
     rows = order[last_of_pair]
     user, item, rating, timestamp = user[rows], item[rows], rating[rows], timestamp[rows]
 
+    position = _history_positions(user, timestamp, rows)
     rng = np.random.default_rng(options.seed)
     assignment = (
-        _split_random(user, options.ratios, rng) if options.split == "random" else _split_leave_one_out(user, timestamp)
+        _split_random(user, options.ratios, rng) if options.split == "random" else _split_leave_one_out(user, position)
     )
 
     if out.exists():
@@ -166,6 +167,7 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
             "item_id": item[selected].astype(np.int64),
             "rating": rating[selected].astype(np.float32),
             "timestamp": timestamp[selected].astype(np.int64),
+            "position": position[selected],
         }
         write_split(columns, out / split, options.shards)
         split_counts[split] = int(len(selected))
@@ -188,6 +190,17 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def _history_positions(user: np.ndarray, timestamp: np.ndarray, input_order: np.ndarray) -> np.ndarray:
+    """Each row's 0-based index in its user's history by (timestamp, input order)."""
+    order = np.lexsort((input_order, timestamp, user))
+    sorted_user = user[order]
+    starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
+    counts = np.diff(np.r_[starts, len(order)])
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order)) - np.repeat(starts, counts)
+    return position
 
 
 def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
@@ -214,10 +227,11 @@ def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.
     return assignment
 
 
-def _split_leave_one_out(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
-    """Last interaction by time -> test, the one before -> valid; ties broken by input order (stable)."""
+def _split_leave_one_out(user: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """Last interaction of each history (see _history_positions) -> test, the one before -> valid.
+    Users with fewer than 3 interactions stay wholly in train."""
     n_rows = len(user)
-    order = np.lexsort((np.arange(n_rows), timestamp, user))
+    order = np.lexsort((position, user))
     sorted_user = user[order]
     ends = np.r_[np.flatnonzero(sorted_user[1:] != sorted_user[:-1]), n_rows - 1]
     counts = np.diff(np.r_[-1, ends])

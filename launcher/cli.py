@@ -12,6 +12,7 @@ import numpy as np
 
 from launcher.config import RunConfig, config_from_json, load_config, parse_override_value
 from launcher.errors import UserError
+from models.params import batch_kind
 
 
 def report_user_error(exc: UserError) -> int:
@@ -54,6 +55,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("source")
     sample.add_argument("--users", type=int, required=True)
     sample.add_argument("--out", required=True)
+    sequences = data.add_parser(
+        "sequences", help="build per-user ordered histories of a leave-one-out dataset with Ray Data"
+    )
+    sequences.add_argument("source", help="prepared dataset folder (split loo)")
+    sequences.add_argument("--address", default="", help="Ray address to use (default: an embedded local cluster)")
+    sequences.add_argument("--check", action="store_true",
+                           help="also build them in memory and verify both give the same table")
 
     train = commands.add_parser(
         "train",
@@ -82,8 +90,12 @@ def _build_parser() -> argparse.ArgumentParser:
     baseline = commands.add_parser("baseline", help="score a training-free baseline with the model evaluator")
     baseline.add_argument("name", choices=["popularity"])
     baseline.add_argument("--data", required=True, help="prepared dataset folder")
-    baseline.add_argument("--protocol", choices=["full", "sampled"], default="full")
+    baseline.add_argument("--protocol", choices=["full", "sampled", "both"], default="full")
     baseline.add_argument("--k", type=int, default=10)
+    baseline.add_argument("--sampled-negatives", type=int, default=99)
+    baseline.add_argument("--history", choices=["masked", "kept"], default="masked",
+                          help="full ranking: remove the user's earlier items from the ranking (masked) or not "
+                               "(kept, the sequence models' protocol)")
     export = commands.add_parser("export", help="write a trained retrieval model's user and item vectors")
     export.add_argument("run_dir")
     export.add_argument("--out", help="output folder (default RUN_DIR/export)")
@@ -175,6 +187,8 @@ def resolve_run_dir(config: RunConfig, resume_dir: Path | None) -> Path:
 def _cmd_data(args: argparse.Namespace) -> int:
     from cluster.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
 
+    if args.data_command == "sequences":
+        return _cmd_sequences(args)
     if args.data_command == "sample":
         stats = sample_dataset(args.source, args.out, args.users)
     else:
@@ -191,11 +205,40 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sequences(args: argparse.Namespace) -> int:
+    from cluster.dataset_format import PreparedDataset
+    from cluster.ray_cluster import ray_cluster
+    from cluster.sequences import build_reference, build_with_ray, load_sequences
+    from launcher.config import ClusterSection
+
+    dataset = PreparedDataset.open(args.source)
+    with ray_cluster(ClusterSection(address=args.address), log=False) as where:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        print(f"[shardrec] {where}", flush=True)
+        build_with_ray(dataset)
+    table = load_sequences(dataset)
+    lengths = table.indptr[1:] - table.indptr[:-1]
+    print(f"{table.num_users} users; train history length min {lengths.min()}, median {int(np.median(lengths))}, "
+          f"max {lengths.max()}; {int((table.valid >= 0).sum())} valid and {int((table.test >= 0).sum())} test items")
+    if args.check:
+        reference = build_reference(dataset)
+        same = all(np.array_equal(getattr(table, f), getattr(reference, f)) for f in ("indptr", "train", "valid", "test"))
+        print("check against the in-memory reference: " + ("identical" if same else "DIFFERENT"))
+        return 0 if same else 1
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
     from cluster.dataset_format import PreparedDataset
 
     config, resume_dir = _resolve_config(args, overrides)
-    PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
+    dataset = PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
+    if batch_kind(config.model.resolved_params()) == "sequence":
+        from cluster.sequences import require_leave_one_out
+
+        require_leave_one_out(dataset)
 
     from cluster.launch import TrainingFailed, train_on_ray  # heavy imports only once the input is sound
     from trainers.loop import format_summary
@@ -220,7 +263,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
     from cluster.dataset_format import PreparedDataset
     from launcher.config import EvalSection
 
-    section = EvalSection(protocol=args.protocol, k=args.k)
+    section = EvalSection(protocol=args.protocol, k=args.k, sampled_negatives=args.sampled_negatives,
+                          history=args.history)
     section.validate()
     for split, result in popularity(PreparedDataset.open(args.data), section).items():
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in result.items() if "@" in name)

@@ -125,17 +125,27 @@ class ShardingSection:
 @dataclass
 class EvalSection:
     protocol: str = "full"
-    """"full": rank every item, training items masked. "sampled": the held-out item against sampled negatives."""
+    """"full": rank every item. "sampled": the held-out item against `sampled_negatives` items the user
+    never interacted with. "both": full, plus the sampled metrics under sampled_<metric> names."""
     k: int = 10
     sampled_negatives: int = 99
     user_batch: int = 256
     """Users scored at once in full ranking (memory ~ user_batch x items floats)."""
+    history: str = "auto"
+    """Full ranking: "masked" removes the user's earlier items (train; train + valid for test) from the
+    ranking, "kept" ranks them too. "auto": kept for sequence models (the usual choice for sequential
+    leave-one-out), masked for the others."""
 
     def validate(self) -> None:
-        if self.protocol not in ("full", "sampled"):
-            raise UserError(f"eval.protocol must be 'full' or 'sampled', got {self.protocol!r}")
+        if self.protocol not in ("full", "sampled", "both"):
+            raise UserError(f"eval.protocol must be 'full', 'sampled' or 'both', got {self.protocol!r}")
         if self.k < 1 or self.user_batch < 1 or self.sampled_negatives < 1:
             raise UserError("eval.k, eval.user_batch and eval.sampled_negatives must be >= 1")
+        if self.history not in ("auto", "masked", "kept"):
+            raise UserError(f"eval.history must be auto, masked or kept, got {self.history!r}")
+
+    def masks_history(self, sequence_model: bool) -> bool:
+        return self.history == "masked" or (self.history == "auto" and not sequence_model)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What every model offers the trainer and the evaluator.
 
-A model owns its TorchRec EmbeddingBagCollection (`self.tables`, built on the meta device so
+A model owns its TorchRec EmbeddingBagCollection or, for sequence models, EmbeddingCollection
+(`self.tables`, built on the meta device so
 DistributedModelParallel materialises only each rank's shards) and is its own task wrapper:
 `forward(batch)` returns the training loss, so the trainer never names a model or a loss.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from models.features import ids_to_kjt
 
@@ -21,7 +22,7 @@ Batch = dict[str, torch.Tensor]
 
 
 class RecModel(nn.Module):
-    tables: EmbeddingBagCollection
+    tables: EmbeddingBagCollection | EmbeddingCollection
     retrieval_key: str | None = None
     """Set when score_all is a plain dot product of vectors()[retrieval_key]: such models can be
     exported for nearest-neighbour retrieval."""
@@ -36,8 +37,10 @@ class RecModel(nn.Module):
         loosely: models do not import the data layer). Default nothing. Called on every rank after
         the model is built."""
 
-    def begin_ranking(self) -> None:
-        """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing."""
+    def begin_ranking(self, split: str = "next") -> None:
+        """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing.
+        `split` says what is being predicted ("valid", "test", or "next" after all known data):
+        sequence models read the history that precedes it."""
 
     def end_ranking(self) -> None:
         """Drop whatever begin_ranking cached."""

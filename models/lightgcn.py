@@ -132,7 +132,7 @@ class LightGCN(RecModel):
         l2 = (layer0[users].pow(2).sum() + layer0[positives].pow(2).sum() + layer0[negatives].pow(2).sum()) / 2
         return bpr + self.params.reg_weight * l2 / len(users)
 
-    def begin_ranking(self) -> None:
+    def begin_ranking(self, split: str = "next") -> None:
         if self.params.propagation == "full":  # sampled mode propagates per vectors() call instead
             with torch.no_grad():
                 self._ranking = self.propagate(self.layer0())

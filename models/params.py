@@ -91,14 +91,113 @@ class TwoTowerParams:
             raise UserError("model.temperature must be > 0 and model.dropout in [0, 1)")
 
 
+@dataclass
+class SequenceParams:
+    """What the three sequence models share. The item table is a sharded TorchRec table of
+    num_items + 2 rows (token 0 = padding, tokens 1..N = items, N + 1 = BERT4Rec's MASK)."""
+
+    batch_kind: ClassVar[str] = "sequence"
+    max_len: int = 50
+    """Items of history the model reads (the most recent ones)."""
+    embed_dim: int = 64
+    dropout: float = 0.2
+    loss: str = "softmax"
+    """"softmax": cross-entropy over every item; "sampled": against `negatives` uniform items shared
+    by the batch (for catalogues too large to score in full each step)."""
+    negatives: int = 100
+    tie_output: bool = True
+    """Score with the item table itself (dot product), so the output layer is the sharded table. False
+    adds a second sharded table `item_output` in the place of the seed's dense n_items output layer."""
+    init_std: float = 0.02
+    window_step: int = 0
+    """Items between the ends of a user's training windows. 0: the model's default (next-item models:
+    windows overlap by one item, so every item but a user's first is a target once; BERT4Rec:
+    disjoint windows). Smaller steps repeat items at other positions (data augmentation)."""
+
+    @property
+    def window(self) -> int:
+        """Tokens per training row: max_len inputs plus the next-item target."""
+        return self.max_len + 1
+
+    @property
+    def stride(self) -> int:
+        return self.window_step or self.window - 1
+
+    def validate(self) -> None:
+        if self.max_len < 2 or self.embed_dim < 1:
+            raise UserError("model.max_len must be >= 2 and model.embed_dim >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError("model.dropout must be in [0, 1)")
+        if self.window_step < 0:
+            raise UserError("model.window_step must be >= 0 (0: the model's default)")
+        if self.loss not in ("softmax", "sampled") or self.negatives < 1:
+            raise UserError(f"model.loss must be softmax or sampled (got {self.loss!r}) and model.negatives >= 1")
+
+
+@dataclass
+class GRU4RecParams(SequenceParams):
+    """GRU4Rec: embed 64, GRU hidden 128, dropout between GRU layers; the last hidden state scores."""
+
+    hidden_dim: int = 128
+    n_layers: int = 1
+    input_dropout: float = 0.2
+    """Dropout on the item embeddings entering the GRU (the seed has none; it helps at ML-100K scale)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_dim < 1 or self.n_layers < 1 or not 0.0 <= self.input_dropout < 1.0:
+            raise UserError("model.hidden_dim and model.n_layers must be >= 1, model.input_dropout in [0, 1)")
+
+
+@dataclass
+class SASRecParams(SequenceParams):
+    """SASRec: item + learned position embeddings, causal Transformer, a prediction at every position."""
+
+    n_heads: int = 2
+    n_layers: int = 2
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_heads < 1 or self.n_layers < 1 or self.embed_dim % self.n_heads:
+            raise UserError("model.n_heads and model.n_layers must be >= 1, embed_dim divisible by n_heads")
+
+
+@dataclass
+class BERT4RecParams(SASRecParams):
+    """BERT4Rec: bidirectional Transformer trained to recover masked items; a MASK appended at the end
+    of the history predicts the next item."""
+
+    dropout: float = 0.1
+    mask_prob: float = 0.2
+    last_item_prob: float = 0.1
+    """Share of training rows that mask only their last item, the position inference predicts."""
+
+    @property
+    def window(self) -> int:
+        return self.max_len
+
+    @property
+    def stride(self) -> int:
+        return self.window_step or self.window
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 < self.mask_prob < 1.0 or not 0.0 <= self.last_item_prob <= 1.0:
+            raise UserError("model.mask_prob must be in (0, 1) and model.last_item_prob in [0, 1]")
+
+
 MODEL_PARAMS: dict[str, type] = {
     "ncf": NCFParams,
     "lightgcn": LightGCNParams,
     "two_tower": TwoTowerParams,
+    "gru4rec": GRU4RecParams,
+    "sasrec": SASRecParams,
+    "bert4rec": BERT4RecParams,
 }
 
 
 def batch_kind(params: object) -> str:
     """What the data pipeline must produce for these model parameters: "pointwise" (with labels),
-    "pairwise" (with a negative item per row) or "positives" (in-batch negatives)."""
+    "pairwise" (with a negative item per row), "positives" (in-batch negatives) or "sequence"
+    (windows of ordered history, see cluster/sequences.py)."""
     return params.batch_kind  # type: ignore[attr-defined]

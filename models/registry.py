@@ -13,6 +13,9 @@ _BUILDERS: dict[str, str] = {
     "ncf": "models.ncf:build_ncf",
     "lightgcn": "models.lightgcn:build_lightgcn",
     "two_tower": "models.two_tower:build_two_tower",
+    "gru4rec": "models.gru4rec:build_gru4rec",
+    "sasrec": "models.sasrec:build_sasrec",
+    "bert4rec": "models.bert4rec:build_bert4rec",
 }
 assert set(_BUILDERS) == set(MODEL_PARAMS), "every model needs both a builder and a parameter dataclass"
 

@@ -7,36 +7,60 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embedding_types import ShardingType
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 
-class CpuCapableEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
-    """The stock sharder offers row_wise / table_row_wise only on CUDA, yet the CPU kernels run them
+def _with_row_wise(types: list[str]) -> list[str]:
+    """The stock sharders offer row_wise / table_row_wise only on CUDA, yet the CPU kernels run them
     correctly under gloo. Widening the offer lets the planner honour a row_wise constraint on CPU, so
     the same config runs on a laptop and on a GPU cluster."""
+    types = list(types)
+    for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
+        if extra not in types:
+            types.append(extra)
+    return types
+
+
+class CpuCapableEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
+    """Pooled tables (EmbeddingBagCollection), row_wise offered on CPU too."""
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        types = list(super().sharding_types(compute_device_type))
-        for extra in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value):
-            if extra not in types:
-                types.append(extra)
-        return types
+        return _with_row_wise(super().sharding_types(compute_device_type))
+
+
+class CpuCapableEmbeddingCollectionSharder(EmbeddingCollectionSharder):
+    """Sequence tables (EmbeddingCollection: one vector per id), row_wise offered on CPU too."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return _with_row_wise(super().sharding_types(compute_device_type))
 
 
 def make_sharders() -> list[ModuleSharder[nn.Module]]:
-    return [CpuCapableEmbeddingBagCollectionSharder()]
+    return [CpuCapableEmbeddingBagCollectionSharder(), CpuCapableEmbeddingCollectionSharder()]
+
+
+def table_configs(model: nn.Module) -> list[Any]:
+    """Configs of every TorchRec table in the model, pooled (EmbeddingBagCollection) or not
+    (EmbeddingCollection)."""
+    found = []
+    for module in model.modules():
+        for attribute in ("embedding_bag_configs", "embedding_configs"):
+            configs = getattr(module, attribute, None)
+            if callable(configs):
+                found += list(configs())
+    return found
 
 
 def table_names(model: nn.Module) -> list[str]:
     """Names of every TorchRec table in the model."""
-    names = []
-    for module in model.modules():
-        configs = getattr(module, "embedding_bag_configs", None)
-        if callable(configs):
-            names += [config.name for config in configs()]
-    return names
+    return [config.name for config in table_configs(model)]
+
+
+def table_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    return {config.name: (config.num_embeddings, config.embedding_dim) for config in table_configs(model)}
 
 
 def make_constraints(

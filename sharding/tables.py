@@ -82,10 +82,14 @@ def read_table_specs(path: str | Path) -> list[TableSpec]:
 
 
 def specs_from_module(module: nn.Module) -> list[TableSpec]:
-    """Tables of a model's EmbeddingBagCollection (the trainer applies row-wise Adagrad to all)."""
+    """Tables of a model (the trainer applies row-wise Adagrad to all). Sequence models' unpooled
+    tables are planned as pooled ones of the same shape: memory is the same, and the planner's
+    cost estimate differs only in the output all-to-all."""
+    from sharding.planner import table_configs
+
     return [
-        TableSpec(c.name, c.num_embeddings, c.embedding_dim, c.pooling.name.lower())
-        for c in module.tables.embedding_bag_configs()
+        TableSpec(c.name, c.num_embeddings, c.embedding_dim, getattr(c, "pooling", None) and c.pooling.name.lower() or "sum")
+        for c in table_configs(module)
     ]
 
 

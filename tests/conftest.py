@@ -31,3 +31,18 @@ def ml100k_small(ml100k: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 def _loopback_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("RAY_AUTH_MODE", os.environ.get("RAY_AUTH_MODE", "disabled"))
+
+
+@pytest.fixture(scope="session")
+def ml100k_loo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ML-100K split leave-one-out by time, for the sequence models."""
+    out = tmp_path_factory.mktemp("data") / "ml-100k-loo"
+    prepare_ml100k(out, PrepareOptions(split="loo", shards=4))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ml100k_loo_small(ml100k_loo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ml-100k-loo-60u"
+    sample_dataset(ml100k_loo, out, users=60)
+    return out

@@ -39,3 +39,14 @@ def test_baseline_command(ml100k_small, capsys):
     assert main(["baseline", "popularity", "--data", str(ml100k_small)]) == 0
     out = capsys.readouterr().out
     assert "popularity, test (full ranking" in out and "ndcg@10" in out
+
+
+def test_kept_history_can_only_lower_popularity_and_both_protocols_are_reported(ml100k_loo):
+    dataset = PreparedDataset.open(ml100k_loo)
+    masked = popularity(dataset, EvalSection(history="masked"))["test"]
+    kept = popularity(dataset, EvalSection(history="kept", protocol="both", sampled_negatives=100))["test"]
+    # A held-out item is never in the user's history, so masking the history can only lift it.
+    assert kept["hit@10"] < masked["hit@10"] and kept["ndcg@10"] < masked["ndcg@10"]
+    assert "history items not masked" in kept["protocol"] and "vs 100 unseen items" in kept["protocol"]
+    assert kept["sampled_cases"] == kept["cases"] == 943
+    assert 0 < kept["sampled_mrr@10"] <= kept["sampled_hit@10"] <= 1

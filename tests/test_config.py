@@ -45,6 +45,8 @@ def test_json_round_trip():
         (("model.mlp_dims", "[63, 8]"), "must be even"),
         (("sharding.tables.gmf_user", "diagonal"), "unknown sharding type 'diagonal'"),
         (("optimizer.lr", "1"), "unknown config section 'optimizer'"),
+        (("eval.history", "sometimes"), "eval.history must be auto, masked or kept"),
+        (("eval.protocol", "all"), "eval.protocol must be"),
     ],
 )
 def test_bad_config_values_are_rejected_with_a_reason(override, message):
@@ -77,3 +79,11 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(capsys):
 def test_cli_config_command_prints_resolved_config(capsys):
     assert main(["config", "--config", PRESET, "--trainer.epochs", "7"]) == 0
     assert '"epochs": 7' in capsys.readouterr().out
+
+
+def test_sequence_models_refuse_a_random_split_before_starting_anything(ml100k_small, capsys):
+    assert main(["train", "--config", "launcher/configs/sasrec_ml100k.toml", "--data.path", str(ml100k_small)]) == 2
+    err = capsys.readouterr().err
+    assert "sequence models need a leave-one-out split" in err and "--split loo" in err
+    assert main(["train", "--config", "launcher/configs/gru4rec_ml100k.toml", "--model.max_len", "1"]) == 2
+    assert "model.max_len must be >= 2" in capsys.readouterr().err

@@ -64,6 +64,10 @@ def test_leave_one_out_takes_latest_with_stable_tie_break(tmp_path):
     assert test["user_id"].tolist() == [0] and test["item_id"].tolist() == [2]
     assert valid["item_id"].tolist() == [1]
     assert dataset.read_split("train")["user_id"].tolist().count(1) == 2  # user 9 has < 3: all train
+    # `position` records the same order for every row, whatever split and file it landed in.
+    rows = {split: dataset.read_split(split) for split in ("train", "valid", "test")}
+    order = {(int(u), int(i)): int(p) for r in rows.values() for u, i, p in zip(r["user_id"], r["item_id"], r["position"])}
+    assert order == {(0, 0): 0, (0, 3): 1, (0, 1): 2, (0, 2): 3, (1, 0): 0, (1, 1): 1}
 
 
 def test_min_rating_threshold_and_duplicates(tmp_path):

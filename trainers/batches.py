@@ -1,5 +1,6 @@
-"""Per-rank batch sources. Both yield dicts of numpy columns {user_id, item_id, label} of exactly
-`batch_size` rows and are wrapped in `lockstep` so that every rank runs the same number of steps."""
+"""Per-rank batch sources. They yield dicts of numpy columns of exactly `batch_size` rows
+({user_id, item_id, label, ...} for interaction models, {user_id, sequence, length} for sequence
+models) and are wrapped in `lockstep` so that every rank runs the same number of steps."""
 
 from __future__ import annotations
 
@@ -70,6 +71,28 @@ class ParquetFilesSource:
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
             yield {name: values[index] for name, values in expanded.items()}
+
+
+class SequenceWindowsSource:
+    """Without Ray, for sequence models: every rank cuts the same windows from the users' histories
+    (cluster/sequences.py), shuffles them with the shared seed, and takes every world-th one."""
+
+    def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
+                 seed: int) -> None:
+        from cluster.sequences import load_sequences, training_windows
+
+        table = load_sequences(dataset)
+        histories = [table.train_of(user) for user in range(table.num_users)]
+        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.stride)
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.windows["user_id"]))
+        mine = order[self.rank :: self.world_size]
+        for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
+            index = mine[start : start + self.batch_size]
+            yield {name: values[index] for name, values in self.windows.items()}
 
 
 def to_tensors(batch: Batch) -> dict[str, torch.Tensor]:

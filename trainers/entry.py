@@ -10,7 +10,7 @@ from cluster.negatives import sampler_for
 from launcher.config import RunConfig, config_from_json
 from models.params import batch_kind
 from trainers import checkpoint
-from trainers.batches import ParquetFilesSource, RayShardSource
+from trainers.batches import BatchSource, ParquetFilesSource, RayShardSource, SequenceWindowsSource
 from trainers.distributed import RankContext, setup, teardown
 from trainers.loop import run_training
 
@@ -34,9 +34,15 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
 def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankContext) -> dict[str, Any]:
     """Body of a torchrun rank: reads its own Parquet files with pyarrow, no Ray."""
     dataset = PreparedDataset.open(config.data.path)
-    kind = batch_kind(config.model.resolved_params())
-    sampler = sampler_for(dataset, config.data.negatives, config.data.reject_positives, kind)
-    source = ParquetFilesSource(
-        dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
-    )
+    params = config.model.resolved_params()
+    kind = batch_kind(params)
+    source: BatchSource
+    if kind == "sequence":
+        source = SequenceWindowsSource(dataset, params, config.trainer.batch_size, context.rank,
+                                       context.world_size, config.trainer.seed)
+    else:
+        sampler = sampler_for(dataset, config.data.negatives, config.data.reject_positives, kind)
+        source = ParquetFilesSource(
+            dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
+        )
     return run_training(config, context, source, run_dir, resume=resume)

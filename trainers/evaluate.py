@@ -5,8 +5,10 @@ split over ranks), and each rank scores its own users against every item locally
 sums are added across ranks, so the result equals a single process scoring every user.
 
 Protocols:
-- full: rank all items; the user's training items (and, for test, validation items) are masked.
+- full: rank all items. With history masking (the default for non-sequence models) the user's
+  training items (and, for test, validation items) cannot be recommended.
 - sampled: each held-out item against `sampled_negatives` items the user never interacted with.
+- both: full, plus the sampled metrics as sampled_<metric>.
 """
 
 from __future__ import annotations
@@ -52,8 +54,17 @@ class UserItems:
 
 
 class Evaluator:
-    def __init__(self, dataset: PreparedDataset, config: EvalSection, rank: int, world_size: int, seed: int = 0):
+    def __init__(
+        self,
+        dataset: PreparedDataset,
+        config: EvalSection,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        sequence_model: bool = False,
+    ):
         self.config = config
+        self.mask_history = config.masks_history(sequence_model)
         self.rank, self.world_size = rank, world_size
         self.num_users, self.num_items = dataset.num_users, dataset.num_items
         self.seed = seed
@@ -64,11 +75,18 @@ class Evaluator:
         self.masks = {"valid": self.by_split["train"], "test": self.by_split["train"].merged(self.by_split["valid"])}
         self.everything = self.masks["test"].merged(self.by_split["test"])
 
-    def protocol_name(self, split: str) -> str:
-        if self.config.protocol == "full":
-            masked = "train" if split == "valid" else "train+valid"
-            return f"full ranking over all {self.num_items} items, {masked} items masked"
+    def protocol_name(self, split: str, protocol: str | None = None) -> str:
+        protocol = protocol or self.config.protocol
+        if protocol == "both":
+            return f"{self.protocol_name(split, 'full')}; {self.protocol_name(split, 'sampled')}"
+        if protocol == "full":
+            history = "train" if split == "valid" else "train+valid"
+            masked = f"{history} items masked" if self.mask_history else "history items not masked"
+            return f"full ranking over all {self.num_items} items, {masked}"
         return f"sampled: each held-out item vs {self.config.sampled_negatives} unseen items"
+
+    def _protocols(self) -> list[str]:
+        return ["full", "sampled"] if self.config.protocol == "both" else [self.config.protocol]
 
     @torch.no_grad()
     def evaluate(self, model: RecModel, split: str) -> dict[str, float | str | int]:
@@ -76,7 +94,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            model.begin_ranking()
+            model.begin_ranking(split)
             items = self._all_item_vectors(model)
             targets = self.by_split[split]
             eval_users = np.flatnonzero(targets.counts() > 0)
@@ -98,23 +116,33 @@ class Evaluator:
             sums += self._sums(item_scores[None, :].expand(len(chunk), -1).clone(), chunk, split)
         return self._result(sums.tolist(), split)
 
+    METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
+
     def _empty_sums(self) -> np.ndarray:
-        """Per-metric sums, then the number of cases."""
-        return np.zeros((4 if self.config.protocol == "full" else 2) + 1)
+        """Per protocol: its metric sums, then its number of cases."""
+        return np.zeros(sum(len(self.METRICS[p]) + 1 for p in self._protocols()))
 
     def _sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        if self.config.protocol == "full":
-            return self._full_ranking_sums(scores, users, split)
-        return self._sampled_sums(scores, users, split)
+        parts = []
+        for protocol in self._protocols():
+            if protocol == "full":
+                parts.append(self._full_ranking_sums(scores, users, split))
+            else:
+                parts.append(self._sampled_sums(scores, users, split))
+        return np.concatenate(parts)
 
     def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
         k = self.config.k
-        count = total[-1]
-        names = ["recall", "ndcg", "hit", "mrr"] if self.config.protocol == "full" else ["hit", "ndcg"]
         result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split)}
-        result["cases"] = int(count)
-        for index, name in enumerate(names):
-            result[f"{name}@{k}"] = total[index] / max(count, 1.0)
+        offset = 0
+        for index, protocol in enumerate(self._protocols()):
+            names = self.METRICS[protocol]
+            count = total[offset + len(names)]
+            prefix = "sampled_" if index > 0 else ""
+            result[f"{prefix}cases"] = int(count)
+            for position, name in enumerate(names):
+                result[f"{prefix}{name}@{k}"] = total[offset + position] / max(count, 1.0)
+            offset += len(names) + 1
         return result
 
     def _lookup_padded(self, model: RecModel, column: str, ids: np.ndarray, length: int) -> dict[str, torch.Tensor]:
@@ -159,8 +187,10 @@ class Evaluator:
         return sums.tolist()
 
     def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        """The recommended items [U, K] of the full-ranking protocol: seen items masked, best first."""
-        scores = mask_items(scores, users, self.masks[split])
+        """The recommended items [U, K] of the full-ranking protocol, best first (seen items masked
+        when the evaluator masks history)."""
+        if self.mask_history:
+            scores = mask_items(scores, users, self.masks[split])
         return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.numpy()
 
     def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
@@ -175,7 +205,7 @@ class Evaluator:
 
     def _sampled_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
         k = self.config.k
-        hit_sum = ndcg_sum = cases = 0.0
+        hit_sum = ndcg_sum = mrr_sum = cases = 0.0
         for row, user in enumerate(users):
             rng = np.random.default_rng((self.seed, int(user)))
             seen = self.everything.of(user)
@@ -185,8 +215,9 @@ class Evaluator:
                 if rank < k:
                     hit_sum += 1.0
                     ndcg_sum += 1.0 / np.log2(rank + 2)
+                    mrr_sum += 1.0 / (rank + 1)
                 cases += 1
-        return np.array([hit_sum, ndcg_sum, cases])
+        return np.array([hit_sum, ndcg_sum, mrr_sum, cases])
 
 
 def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any
 
 from cluster.dataset_format import PreparedDataset
 from launcher.config import RunConfig
+from models.params import batch_kind
 from sharding.planner import format_plan
 from trainers import checkpoint
 from trainers.batches import BatchSource, lockstep, to_tensors
@@ -47,7 +48,9 @@ def run_training(
         first_epoch, step, best = progress["epoch"] + 1, progress["step"], progress.get("best", {})
         log.info(f"resumed from {latest} (epoch {progress['epoch']}, step {step})")
 
-    evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed)
+    sequence_model = batch_kind(config.model.resolved_params()) == "sequence"
+    evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed,
+                          sequence_model=sequence_model)
     k = config.eval.k
     history = []
     for epoch in range(first_epoch, config.trainer.epochs + 1):
@@ -112,6 +115,10 @@ def run_training(
     return summary
 
 
+EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR",
+                      "sampled_hit": "sampled-Hit", "sampled_ndcg": "sampled-NDCG"}
+
+
 def _epoch_line(record: dict[str, Any], k: int) -> str:
     line = (
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
@@ -119,10 +126,10 @@ def _epoch_line(record: dict[str, Any], k: int) -> str:
     )
     if "valid" in record:
         v, t = record["valid"], record["test"]
-        line += (
-            f" | valid NDCG@{k} {v[f'ndcg@{k}']:.4f} | test Recall@{k} {t.get(f'recall@{k}', float('nan')):.4f} "
-            f"NDCG@{k} {t[f'ndcg@{k}']:.4f} Hit@{k} {t[f'hit@{k}']:.4f}"
-        )
+        line += f" | valid NDCG@{k} {v[f'ndcg@{k}']:.4f} | test"
+        for name, label in EPOCH_LINE_METRICS.items():
+            if f"{name}@{k}" in t:
+                line += f" {label}@{k} {t[f'{name}@{k}']:.4f}"
     return line
 
 

@@ -20,7 +20,7 @@ from launcher.config import RunConfig
 from models.base import RecModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
-from sharding.planner import describe_plan, make_sharders, plan_sharding
+from sharding.planner import describe_plan, make_sharders, plan_sharding, table_shapes
 
 INIT_CHUNK_ROWS = 65_536
 
@@ -49,8 +49,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, device: tor
     # Attach the table optimizer before planning so the planner counts its state.
     apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
     if config.sharding.plan:
-        shapes = {c.name: (c.num_embeddings, c.embedding_dim) for c in model.tables.embedding_bag_configs()}
-        plan = retarget(load_plan_file(config.sharding.plan), device.type, dist.get_world_size(), shapes)
+        plan = retarget(load_plan_file(config.sharding.plan), device.type, dist.get_world_size(), table_shapes(model))
     else:
         plan = plan_sharding(
             model,

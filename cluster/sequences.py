@@ -1,0 +1,218 @@
+"""Per-user interaction sequences for the sequence models (SASRec, BERT4Rec, GRU4Rec).
+
+A prepared dataset's rows carry `position`, each interaction's index in its user's history by
+(timestamp, input order). Grouping by user and sorting by position gives the ordered history; the
+leave-one-out split then leaves train = all but the last two, valid = the one before last, test =
+the last. One row per user is stored:
+
+    DIR/sequences/*.parquet    user_id int64, train list<int64> (ordered), valid int64, test int64
+                               (valid / test are -1 where the user has none)
+
+`build_with_ray` is the scalable job (Ray Data, grouped by user); `build_reference` is the small
+in-memory version it is tested against. Model inputs are cut from these histories later
+(`training_windows`, `SequenceTable.history`), so the files do not depend on max_len.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.dataset_format import SPLITS, PreparedDataset
+from launcher.errors import UserError
+
+SEQUENCE_DIR = "sequences"
+SEQUENCE_SCHEMA = pa.schema(
+    [("user_id", pa.int64()), ("train", pa.list_(pa.int64())), ("valid", pa.int64()), ("test", pa.int64())]
+)
+NO_ITEM = -1
+
+
+@dataclass(frozen=True)
+class SequenceTable:
+    """Every user's ordered train history (CSR) and held-out items, indexed by user id."""
+
+    indptr: np.ndarray
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+    @property
+    def num_users(self) -> int:
+        return len(self.valid)
+
+    def train_of(self, user: int) -> np.ndarray:
+        return self.train[self.indptr[user] : self.indptr[user + 1]]
+
+    def history(self, user: int, upto: str) -> np.ndarray:
+        """Items a model sees before predicting `upto`'s item: "valid" -> train; "test" -> train +
+        valid; "next" -> everything (what to recommend after the last known interaction)."""
+        parts = [self.train_of(user)]
+        if upto in ("test", "next") and self.valid[user] != NO_ITEM:
+            parts.append(self.valid[user : user + 1])
+        if upto == "next" and self.test[user] != NO_ITEM:
+            parts.append(self.test[user : user + 1])
+        if upto not in ("valid", "test", "next"):
+            raise ValueError(f"unknown history cut {upto!r}")
+        return np.concatenate(parts)
+
+    def to_arrow(self) -> pa.Table:
+        lists = pa.ListArray.from_arrays(pa.array(self.indptr, pa.int32()), pa.array(self.train, pa.int64()))
+        return pa.table(
+            {"user_id": np.arange(self.num_users, dtype=np.int64), "train": lists, "valid": self.valid, "test": self.test},
+            schema=SEQUENCE_SCHEMA,
+        )
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, num_users: int) -> "SequenceTable":
+        """Rows in any order and users possibly absent (no interactions): reindexed by user id."""
+        users = table.column("user_id").to_numpy()
+        if len(users) and (users.min() < 0 or users.max() >= num_users or len(np.unique(users)) != len(users)):
+            raise UserError("sequence files hold out-of-range or repeated user ids; rebuild them")
+        lengths = np.zeros(num_users, dtype=np.int64)
+        train_lists = table.column("train").combine_chunks()
+        per_row = np.diff(train_lists.offsets.to_numpy())
+        lengths[users] = per_row
+        indptr = np.r_[0, np.cumsum(lengths)]
+        train = np.empty(indptr[-1], dtype=np.int64)
+        flat = train_lists.flatten().to_numpy()
+        row_starts = train_lists.offsets.to_numpy()[:-1]
+        for row, user in enumerate(users):  # one slice copy per user
+            train[indptr[user] : indptr[user + 1]] = flat[row_starts[row] : row_starts[row] + per_row[row]]
+        valid = np.full(num_users, NO_ITEM, dtype=np.int64)
+        test = np.full(num_users, NO_ITEM, dtype=np.int64)
+        valid[users] = table.column("valid").to_numpy()
+        test[users] = table.column("test").to_numpy()
+        return cls(indptr, train, valid, test)
+
+
+def require_leave_one_out(dataset: PreparedDataset) -> None:
+    if dataset.stats.get("split_method") != "loo":
+        raise UserError(
+            f"{dataset.root} was split {dataset.stats.get('split_method')!r}; sequence models need a "
+            f"leave-one-out split: shardrec data prepare ml-100k --split loo --out {dataset.root}-loo"
+        )
+
+
+def build_reference(dataset: PreparedDataset) -> SequenceTable:
+    """In memory with numpy: every split read at once, sorted by (user, position)."""
+    require_leave_one_out(dataset)
+    splits = {split: dataset.read_split(split) for split in SPLITS}
+    train = splits["train"]
+    order = np.lexsort((train["position"], train["user_id"]))
+    lengths = np.bincount(train["user_id"], minlength=dataset.num_users)
+    held_out = {}
+    for split in ("valid", "test"):
+        column = np.full(dataset.num_users, NO_ITEM, dtype=np.int64)
+        column[splits[split]["user_id"]] = splits[split]["item_id"]
+        held_out[split] = column
+    return SequenceTable(np.r_[0, np.cumsum(lengths)], train["item_id"][order], held_out["valid"], held_out["test"])
+
+
+def _user_sequence(group: pa.Table) -> pa.Table:
+    """Ray Data map_groups body: one user's rows (all splits) -> that user's sequence row."""
+    split = group.column("split").to_numpy()
+    position = group.column("position").to_numpy()
+    items = group.column("item_id").to_numpy()
+    in_train = split == 0
+    ordered = items[in_train][np.argsort(position[in_train], kind="stable")]
+
+    def held_out(code: int) -> int:
+        picked = items[split == code]
+        return int(picked[0]) if len(picked) else NO_ITEM
+
+    return pa.table(
+        {"user_id": [int(group.column("user_id")[0].as_py())], "train": [ordered.tolist()],
+         "valid": [held_out(1)], "test": [held_out(2)]},
+        schema=SEQUENCE_SCHEMA,
+    )
+
+
+def build_with_ray(dataset: PreparedDataset, say: Any = print) -> Path:
+    """Ray Data job: read every split's Parquet, group by user, write DIR/sequences/. Needs a running
+    Ray (the caller's ray_cluster). Written to a temporary folder first, so a failed job leaves no
+    partial output behind."""
+    import ray.data
+
+    require_leave_one_out(dataset)
+    parts = []
+    for code, split in enumerate(SPLITS):
+        files = [str(path) for path in dataset.split_files(split)]
+        parts.append(
+            ray.data.read_parquet(files, columns=["user_id", "item_id", "position"]).map_batches(
+                _tag_split, fn_kwargs={"code": code}, batch_format="pyarrow"
+            )
+        )
+    rows = parts[0].union(*parts[1:])
+    final = dataset.root / SEQUENCE_DIR
+    staging = dataset.root / f".{SEQUENCE_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    # Hash partitions: one per train file keeps the output as sharded as the input (Ray's default,
+    # 200, costs seconds of task overhead per partition on a small machine).
+    partitions = max(1, len(dataset.split_files("train")))
+    grouped = rows.groupby("user_id", num_partitions=partitions)
+    grouped.map_groups(_user_sequence, batch_format="pyarrow").write_parquet(str(staging))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    say(f"sequences: {dataset.num_users} users written to {final}")
+    return final
+
+
+def _tag_split(batch: pa.Table, code: int) -> pa.Table:
+    return batch.append_column("split", pa.array(np.full(batch.num_rows, code, dtype=np.int8)))
+
+
+def sequence_files(dataset: PreparedDataset) -> list[Path]:
+    return sorted((dataset.root / SEQUENCE_DIR).glob("*.parquet"))
+
+
+def load_sequences(dataset: PreparedDataset) -> SequenceTable:
+    """The stored sequences if `shardrec data sequences` (or a Ray training run) wrote them, else the
+    in-memory reference; both give the same table."""
+    files = sequence_files(dataset)
+    if not files:
+        return build_reference(dataset)
+    try:
+        table = pa.concat_tables([pq.read_table(path, schema=SEQUENCE_SCHEMA) for path in files])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise UserError(f"{dataset.root / SEQUENCE_DIR}: cannot read sequences ({exc}); rebuild them") from None
+    return SequenceTable.from_arrow(table, dataset.num_users)
+
+
+def training_windows(
+    users: np.ndarray, lists: list[np.ndarray] | pa.ListArray, window: int, stride: int
+) -> dict[str, np.ndarray]:
+    """Cut ordered histories into model inputs: windows of at most `window` items taken from the end
+    of each history, `stride` apart (stride = window - 1 makes every item but the first a next-item
+    target exactly once; stride = window gives disjoint windows). Items become tokens item + 1, 0 is
+    padding on the right.
+
+    Returns user_id [n], sequence [n, window] int64 tokens, length [n]."""
+    if isinstance(lists, pa.ListArray):
+        offsets = lists.offsets.to_numpy()
+        flat = lists.flatten().to_numpy()
+        lists = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    starts: list[tuple[int, int, int]] = []  # (row, start, stop) into the row's history
+    for row, history in enumerate(lists):
+        stop = len(history)
+        minimum = 2 if stride < window else 1  # a next-item window needs an input and a target
+        while stop >= minimum:
+            start = max(0, stop - window)
+            starts.append((row, start, stop))
+            if start == 0:
+                break
+            stop -= stride
+    sequence = np.zeros((len(starts), window), dtype=np.int64)
+    length = np.zeros(len(starts), dtype=np.int64)
+    owner = np.zeros(len(starts), dtype=np.int64)
+    for index, (row, start, stop) in enumerate(starts):
+        sequence[index, : stop - start] = lists[row][start:stop] + 1
+        length[index] = stop - start
+        owner[index] = users[row]
+    return {"user_id": owner, "sequence": sequence, "length": length}
