@@ -53,13 +53,13 @@ class SequenceTable:
     def history(self, user: int, upto: str) -> np.ndarray:
         """Items a model sees before predicting `upto`'s item: "valid" -> train; "test" -> train +
         valid; "next" -> everything (what to recommend after the last known interaction)."""
+        if upto not in ("valid", "test", "next"):
+            raise ValueError(f"unknown history cut {upto!r}")
         parts = [self.train_of(user)]
         if upto in ("test", "next") and self.valid[user] != NO_ITEM:
             parts.append(self.valid[user : user + 1])
         if upto == "next" and self.test[user] != NO_ITEM:
             parts.append(self.test[user : user + 1])
-        if upto not in ("valid", "test", "next"):
-            raise ValueError(f"unknown history cut {upto!r}")
         return np.concatenate(parts)
 
     def to_arrow(self) -> pa.Table:

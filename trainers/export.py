@@ -68,7 +68,8 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         sharded = build_sharded_model(config, dataset, torch.device("cpu"))
         if sharded.model.retrieval_key is None:
             raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
-                            "vectors, so it cannot be exported for retrieval (two_tower and lightgcn can)")
+                            "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
+                            "models can)")
         checkpoint.load_weights(sharded, latest)
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
