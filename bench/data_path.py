@@ -39,13 +39,10 @@ def pyarrow_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int)
 
 
 def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int) -> float:
-    import ray.data
-
     from cluster.pipeline import training_dataset
     from cluster.ray_cluster import ray_cluster
 
     with ray_cluster(ClusterSection(), log=False):
-        ray.data.DataContext.get_current().enable_progress_bars = False
         splits = training_dataset(dataset, data, NCFParams()).streaming_split(2, equal=True)
         rates = []
         for _ in range(epochs):

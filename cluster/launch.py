@@ -9,7 +9,7 @@ from typing import Any
 from cluster.dataset_format import PreparedDataset
 from cluster.ray_cluster import ray_cluster
 from launcher.config import RunConfig
-from models.params import batch_kind
+from models.params import is_sequence_model
 
 
 class TrainingFailed(RuntimeError):
@@ -28,13 +28,9 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
     with ray_cluster(section) as where:
-        import ray.data
-
-        # Our own log lines report progress; Ray Data's live bars flood captured logs.
-        ray.data.DataContext.get_current().enable_progress_bars = False
         say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
         params = config.model.resolved_params()
-        if batch_kind(params) == "sequence" and not sequence_files(dataset):
+        if is_sequence_model(params) and not sequence_files(dataset):
             say("building per-user sequences with Ray Data (once per dataset)")
             build_with_ray(dataset, say)
         trainer = TorchTrainer(

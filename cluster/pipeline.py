@@ -13,7 +13,7 @@ import ray.data
 
 from cluster.dataset_format import PreparedDataset
 from cluster.negatives import sampler_for
-from cluster.sequences import sequence_files, training_windows
+from cluster.sequences import list_rows, sequence_files, training_windows
 from launcher.config import DataSection
 from models.params import batch_kind
 
@@ -52,5 +52,5 @@ def _sequence_windows(dataset: PreparedDataset, window: int, stride: int) -> ray
 
 
 def _windows_of_batch(batch: pa.Table, window: int, stride: int) -> dict[str, Any]:
-    lists = batch.column("train").combine_chunks()
-    return training_windows(batch.column("user_id").to_numpy(), lists, window, stride)
+    histories = list_rows(batch.column("train").combine_chunks())
+    return training_windows(batch.column("user_id").to_numpy(), histories, window, stride)

@@ -20,8 +20,11 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
     Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit."""
     import ray
+    import ray.data
 
     os.environ.update(LOOPBACK_ENV)
+    # Our own log lines report progress; Ray Data's live bars flood captured logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if section.address:
         ray.init(address=section.address, log_to_driver=True)
         try:

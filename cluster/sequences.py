@@ -75,16 +75,11 @@ class SequenceTable:
         users = table.column("user_id").to_numpy()
         if len(users) and (users.min() < 0 or users.max() >= num_users or len(np.unique(users)) != len(users)):
             raise UserError("sequence files hold out-of-range or repeated user ids; rebuild them")
-        lengths = np.zeros(num_users, dtype=np.int64)
-        train_lists = table.column("train").combine_chunks()
-        per_row = np.diff(train_lists.offsets.to_numpy())
-        lengths[users] = per_row
-        indptr = np.r_[0, np.cumsum(lengths)]
-        train = np.empty(indptr[-1], dtype=np.int64)
-        flat = train_lists.flatten().to_numpy()
-        row_starts = train_lists.offsets.to_numpy()[:-1]
-        for row, user in enumerate(users):  # one slice copy per user
-            train[indptr[user] : indptr[user + 1]] = flat[row_starts[row] : row_starts[row] + per_row[row]]
+        histories = [np.empty(0, dtype=np.int64)] * num_users
+        for user, history in zip(users, list_rows(table.column("train").combine_chunks())):
+            histories[user] = history
+        indptr = np.r_[0, np.cumsum([len(history) for history in histories], dtype=np.int64)]
+        train = np.concatenate(histories).astype(np.int64) if num_users else np.empty(0, dtype=np.int64)
         valid = np.full(num_users, NO_ITEM, dtype=np.int64)
         test = np.full(num_users, NO_ITEM, dtype=np.int64)
         valid[users] = table.column("valid").to_numpy()
@@ -164,6 +159,13 @@ def build_with_ray(dataset: PreparedDataset, say: Any = print) -> Path:
     return final
 
 
+def list_rows(lists: pa.ListArray) -> list[np.ndarray]:
+    """A list column's rows as numpy views of one flat buffer."""
+    offsets = lists.offsets.to_numpy()
+    flat = lists.flatten().to_numpy()
+    return [flat[offsets[row] : offsets[row + 1]] for row in range(len(lists))]
+
+
 def _tag_split(batch: pa.Table, code: int) -> pa.Table:
     return batch.append_column("split", pa.array(np.full(batch.num_rows, code, dtype=np.int8)))
 
@@ -172,10 +174,23 @@ def sequence_files(dataset: PreparedDataset) -> list[Path]:
     return sorted((dataset.root / SEQUENCE_DIR).glob("*.parquet"))
 
 
+_loaded: dict[tuple, SequenceTable] = {}
+"""Tables already read in this process: a rank's model (for ranking) and its torchrun batch source
+both need them, and reading or building them twice is wasted start-up. Keyed by the folder, the
+time stats.json was written and the sequence files, so a re-prepared or rebuilt dataset is re-read."""
+
+
 def load_sequences(dataset: PreparedDataset) -> SequenceTable:
     """The stored sequences if `shardrec data sequences` (or a Ray training run) wrote them, else the
-    in-memory reference; both give the same table."""
+    in-memory reference; both give the same table. Read once per process and dataset."""
     files = sequence_files(dataset)
+    key = (dataset.root.resolve(), (dataset.root / "stats.json").stat().st_mtime_ns, tuple(f.name for f in files))
+    if key not in _loaded:
+        _loaded[key] = _read_sequences(dataset, files)
+    return _loaded[key]
+
+
+def _read_sequences(dataset: PreparedDataset, files: list[Path]) -> SequenceTable:
     if not files:
         return build_reference(dataset)
     try:
@@ -185,19 +200,13 @@ def load_sequences(dataset: PreparedDataset) -> SequenceTable:
     return SequenceTable.from_arrow(table, dataset.num_users)
 
 
-def training_windows(
-    users: np.ndarray, lists: list[np.ndarray] | pa.ListArray, window: int, stride: int
-) -> dict[str, np.ndarray]:
+def training_windows(users: np.ndarray, lists: list[np.ndarray], window: int, stride: int) -> dict[str, np.ndarray]:
     """Cut ordered histories into model inputs: windows of at most `window` items taken from the end
     of each history, `stride` apart (stride = window - 1 makes every item but the first a next-item
     target exactly once; stride = window gives disjoint windows). Items become tokens item + 1, 0 is
     padding on the right.
 
     Returns user_id [n], sequence [n, window] int64 tokens, length [n]."""
-    if isinstance(lists, pa.ListArray):
-        offsets = lists.offsets.to_numpy()
-        flat = lists.flatten().to_numpy()
-        lists = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     starts: list[tuple[int, int, int]] = []  # (row, start, stop) into the row's history
     for row, history in enumerate(lists):
         stop = len(history)

@@ -12,7 +12,7 @@ import numpy as np
 
 from launcher.config import RunConfig, config_from_json, load_config, parse_override_value
 from launcher.errors import UserError
-from models.params import batch_kind
+from models.params import is_sequence_model
 
 
 def report_user_error(exc: UserError) -> int:
@@ -213,9 +213,6 @@ def _cmd_sequences(args: argparse.Namespace) -> int:
 
     dataset = PreparedDataset.open(args.source)
     with ray_cluster(ClusterSection(address=args.address), log=False) as where:
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"[shardrec] {where}", flush=True)
         build_with_ray(dataset)
     table = load_sequences(dataset)
@@ -235,7 +232,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
 
     config, resume_dir = _resolve_config(args, overrides)
     dataset = PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
-    if batch_kind(config.model.resolved_params()) == "sequence":
+    if is_sequence_model(config.model.resolved_params()):
         from cluster.sequences import require_leave_one_out
 
         require_leave_one_out(dataset)

@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from launcher.errors import UserError
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return _read(path, what, tomllib.loads, tomllib.TOMLDecodeError, "TOML")
 
 
 def read_json(path: str | Path, what: str) -> Any:
+    return _read(path, what, json.loads, json.JSONDecodeError, "JSON")
+
+
+def _read(path: str | Path, what: str, parse: Callable[[str], Any], error: type[Exception], kind: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON: {exc}") from None
+        return parse(path.read_text())
+    except error as exc:
+        raise UserError(f"{path}: not valid {kind}: {exc}") from None

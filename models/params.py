@@ -196,6 +196,10 @@ MODEL_PARAMS: dict[str, type] = {
 }
 
 
+def is_sequence_model(params: object) -> bool:
+    return batch_kind(params) == "sequence"
+
+
 def batch_kind(params: object) -> str:
     """What the data pipeline must produce for these model parameters: "pointwise" (with labels),
     "pairwise" (with a negative item per row), "positives" (in-batch negatives) or "sequence"

@@ -88,7 +88,7 @@ def specs_from_module(module: nn.Module) -> list[TableSpec]:
     from sharding.planner import table_configs
 
     return [
-        TableSpec(c.name, c.num_embeddings, c.embedding_dim, getattr(c, "pooling", None) and c.pooling.name.lower() or "sum")
+        TableSpec(c.name, c.num_embeddings, c.embedding_dim, c.pooling.name.lower() if hasattr(c, "pooling") else "sum")
         for c in table_configs(module)
     ]
 

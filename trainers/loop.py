@@ -13,7 +13,7 @@ from typing import Any
 
 from cluster.dataset_format import PreparedDataset
 from launcher.config import RunConfig
-from models.params import batch_kind
+from models.params import is_sequence_model
 from sharding.planner import format_plan
 from trainers import checkpoint
 from trainers.batches import BatchSource, lockstep, to_tensors
@@ -48,9 +48,8 @@ def run_training(
         first_epoch, step, best = progress["epoch"] + 1, progress["step"], progress.get("best", {})
         log.info(f"resumed from {latest} (epoch {progress['epoch']}, step {step})")
 
-    sequence_model = batch_kind(config.model.resolved_params()) == "sequence"
     evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed,
-                          sequence_model=sequence_model)
+                          sequence_model=is_sequence_model(config.model.resolved_params()))
     k = config.eval.k
     history = []
     for epoch in range(first_epoch, config.trainer.epochs + 1):
