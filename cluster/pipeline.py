@@ -26,7 +26,7 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -
     """
     kind = batch_kind(params)
     if kind == "sequence":
-        return _sequence_windows(dataset, params.window, params.stride)
+        return _sequence_windows(dataset, params.window, params.stride, params.min_window)
     files = [str(path) for path in dataset.split_files("train")]
     sampler = sampler_for(dataset, data.negatives, data.reject_positives, kind)
     return (
@@ -36,7 +36,7 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -
     )
 
 
-def _sequence_windows(dataset: PreparedDataset, window: int, stride: int) -> ray.data.Dataset:
+def _sequence_windows(dataset: PreparedDataset, window: int, stride: int, min_length: int) -> ray.data.Dataset:
     files = [str(path) for path in sequence_files(dataset)]
     if not files:
         raise RuntimeError(f"{dataset.root}: no sequences; build them first (cluster.sequences.build_with_ray)")
@@ -45,12 +45,12 @@ def _sequence_windows(dataset: PreparedDataset, window: int, stride: int) -> ray
     # and the cut each epoch, which cost more than the training steps on a small machine.
     return (
         ray.data.read_parquet(files, columns=["user_id", "train"])
-        .map_batches(_windows_of_batch, fn_kwargs={"window": window, "stride": stride}, batch_format="pyarrow")
+        .map_batches(_windows_of_batch, fn_kwargs={"window": window, "stride": stride, "min_length": min_length}, batch_format="pyarrow")
         .random_shuffle(seed=0)
         .materialize()
     )
 
 
-def _windows_of_batch(batch: pa.Table, window: int, stride: int) -> dict[str, Any]:
+def _windows_of_batch(batch: pa.Table, window: int, stride: int, min_length: int) -> dict[str, Any]:
     histories = list_rows(batch.column("train").combine_chunks())
-    return training_windows(batch.column("user_id").to_numpy(), histories, window, stride)
+    return training_windows(batch.column("user_id").to_numpy(), histories, window, stride, min_length)

@@ -200,18 +200,19 @@ def _read_sequences(dataset: PreparedDataset, files: list[Path]) -> SequenceTabl
     return SequenceTable.from_arrow(table, dataset.num_users)
 
 
-def training_windows(users: np.ndarray, lists: list[np.ndarray], window: int, stride: int) -> dict[str, np.ndarray]:
+def training_windows(
+    users: np.ndarray, lists: list[np.ndarray], window: int, stride: int, min_length: int = 2
+) -> dict[str, np.ndarray]:
     """Cut ordered histories into model inputs: windows of at most `window` items taken from the end
     of each history, `stride` apart (stride = window - 1 makes every item but the first a next-item
-    target exactly once; stride = window gives disjoint windows). Items become tokens item + 1, 0 is
-    padding on the right.
+    target exactly once; stride = window gives disjoint windows). Histories shorter than `min_length`
+    give no window. Items become tokens item + 1, 0 is padding on the right.
 
     Returns user_id [n], sequence [n, window] int64 tokens, length [n]."""
     starts: list[tuple[int, int, int]] = []  # (row, start, stop) into the row's history
     for row, history in enumerate(lists):
         stop = len(history)
-        minimum = 2 if stride < window else 1  # a next-item window needs an input and a target
-        while stop >= minimum:
+        while stop >= min_length:
             start = max(0, stop - window)
             starts.append((row, start, stop))
             if start == 0:

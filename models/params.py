@@ -123,6 +123,11 @@ class SequenceParams:
     def stride(self) -> int:
         return self.window_step or self.window - 1
 
+    @property
+    def min_window(self) -> int:
+        """Shortest useful training window: a next-item window needs an input and a target."""
+        return 2
+
     def validate(self) -> None:
         if self.max_len < 2 or self.embed_dim < 1:
             raise UserError("model.max_len must be >= 2 and model.embed_dim >= 1")
@@ -179,6 +184,10 @@ class BERT4RecParams(SASRecParams):
     @property
     def stride(self) -> int:
         return self.window_step or self.window
+
+    @property
+    def min_window(self) -> int:
+        return 1  # one item can be masked and recovered
 
     def validate(self) -> None:
         super().validate()

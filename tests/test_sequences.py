@@ -72,7 +72,9 @@ def test_windows_make_every_item_but_the_first_a_target_once():
         targets.setdefault(int(user), []).extend((row[1:length] - 1).tolist())
     assert sorted(targets[7]) == list(range(1, 10)) and sorted(targets[8]) == [1, 2]
     assert 9 not in targets  # one item: nothing to predict
-    disjoint = training_windows(np.array([7]), histories[:1], window=4, stride=4)
+    cloze = training_windows(np.array([9]), histories[2:], window=4, stride=2, min_length=1)
+    assert cloze["length"].tolist() == [1]  # but one item can be masked and recovered
+    disjoint = training_windows(np.array([7]), histories[:1], window=4, stride=4, min_length=1)
     assert sorted(np.concatenate([r[:n] for r, n in zip(disjoint["sequence"], disjoint["length"])]).tolist()) == list(range(1, 11))
 
 

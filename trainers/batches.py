@@ -83,7 +83,8 @@ class SequenceWindowsSource:
 
         table = load_sequences(dataset)
         histories = [table.train_of(user) for user in range(table.num_users)]
-        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.stride)
+        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.stride,
+                                        params.min_window)
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
