@@ -16,10 +16,10 @@ import statistics
 import threading
 import time
 
-from cluster.dataset_format import PreparedDataset
-from cluster.negatives import sampler_for
-from models.params import NCFParams
-from launcher.config import ClusterSection, DataSection
+from core.dataset_format import PreparedDataset
+from core.negatives import sampler_for
+from core.model_params import NCFParams
+from core.config import ClusterSection, DataSection
 from trainers.batches import ParquetFilesSource
 
 BATCH = 1024

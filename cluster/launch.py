@@ -1,4 +1,4 @@
-"""Launch the per-rank trainer on a Ray cluster with Ray Train."""
+"""Launch the per-rank trainer on a Ray cluster with Ray Train, and the body of each worker."""
 
 from __future__ import annotations
 
@@ -6,28 +6,53 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.dataset_format import PreparedDataset
+import ray.train
+from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from cluster.pipeline import training_dataset
 from cluster.ray_cluster import ray_cluster
-from launcher.config import RunConfig
-from models.params import is_sequence_model
+from cluster.sequences import build_with_ray
+from core.config import RunConfig, config_from_json
+from core.dataset_format import PreparedDataset
+from core.model_params import is_sequence_model
+from core.sequences import sequence_files
+from trainers import checkpoint
+from trainers.batches import RayShardSource
+from trainers.distributed import setup, teardown
+from trainers.run_log import CONSOLE_EVENTS, LOG_DIR, Console, follow_console, quiet_rank_output, rank_log_path, tail
+from trainers.trainer import Trainer
 
 
 class TrainingFailed(RuntimeError):
     """A rank failed; Ray Train stopped the whole worker group."""
 
 
-def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = print) -> dict[str, Any]:
+def ray_train_loop(loop_config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker. Ray Train has already joined the process group and split the
+    `train` dataset across workers; after a restart (FailureConfig) it resumes from the last checkpoint.
+    Rank 0's console events go to a file the driver renders (`follow_console`)."""
+    config = config_from_json(loop_config["config_json"])
+    run_dir = Path(loop_config["run_dir"])
+    context = setup(config.cluster.backend)
+    try:
+        with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
+            source = RayShardSource(ray.train.get_dataset_shard("train"), config.trainer.batch_size,
+                                    config.data.shuffle_buffer)
+            resume = loop_config["resume"] or checkpoint.latest_checkpoint(run_dir) is not None
+            console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
+            dataset = PreparedDataset.open(config.data.path)
+            Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
+    finally:
+        teardown(context)
+
+
+def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = print, verbose: bool = False
+                 ) -> dict[str, Any]:
     """Run training on `config.cluster.num_workers` Ray Train workers; returns the run summary."""
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cluster.pipeline import training_dataset
-    from cluster.sequences import build_with_ray, sequence_files
-    from trainers.entry import ray_train_loop
-
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
-    with ray_cluster(section) as where:
+    with ray_cluster(section, log=verbose) as where:
         say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
         params = config.model.resolved_params()
         if is_sequence_model(params) and not sequence_files(dataset):
@@ -35,7 +60,8 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
             build_with_ray(dataset, say)
         trainer = TorchTrainer(
             ray_train_loop,
-            train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume},
+            train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
+                               "verbose": verbose},
             torch_config=TorchConfig(backend=section.backend),
             scaling_config=ScalingConfig(
                 num_workers=section.num_workers,
@@ -50,10 +76,27 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
             datasets={"train": training_dataset(dataset, config.data, params)},
         )
         try:
-            trainer.fit()
+            with follow_console(run_dir):
+                trainer.fit()
         except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
-            raise TrainingFailed(f"training failed: {exc}") from exc
+            raise TrainingFailed(f"training failed: {_first_line(exc)}{_rank_tails(run_dir, section.num_workers)}") from exc
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise TrainingFailed(f"training ended without writing {summary_file}")
     return json.loads(summary_file.read_text())
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _rank_tails(run_dir: Path, world_size: int) -> str:
+    """The last lines of each rank log that ends in a traceback: the failing rank's own words."""
+    parts = []
+    for rank in range(world_size):
+        path = rank_log_path(run_dir, rank)
+        text = tail(path)
+        if "Traceback" in text or "Error" in text:
+            parts.append(f"\nrank {rank} ({path}):\n{text.rstrip()}")
+    return "".join(parts)

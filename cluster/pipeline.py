@@ -1,7 +1,7 @@
 """Ray Data pipelines for training.
 
 Interaction models: Parquet train shards -> sampled negatives -> Ray Train split.
-Sequence models: per-user sequences (cluster/sequences.py) -> fixed-width windows -> Ray Train split.
+Sequence models: per-user sequences (core/sequences.py, built by cluster/sequences.py) -> fixed-width windows -> Ray Train split.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 import pyarrow as pa
 import ray.data
 
-from cluster.dataset_format import PreparedDataset
-from cluster.negatives import sampler_for
-from cluster.sequences import list_rows, sequence_files, training_windows
-from launcher.config import DataSection
-from models.params import batch_kind
+from core.config import DataSection
+from core.dataset_format import PreparedDataset
+from core.model_params import batch_kind_of
+from core.negatives import sampler_for
+from core.sequences import list_rows, sequence_files, training_windows
 
 
 def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -> ray.data.Dataset:
@@ -24,11 +24,11 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -
     It is re-executed every epoch, so each epoch draws fresh negatives. Ray Train splits it with
     streaming_split(world, equal=True): equal row counts, hence equal step counts, per rank.
     """
-    kind = batch_kind(params)
-    if kind == "sequence":
-        return _sequence_windows(dataset, params.window, params.stride, params.min_window)
+    batch_kind = batch_kind_of(params)
+    if batch_kind == "sequence":
+        return _sequence_windows(dataset, params.window, params.resolved_window_step, params.min_window)
     files = [str(path) for path in dataset.split_files("train")]
-    sampler = sampler_for(dataset, data.negatives, data.reject_positives, kind)
+    sampler = sampler_for(dataset, data.negatives, data.reject_positives, batch_kind)
     return (
         ray.data.read_parquet(files, columns=["user_id", "item_id"])
         .randomize_block_order()
@@ -36,21 +36,21 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -
     )
 
 
-def _sequence_windows(dataset: PreparedDataset, window: int, stride: int, min_length: int) -> ray.data.Dataset:
+def _sequence_windows(dataset: PreparedDataset, window: int, step: int, min_length: int) -> ray.data.Dataset:
     files = [str(path) for path in sequence_files(dataset)]
     if not files:
-        raise RuntimeError(f"{dataset.root}: no sequences; build them first (cluster.sequences.build_with_ray)")
+        raise RuntimeError(f"{dataset.root}: no sequences; build them first (`shardrec data sequences`)")
     # Windows are the same every epoch (nothing is sampled), and an epoch of a sequence model is only
     # a few steps: cut them once and keep them in the object store rather than re-running the read
     # and the cut each epoch, which cost more than the training steps on a small machine.
     return (
         ray.data.read_parquet(files, columns=["user_id", "train"])
-        .map_batches(_windows_of_batch, fn_kwargs={"window": window, "stride": stride, "min_length": min_length}, batch_format="pyarrow")
+        .map_batches(_windows_of_batch, fn_kwargs={"window": window, "step": step, "min_length": min_length}, batch_format="pyarrow")
         .random_shuffle(seed=0)
         .materialize()
     )
 
 
-def _windows_of_batch(batch: pa.Table, window: int, stride: int, min_length: int) -> dict[str, Any]:
+def _windows_of_batch(batch: pa.Table, window: int, step: int, min_length: int) -> dict[str, Any]:
     histories = list_rows(batch.column("train").combine_chunks())
-    return training_windows(batch.column("user_id").to_numpy(), histories, window, stride, min_length)
+    return training_windows(batch.column("user_id").to_numpy(), histories, window, step, min_length)

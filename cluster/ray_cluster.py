@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from typing import Iterator
 
-from launcher.config import ClusterSection
+import ray
+import ray.data
+
+from core.config import ClusterSection
 
 # Ray picks the machine's external address unless told otherwise; on loopback-only runs that makes
 # clients hang without an error. Every Ray call we make goes through here, so set it once.
@@ -18,15 +22,14 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 @contextlib.contextmanager
 def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
-    Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit."""
-    import ray
-    import ray.data
-
+    Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit.
+    log=False keeps Ray's own logging and the workers' output off this console (it stays in the
+    cluster's session logs; shardrec's ranks write theirs under the run folder)."""
     os.environ.update(LOOPBACK_ENV)
     # Our own log lines report progress; Ray Data's live bars flood captured logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if section.address:
-        ray.init(address=section.address, log_to_driver=True)
+        ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING)
         try:
             yield f"attached to Ray cluster at {section.address}"
         finally:
@@ -45,6 +48,7 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=log,
+        logging_level=logging.INFO if log else logging.WARNING,
         # Ray Train otherwise routes worker print() through its logger as well: every line twice.
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )

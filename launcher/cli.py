@@ -1,8 +1,13 @@
-"""The `shardrec` command line. `main(argv) -> exit code`; user errors print one line and exit 2."""
+"""The `shardrec` command line. `main(argv) -> exit code`; user errors print one line and exit 2.
+
+Imports of the torch / TorchRec / Ray floors (cluster, trainers, sharding, models) are deferred into
+the commands that need them: they take seconds, and bad input must be refused before that.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -10,30 +15,30 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.config import RunConfig, config_from_json, load_config, parse_override_value
-from launcher.errors import UserError
-from models.params import is_sequence_model
-
-
-def report_user_error(exc: UserError) -> int:
-    print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
-    return exc.exit_code
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse exits with 2 on bad usage already; keep its messages but without the traceback noise."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        raise UserError(message)
+from core.config import ClusterSection, EvalSection
+from core.dataset_format import PreparedDataset
+from core.errors import UserError
+from core.interactions import read_user_items
+from core.model_params import MODEL_PARAMS, is_sequence_model
+from core.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
+from core.sequences import build_reference, load_sequences, require_leave_one_out
+from trainers.retrieval import ApproximateIndex, ExactIndex, recall_at_k
+from core.run_args import (
+    ArgumentParser,
+    add_train_arguments,
+    report_user_error,
+    resolve_config,
+    resolve_run_dir,
+    split_overrides,
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shardrec", description="Distributed recommendation training on sharded embedding tables.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="shardrec", description="Distributed recommendation training on sharded embedding tables.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     data = commands.add_parser("data", help="prepare interaction datasets").add_subparsers(
-        dest="data_command", required=True, parser_class=_Parser
+        dest="data_command", required=True, parser_class=ArgumentParser
     )
     prepare = data.add_parser("prepare", help="prepare a built-in dataset (ml-100k)")
     prepare.add_argument("name", choices=["ml-100k"])
@@ -68,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="train a model through Ray (embedded local cluster unless --cluster.address)",
         epilog="Any config value can be overridden with --section.key value, e.g. --trainer.epochs 5.",
     )
-    _add_train_arguments(train)
+    add_train_arguments(train)
     plan = commands.add_parser(
         "plan",
         help="sharding-plan experiment: plan, memory per rank and cost on a described cluster, offline",
@@ -84,8 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--strategy", default="planner",
                       help="planner (default) or force one sharding type on every table")
     plan.add_argument("--compare", choices=["strategies"], help="plan every strategy side by side")
-    plan.add_argument("--reserve", type=float, default=0.15, help="fraction of rank memory kept from tables")
-    plan.add_argument("--batch-size", type=int, default=512, help="per-rank batch size the estimates assume")
+    plan.add_argument("--reserve", type=float, default=None,
+                      help="fraction of rank memory kept from tables (default: the config's sharding.reserve, else 0.15)")
+    plan.add_argument("--batch-size", type=int, default=None,
+                      help="per-rank batch size the estimates assume (default: the config's trainer.batch_size, else 512)")
     plan.add_argument("--out", help="folder for plan.json (usable by --sharding.plan), report.json and report.png")
     baseline = commands.add_parser("baseline", help="score a training-free baseline with the model evaluator")
     baseline.add_argument("name", choices=["popularity"])
@@ -111,13 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="also return items the user interacted with in training/validation")
     commands.add_parser("models", help="list registered models and their parameters")
     show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
-    _add_train_arguments(show)
+    add_train_arguments(show)
     return parser
-
-
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML config, e.g. launcher/configs/ncf_ml100k.toml")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
 
 
 def _count(text: str) -> int:
@@ -130,63 +132,7 @@ def _count(text: str) -> int:
     return value
 
 
-def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
-    overrides = []
-    index = 0
-    while index < len(extra):
-        token = extra[index]
-        if not token.startswith("--") or "." not in token:
-            raise UserError(f"unrecognised argument {token!r}; config overrides look like --section.key value")
-        key = token[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            if index + 1 >= len(extra):
-                raise UserError(f"override {token} needs a value")
-            index += 1
-            value = extra[index]
-        overrides.append((key, value))
-        index += 1
-    return overrides
-
-
-def parse_train_args(argv: list[str]) -> tuple[RunConfig, Path | None]:
-    """Parse `--config`, `--resume` and dotted overrides (shared by `shardrec train` and torchrun)."""
-    parser = _Parser(prog="shardrec train")
-    _add_train_arguments(parser)
-    args, extra = parser.parse_known_args(argv)
-    return _resolve_config(args, _split_overrides(extra))
-
-
-def _resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> tuple[RunConfig, Path | None]:
-    if args.resume:
-        resume_dir = Path(args.resume)
-        saved = resume_dir / "config.json"
-        if not saved.is_file():
-            raise UserError(f"--resume {resume_dir}: not a run folder (no config.json)")
-        config = config_from_json(saved.read_text())
-        for key, value in overrides:
-            config.set(key, parse_override_value(value))
-        return config.validate(), resume_dir
-    if not args.config:
-        raise UserError("--config is required (or --resume RUN_DIR)")
-    return load_config(args.config, overrides), None
-
-
-def resolve_run_dir(config: RunConfig, resume_dir: Path | None) -> Path:
-    if resume_dir is not None:
-        return resume_dir.resolve()
-    name = config.trainer.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = (Path(config.trainer.run_root) / name).resolve()
-    if (run_dir / "checkpoints").exists():
-        raise UserError(f"run folder {run_dir} already has checkpoints: use --resume {run_dir} or another run_name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def _cmd_data(args: argparse.Namespace) -> int:
-    from cluster.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
-
     if args.data_command == "sequences":
         return _cmd_sequences(args)
     if args.data_command == "sample":
@@ -206,10 +152,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_sequences(args: argparse.Namespace) -> int:
-    from cluster.dataset_format import PreparedDataset
-    from cluster.ray_cluster import ray_cluster
-    from cluster.sequences import build_reference, build_with_ray, load_sequences
-    from launcher.config import ClusterSection
+    from cluster.ray_cluster import ray_cluster  # heavy (Ray)
+    from cluster.sequences import build_with_ray
 
     dataset = PreparedDataset.open(args.source)
     with ray_cluster(ClusterSection(address=args.address), log=False) as where:
@@ -228,17 +172,13 @@ def _cmd_sequences(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from cluster.dataset_format import PreparedDataset
-
-    config, resume_dir = _resolve_config(args, overrides)
+    config, resume_dir = resolve_config(args, overrides)
     dataset = PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
     if is_sequence_model(config.model.resolved_params()):
-        from cluster.sequences import require_leave_one_out
-
         require_leave_one_out(dataset)
 
-    from cluster.launch import TrainingFailed, train_on_ray  # heavy imports only once the input is sound
-    from trainers.loop import format_summary
+    from cluster.launch import TrainingFailed, train_on_ray  # heavy (torch, TorchRec, Ray): only once the input is sound
+    from trainers.trainer import format_summary
 
     # Workers do not share the driver's working directory: hand them absolute paths.
     config.data.path = str(Path(config.data.path).resolve())
@@ -247,7 +187,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     run_dir = resolve_run_dir(config, resume_dir)
     print(f"[shardrec] run folder {run_dir}", flush=True)
     try:
-        summary = train_on_ray(config, run_dir, resume=resume_dir is not None)
+        summary = train_on_ray(config, run_dir, resume=resume_dir is not None, verbose=args.verbose)
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -256,9 +196,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from cluster.baselines import popularity
-    from cluster.dataset_format import PreparedDataset
-    from launcher.config import EvalSection
+    from trainers.baselines import popularity  # heavy (torch)
 
     section = EvalSection(protocol=args.protocol, k=args.k, sampled_negatives=args.sampled_negatives,
                           history=args.history)
@@ -270,23 +208,15 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from cluster.dataset_format import PreparedDataset
-    from cluster.retrieval import ExactIndex
 
     index = ExactIndex(args.export_dir)
     users = np.arange(len(index.users)) if args.measure_recall else np.array([index.user_index(args.user)])
     exclude = None
     if not args.include_seen:
-        from trainers.evaluate import UserItems
-
         dataset = PreparedDataset.open(json.loads((Path(args.export_dir) / "export.json").read_text())["dataset"])
-        seen = [dataset.read_split(s) for s in ("train", "valid")]
-        by_user = UserItems.build(np.concatenate([s["user_id"] for s in seen]),
-                                  np.concatenate([s["item_id"] for s in seen]), dataset.num_users)
+        by_user = read_user_items(dataset, ("train", "valid"))
         exclude = [by_user.of(user) for user in users]
     if args.measure_recall:
-        from cluster.retrieval import ApproximateIndex, recall_at_k
-
         started = time.perf_counter()
         exact = index.search(index.users[users], args.k, exclude)
         exact_s = time.perf_counter() - started
@@ -298,8 +228,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
               f"{recall_at_k(found, exact):.4f}; query time exact {exact_s * 1000:.1f} ms, approximate {approx_s * 1000:.1f} ms")
         return 0
     if args.approx:
-        from cluster.retrieval import ApproximateIndex
-
         top = ApproximateIndex(index.items).search(index.users[users], args.k, exclude)[0]
     else:
         top = index.search(index.users[users], args.k, exclude)[0]
@@ -309,10 +237,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_models() -> int:
-    import dataclasses
-
-    from models.params import MODEL_PARAMS
-
     for name, params in sorted(MODEL_PARAMS.items()):
         defaults = {f.name: getattr(params(), f.name) for f in dataclasses.fields(params)}
         print(f"{name}: {params.__doc__.strip().splitlines()[0] if params.__doc__ else ''}")
@@ -326,13 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)
         if args.command == "plan":
-            from launcher.plan_command import run_plan_command
+            from launcher.plan_command import run_plan_command  # heavy (TorchRec planner)
 
-            return run_plan_command(args, _split_overrides(extra))
+            return run_plan_command(args, split_overrides(extra))
         if args.command in ("train", "config"):
-            overrides = _split_overrides(extra)
+            overrides = split_overrides(extra)
             if args.command == "config":
-                config, _ = _resolve_config(args, overrides)
+                config, _ = resolve_config(args, overrides)
                 print(config.to_json())
                 return 0
             return _cmd_train(args, overrides)
@@ -343,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "baseline":
             return _cmd_baseline(args)
         if args.command == "export":
-            from trainers.export import export_run
+            from trainers.export import export_run  # heavy (torch, TorchRec)
 
             info = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
             print(f"exported {info['users']} users and {info['items']} items ({info['dim']}-dim {info['model']} "

@@ -1,4 +1,9 @@
-"""`shardrec plan`: sharding-plan experiments from a model config or a table-spec file."""
+"""`shardrec plan`: sharding-plan experiments from a model config or a table-spec file.
+
+A model config is planned exactly as `shardrec train` plans it (the same model with its table
+optimizer, the config's batch size, reservation and constraints, through sharding.planner.plan_tables):
+only the cluster differs, and on the cluster the job runs on the plans are identical.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,20 @@ import argparse
 import json
 from pathlib import Path
 
-from launcher.config import RunConfig, load_config
-from launcher.errors import UserError
+from torch import nn
+
+from core.config import RunConfig, load_config
+from core.dataset_format import PreparedDataset
+from core.errors import UserError
+from sharding.experiment import STRATEGIES, PlanInfeasible, run_plan
+from sharding.plan_io import save_plan
+from sharding.report import format_comparison, format_report, write_json, write_png
+from sharding.tables import TableSpec, read_table_specs, specs_from_module
+from sharding.topology import load_topology
+from trainers.sharded_model import model_for_sharding
 
 
-def _specs_from_config(config: RunConfig, users: int | None, items: int | None):
-    from cluster.dataset_format import PreparedDataset
-    from models.registry import build_model
-    from sharding.tables import specs_from_module
-
+def _model_from_config(config: RunConfig, users: int | None, items: int | None) -> nn.Module:
     try:
         dataset = PreparedDataset.open(config.data.path)
     except UserError as exc:
@@ -24,33 +34,35 @@ def _specs_from_config(config: RunConfig, users: int | None, items: int | None):
     users = users or dataset.num_users
     items = items or dataset.num_items
     features = dataset.stats.get("features") if dataset is not None else None
-    model = build_model(config.model.name, config.model.resolved_params(), users, items, device="meta",
-                        feature_sizes=features)
-    return specs_from_module(model)
+    return model_for_sharding(config, users, items, features)
 
 
 def run_plan_command(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> int:
-    from sharding.experiment import STRATEGIES, PlanInfeasible, run_plan
-    from sharding.plan_io import save_plan
-    from sharding.report import format_comparison, format_report, write_json, write_png
-    from sharding.tables import read_table_specs
-    from sharding.topology import load_topology
-
-    if not 0 <= args.reserve < 1:
-        raise UserError("--reserve must be in [0, 1)")
     per_table: dict[str, str] = {}
+    module: nn.Module | None = None
+    reserve, batch_size = args.reserve, args.batch_size
     if args.config:
         config = load_config(args.config, overrides)
-        specs = _specs_from_config(config, args.users, args.items)
+        module = _model_from_config(config, args.users, args.items)
+        specs: list[TableSpec] = specs_from_module(module)
         per_table = dict(config.sharding.tables)
         if config.sharding.default and args.strategy == "planner":
             per_table = {s.name: per_table.get(s.name, config.sharding.default) for s in specs}
+        # What training would use, unless the command line says otherwise.
+        reserve = config.sharding.reserve if reserve is None else reserve
+        batch_size = config.trainer.batch_size if batch_size is None else batch_size
     else:
         if overrides:
             raise UserError("--section.key overrides need --config")
         if args.users or args.items:
             raise UserError("--users/--items apply to --config; a table-spec file gives its own sizes")
         specs = read_table_specs(args.tables)
+    reserve = 0.15 if reserve is None else reserve
+    batch_size = 512 if batch_size is None else batch_size
+    if not 0 <= reserve < 1:
+        raise UserError("--reserve must be in [0, 1)")
+    if batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
     topologies = [load_topology(t) for t in args.topology]
     out = Path(args.out) if args.out else None
     if out:
@@ -63,7 +75,7 @@ def run_plan_command(args: argparse.Namespace, overrides: list[tuple[str, str]])
             label = strategy if len(topologies) == 1 else f"{topology.name}/{strategy}"
             try:
                 report = run_plan(specs, topology, strategy, per_table if strategy == "planner" else None,
-                                  args.reserve, args.batch_size)
+                                  reserve, batch_size, module)
                 rows.append({"label": label, "report": report})
             except PlanInfeasible as exc:
                 rows.append({"label": label, "error": str(exc)})
@@ -80,7 +92,7 @@ def run_plan_command(args: argparse.Namespace, overrides: list[tuple[str, str]])
             print(f"\nwrote {out}/comparison.json and one report-*.png per option that fits")
         return 0 if any("report" in r for r in rows) else 2
 
-    report = run_plan(specs, topologies[0], args.strategy, per_table, args.reserve, args.batch_size)
+    report = run_plan(specs, topologies[0], args.strategy, per_table, reserve, batch_size, module)
     print(format_report(report))
     if out:
         save_plan(report.plan, out / "plan.json", topologies[0].world_size, topologies[0].device)

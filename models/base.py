@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
-from models.features import ids_to_kjt
+from core.model_data import ModelData
+from models.features import column_kjt
 
 Batch = dict[str, torch.Tensor]
 
@@ -26,16 +27,17 @@ class RecModel(nn.Module):
     retrieval_key: str | None = None
     """Set when score_all is a plain dot product of vectors()[retrieval_key]: such models can be
     exported for nearest-neighbour retrieval."""
+    data_needs: frozenset[str] = frozenset()
+    """What bind_data must be given beyond batches (core.model_data.NEEDS)."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
 
-    def bind_data(self, dataset: object) -> None:
-        """Give the model what it needs from the training data beyond batches (a graph, feature
-        tables, item frequencies). `dataset` is a cluster.dataset_format.PreparedDataset (typed
-        loosely: models do not import the data layer). Default nothing. Called on every rank after
-        the model is built."""
+    def bind_data(self, data: ModelData) -> None:
+        """Take what the model needs from the training data beyond batches (a graph, feature codes,
+        item frequencies, histories), as arrays the trainer read for `data_needs`. Default nothing.
+        Called on every rank after the model is built."""
 
     def begin_ranking(self, split: str = "next") -> None:
         """Collective hook before a ranking pass (e.g. propagate a graph once); default nothing.
@@ -69,14 +71,14 @@ class UserItemModel(RecModel):
         return [f for f, c in self.feature_columns.items() if c == column]
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        features = ids_to_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
+        features = column_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
         return self.score_pairs(self.tables(features).to_dict())
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch["label"])
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.tables(ids_to_kjt({column: ids}, self.feature_columns)).to_dict()
+        pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()
         return {f: pooled[f] for f in self.features_of(column)}
 
     def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.params import BERT4RecParams
+from core.model_params import BERT4RecParams
 from models.sequential import PositionalInput, SequenceModel, key_padding, pad_right, transformer
 
 

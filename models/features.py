@@ -1,29 +1,48 @@
-"""Batch columns -> KeyedJaggedTensor for a model's features (one id per row per feature)."""
+"""Id tensors -> one KeyedJaggedTensor, the input of every sharded table lookup."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
-def ids_to_kjt(columns: dict[str, np.ndarray | torch.Tensor], feature_columns: dict[str, str]) -> KeyedJaggedTensor:
-    """Each feature reads its column; features whose column is absent get empty bags (length 0).
+def padded_kjt(
+    keys: list[str],
+    ids: dict[str, torch.Tensor],
+    bag_lengths: dict[str, torch.Tensor] | None = None,
+    width: int | None = None,
+) -> KeyedJaggedTensor:
+    """One KJT over `keys` (every feature of the tables looked up).
 
-    Empty bags let one sharded lookup fetch only user rows or only item rows: every rank still calls
-    the collective with all features, as TorchRec requires.
+    Feature f holds ids[f], one id per sample, or bag_lengths[f][s] ids for sample s (bags). Every
+    feature is padded with empty samples to a common batch `width` (default: the most samples any
+    feature has, at least 1); a key absent from `ids` is empty throughout. Empty samples let one
+    collective lookup fetch different numbers of rows per feature: TorchRec wants every feature in
+    every call, and every rank must make the same calls.
     """
-    batch = len(next(iter(columns.values())))
+    bag_lengths = bag_lengths or {}
+    device = next(iter(ids.values())).device if ids else torch.device("cpu")
+    samples = {key: len(bag_lengths[key]) if key in bag_lengths else len(values) for key, values in ids.items()}
+    width = width if width is not None else max([1, *samples.values()])
     values, lengths = [], []
-    for feature, column in feature_columns.items():
-        if column in columns:
-            # torch.tensor copies: Ray Data hands out read-only numpy views.
-            values.append(torch.tensor(columns[column], dtype=torch.int64))
-            lengths.append(torch.ones(batch, dtype=torch.int32))
-        else:
-            lengths.append(torch.zeros(batch, dtype=torch.int32))
+    for key in keys:
+        length = torch.zeros(width, dtype=torch.int32, device=device)
+        if key in ids:
+            if key in bag_lengths:
+                length[: samples[key]] = bag_lengths[key].to(torch.int32)
+            else:
+                length[: samples[key]] = 1
+            values.append(ids[key].to(torch.int64))
+        lengths.append(length)
     return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(feature_columns),
-        values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
+        keys=list(keys),
+        values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64, device=device),
         lengths=torch.cat(lengths),
     )
+
+
+def column_kjt(columns: dict[str, torch.Tensor], feature_columns: dict[str, str]) -> KeyedJaggedTensor:
+    """Each feature reads one batch column (feature_columns: feature -> column), one id per row;
+    features whose column is absent get empty samples (e.g. a lookup of only user rows)."""
+    ids = {feature: columns[column] for feature, column in feature_columns.items() if column in columns}
+    return padded_kjt(list(feature_columns), ids)

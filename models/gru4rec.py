@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.params import GRU4RecParams
+from core.model_params import GRU4RecParams
 from models.sequential import SequenceModel
 
 

@@ -20,16 +20,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.model_data import ModelData
+from core.model_params import LightGCNParams
 from models.base import Batch, RecModel
+from models.features import padded_kjt
 from models.graph import normalized_adjacency
-from models.neighbourhood import NeighbourSampler
-from models.params import LightGCNParams
+from models.neighbourhood import NeighbourSampler, rows_of
 
 
 class LightGCN(RecModel):
     retrieval_key = "final"
+    data_needs = frozenset({"train_pairs"})
 
     def __init__(self, params: LightGCNParams, num_users: int, num_items: int, device: str = "meta") -> None:
         super().__init__()
@@ -52,22 +54,16 @@ class LightGCN(RecModel):
     def init_std(self) -> float:
         return self.params.init_std
 
-    def bind_data(self, dataset: object) -> None:
-        """dataset: a cluster.dataset_format.PreparedDataset; the graph comes from its train split."""
-        self.adjacency = normalized_adjacency(dataset.split_files("train"), self.num_users, self.num_items)  # type: ignore[attr-defined]
+    def bind_data(self, data: ModelData) -> None:
+        """The graph, from the training pairs."""
+        data.require("train_pairs", "LightGCN")
+        self.adjacency = normalized_adjacency(data.train_users, data.train_items, self.num_users, self.num_items)
         self.sampler = NeighbourSampler(self.adjacency, self.params.fanout)
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
         users, items = self.num_users, self.num_items
-        stride = max(users, items)
-        lengths = torch.zeros(2 * stride, dtype=torch.int32)
-        lengths[:users] = 1
-        lengths[stride : stride + items] = 1
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=["user", "item"], values=torch.cat([torch.arange(users), torch.arange(items)]), lengths=lengths
-        )
-        pooled = self.tables(features).to_dict()
+        pooled = self.tables(padded_kjt(["user", "item"], {"user": torch.arange(users), "item": torch.arange(items)})).to_dict()
         return torch.cat([pooled["user"][:users], pooled["item"][:items]])
 
     def propagate(self, layer0: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,31 +84,24 @@ class LightGCN(RecModel):
         is_user = nodes < self.num_users
         users = torch.as_tensor(nodes[is_user])
         items = torch.as_tensor(nodes[~is_user] - self.num_users)
-        stride = torch.tensor([max(len(users), len(items), 1)])
+        width = torch.tensor([max(len(users), len(items), 1)])
         if dist.is_initialized():
-            dist.all_reduce(stride, op=dist.ReduceOp.MAX)
-        stride = int(stride.item())
-        lengths = torch.zeros(2 * stride, dtype=torch.int32)
-        lengths[: len(users)] = 1
-        lengths[stride : stride + len(items)] = 1
-        features = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"], values=torch.cat([users, items]), lengths=lengths)
-        pooled = self.tables(features).to_dict()
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        pooled = self.tables(padded_kjt(["user", "item"], {"user": users, "item": items}, width=int(width.item()))).to_dict()
         rows = torch.zeros(len(nodes), self.params.embed_dim, dtype=pooled["user"].dtype)
         mask = torch.as_tensor(is_user)
         rows[mask] = pooled["user"][: len(users)]
         rows[~mask] = pooled["item"][: len(items)]
         return rows
 
-    def sampled_final(
-        self, targets: np.ndarray, fanout: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[int, int]]:
+    def sampled_final(self, targets: np.ndarray, fanout: int | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """Propagated rows of `targets` from their sampled K-hop neighbourhood.
-        Returns (final rows of the sampled nodes, their layer-0 rows, node -> row position)."""
+        Returns (final rows of the sampled nodes, their layer-0 rows, the sampled node ids)."""
         if self.sampler is None:
             raise RuntimeError("LightGCN needs its graph: call bind_data() first")
         nodes, matrix = self.sampler.sample(targets, self.params.n_layers, self._rng, fanout)
         layer0 = self.node_rows(nodes)
-        return self.propagate(layer0, matrix), layer0, {int(n): i for i, n in enumerate(nodes)}
+        return self.propagate(layer0, matrix), layer0, nodes
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """BPR over (user_id, item_id, neg_item_id) rows, plus L2 on their layer-0 rows."""
@@ -124,9 +113,8 @@ class LightGCN(RecModel):
             final = self.propagate(layer0)
         else:
             targets = torch.cat([users, positives, negatives]).numpy()
-            final, layer0, position = self.sampled_final(targets)
-            remap = np.vectorize(position.__getitem__, otypes=[np.int64])
-            users, positives, negatives = (torch.as_tensor(remap(t.numpy())) for t in (users, positives, negatives))
+            final, layer0, nodes = self.sampled_final(targets)
+            users, positives, negatives = (torch.as_tensor(rows_of(nodes, t.numpy())) for t in (users, positives, negatives))
         u, p, n = final[users], final[positives], final[negatives]
         bpr = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
         l2 = (layer0[users].pow(2).sum() + layer0[positives].pow(2).sum() + layer0[negatives].pow(2).sum()) / 2
@@ -144,8 +132,8 @@ class LightGCN(RecModel):
         offset = 0 if column == "user_id" else self.num_users
         if self.params.propagation == "sampled":
             targets = (ids + offset).numpy()
-            final, _, position = self.sampled_final(targets, self.params.eval_fanout)
-            return {"final": final[torch.as_tensor([position[int(t)] for t in targets])]}
+            final, _, nodes = self.sampled_final(targets, self.params.eval_fanout)
+            return {"final": final[torch.as_tensor(rows_of(nodes, targets))]}
         if self._ranking is None:
             raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")
         return {"final": self._ranking[ids + offset]}

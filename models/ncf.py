@@ -8,7 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from models.base import UserItemModel
-from models.params import NCFParams
+from core.model_params import NCFParams
 
 
 class NCF(UserItemModel):

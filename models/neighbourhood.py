@@ -20,6 +20,7 @@ class NeighbourSampler:
         self.indices = adjacency_csr.col_indices().numpy()
         self.weights = adjacency_csr.values().numpy()
         self.fanout = fanout
+        self._position: np.ndarray | None = None  # node -> row in the current sample, -1 elsewhere
 
     def sample(
         self, targets: np.ndarray, hops: int, rng: np.random.Generator, fanout: int | None = None
@@ -29,31 +30,40 @@ class NeighbourSampler:
         sampler's (0: keep every neighbour)."""
         fanout = self.fanout if fanout is None else fanout
         limit = fanout if fanout > 0 else np.iinfo(np.int64).max
-        nodes, position = list(dict.fromkeys(targets.tolist())), {}
-        for index, node in enumerate(nodes):
-            position[node] = index
-        frontier = np.array(nodes, dtype=np.int64)
-        rows, cols, values = [], [], []
+        # Node -> row position lives in one array over the graph's nodes (-1: not in the sample), so
+        # each hop maps its edges with vectorised indexing rather than a Python dict per step.
+        if self._position is None:
+            self._position = np.full(len(self.indptr) - 1, -1, dtype=np.int64)
+        position = self._position
+        _, first = np.unique(targets, return_index=True)
+        nodes = targets[np.sort(first)].astype(np.int64)
+        position[nodes] = np.arange(len(nodes))
+        frontier = nodes
+        rows, cols, values, parts = [], [], [], [nodes]
+        size = len(nodes)
         for _ in range(hops):
             if len(frontier) == 0:
                 break
             src, dst, weight = self._sample_edges(frontier, rng, limit)
-            fresh = [n for n in dict.fromkeys(dst.tolist()) if n not in position]
-            for node in fresh:
-                position[node] = len(nodes)
-                nodes.append(node)
-            rows.append(np.fromiter((position[n] for n in src.tolist()), np.int64, len(src)))
-            cols.append(np.fromiter((position[n] for n in dst.tolist()), np.int64, len(dst)))
+            _, first = np.unique(dst, return_index=True)
+            candidates = dst[np.sort(first)]
+            fresh = candidates[position[candidates] < 0]
+            position[fresh] = size + np.arange(len(fresh))
+            size += len(fresh)
+            parts.append(fresh)
+            rows.append(position[src])
+            cols.append(position[dst])
             values.append(weight)
-            frontier = np.array(fresh, dtype=np.int64)
-        size = len(nodes)
+            frontier = fresh
+        nodes = np.concatenate(parts)
+        position[nodes] = -1  # reset only what this call touched
         if rows:
             index = torch.as_tensor(np.stack([np.concatenate(rows), np.concatenate(cols)]))
             value = torch.as_tensor(np.concatenate(values), dtype=torch.float32)
         else:
             index, value = torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0)
         matrix = torch.sparse_coo_tensor(index, value, (size, size)).coalesce().to_sparse_csr()
-        return np.array(nodes, dtype=np.int64), matrix
+        return nodes, matrix
 
     def _sample_edges(
         self, frontier: np.ndarray, rng: np.random.Generator, limit: int
@@ -70,3 +80,9 @@ class NeighbourSampler:
         scale = np.where(kept_per_node > 0, degree / np.maximum(kept_per_node, 1), 0.0)
         src = frontier[owner[kept]]
         return src, self.indices[edge[kept]], self.weights[edge[kept]] * scale[owner[kept]]
+
+
+def rows_of(nodes: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Position in `nodes` (unique) of each of `wanted` (all present), vectorised."""
+    sorter = np.argsort(nodes, kind="stable")
+    return sorter[np.searchsorted(nodes, wanted, sorter=sorter)]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from launcher.errors import UserError
-from models.params import MODEL_PARAMS
+from core.errors import UserError
+from core.model_params import MODEL_PARAMS
 
 # name -> "module:function". Imported lazily: torchrec costs seconds to import.
 _BUILDERS: dict[str, str] = {

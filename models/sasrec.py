@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from models.params import SASRecParams
+from core.model_params import SASRecParams
 from models.sequential import PositionalInput, SequenceModel, key_padding, transformer
 
 

@@ -2,7 +2,7 @@
 and ranking from each user's history.
 
 Tokens: 0 is padding, item i is token i + 1, and BERT4Rec's MASK is token num_items + 1. Batches hold
-`sequence` [B, W] tokens padded on the right and `length` [B] (cluster/sequences.py cuts them).
+`sequence` [B, W] tokens padded on the right and `length` [B] (core/sequences.py cuts them).
 
 The item table is a TorchRec EmbeddingCollection (one vector per id, no pooling) sharded like any
 other table. One lookup per step fetches both the history tokens and the candidate items to score
@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.model_data import ModelData
+from core.model_params import SequenceParams
+from core.sequences import SequenceTable
 from models.base import Batch, RecModel
-from models.params import SequenceParams
+from models.features import padded_kjt
 
 # nn.TransformerEncoder asks torch.fx whether it is being traced on every call, and torch answers
 # with a once-per-process deprecation warning about its own API: nothing a user can act on.
@@ -34,6 +36,7 @@ logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
 
 class SequenceModel(RecModel):
     retrieval_key = "vector"
+    data_needs = frozenset({"sequences"})
     uses_mask_token = False
 
     def __init__(self, params: SequenceParams, num_items: int, device: str = "meta") -> None:
@@ -76,25 +79,16 @@ class SequenceModel(RecModel):
     def init_std(self) -> float:
         return self.params.init_std
 
-    def bind_data(self, dataset: object) -> None:
-        """Every user's ordered history, for ranking (cluster.sequences; imported here so the model
-        module itself stays free of the data layer)."""
-        from cluster.sequences import load_sequences
-
-        self.histories = load_sequences(dataset)  # type: ignore[arg-type]
+    def bind_data(self, data: ModelData) -> None:
+        """Every user's ordered history, for ranking."""
+        data.require("sequences", type(self).__name__)
+        self.histories = data.sequences
 
     def lookup(self, tokens: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One sharded lookup (collective): tokens [B, L] -> [B, L, d] with padding zeroed, and
         candidate tokens [C] -> [C, d] from the output table."""
         flat = tokens.reshape(-1)
-        stride = max(len(flat), len(candidates), 1)  # one id per sample; unused samples are empty
-        lengths = torch.zeros(2 * stride, dtype=torch.int32, device=tokens.device)
-        lengths[: len(flat)] = 1
-        lengths[stride : stride + len(candidates)] = 1
-        features = KeyedJaggedTensor.from_lengths_sync(
-            keys=["history", "candidates"], values=torch.cat([flat, candidates.to(flat.device)]).long(), lengths=lengths
-        )
-        looked_up = self.tables(features)
+        looked_up = self.tables(padded_kjt(["history", "candidates"], {"history": flat, "candidates": candidates.to(flat.device)}))
         history = looked_up["history"].values().reshape(tokens.shape[0], tokens.shape[1], self.params.embed_dim)
         history = history * (tokens != 0).unsqueeze(-1).to(history.dtype)  # padding contributes nothing
         return history, looked_up["candidates"].values()

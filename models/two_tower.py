@@ -9,10 +9,7 @@ design. The score is the dot product of the two tower outputs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +17,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from core.model_data import ModelData
+from core.model_params import TwoTowerParams
 from models.base import Batch, RecModel
-from models.params import TwoTowerParams
+from models.features import padded_kjt
 
 USER_SIDE = ("age", "gender", "occupation", "zip")
 ITEM_SIDE = ("year",)
@@ -38,6 +37,7 @@ def _tower(width_in: int, embed_dim: int, dropout: float) -> nn.Sequential:
 
 class TwoTower(RecModel):
     retrieval_key = "tower"
+    data_needs = frozenset({"item_counts", "features"})
 
     def __init__(self, params: TwoTowerParams, num_users: int, num_items: int, device: str = "meta",
                  feature_sizes: dict[str, int] | None = None) -> None:
@@ -76,56 +76,38 @@ class TwoTower(RecModel):
     def init_std(self) -> float:
         return self.params.init_std
 
-    def bind_data(self, dataset: object) -> None:
-        root = Path(dataset.root)  # type: ignore[attr-defined]
+    def bind_data(self, data: ModelData) -> None:
+        """Side-feature codes per user and item, and the items' training popularity (log Q)."""
+        data.require("item_counts", "TwoTower")
         if self.user_side:
-            table = pq.read_table(root / "user_features.parquet")
-            self.user_codes = torch.as_tensor(np.stack([table.column(f).to_numpy() for f in self.user_side], 1))
-        if self.item_side or self.item_bag:
-            table = pq.read_table(root / "item_features.parquet")
-            if self.item_side:
-                self.item_codes = torch.as_tensor(np.stack([table.column(f).to_numpy() for f in self.item_side], 1))
-            if self.item_bag:
-                bags = table.column(ITEM_BAG).combine_chunks()
-                self.genre_offsets = torch.as_tensor(bags.offsets.to_numpy().astype(np.int64))
-                self.genre_values = torch.as_tensor(bags.values.to_numpy().astype(np.int64))
+            self.user_codes = torch.as_tensor(np.stack([data.user_features[f] for f in self.user_side], 1))
+        if self.item_side:
+            self.item_codes = torch.as_tensor(np.stack([data.item_features[f] for f in self.item_side], 1))
+        if self.item_bag:
+            bags = data.item_bags[ITEM_BAG]
+            self.genre_offsets = torch.as_tensor(bags.offsets)
+            self.genre_values = torch.as_tensor(bags.values)
         # log Q: in-batch negatives are drawn in proportion to training popularity.
-        counts = np.zeros(self.num_items)
-        for path in dataset.split_files("train"):  # type: ignore[attr-defined]
-            counts += np.bincount(pq.read_table(path, columns=["item_id"]).column(0).to_numpy(), minlength=self.num_items)
+        counts = data.item_counts.astype(np.float64)
         self.log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / max(counts.sum(), 1)), dtype=torch.float32)
 
     def _features(self, users: torch.Tensor | None, items: torch.Tensor | None) -> KeyedJaggedTensor:
-        """One KJT for both towers' lookups; a side that is not asked for gets empty bags."""
+        """One KJT for both towers' lookups; a side that is not asked for gets empty samples."""
         if self.log_q is None:
             raise RuntimeError("TwoTower needs its feature tables: call bind_data() first")
-        stride = max(len(users) if users is not None else 0, len(items) if items is not None else 0)
-        values, lengths = [], []
-
-        def add(ids: torch.Tensor | None, count_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-            length = torch.zeros(stride, dtype=torch.int32)
-            if ids is not None:
-                if count_values is None:
-                    length[: len(ids)] = 1
-                    values.append(ids)
-                else:
-                    counts, bag_values = count_values
-                    length[: len(counts)] = counts.to(torch.int32)
-                    values.append(bag_values)
-            lengths.append(length)
-
-        for key in self.keys:
-            if key == "user_id":
-                add(users)
-            elif key.startswith("user_"):
-                add(None if users is None else self.user_codes[users, self.user_side.index(key[5:])])
-            elif key == "item_id":
-                add(items)
-            elif key == f"item_{ITEM_BAG}":
-                add(None if items is None else items, None if items is None else self._genres(items))
-            else:
-                add(None if items is None else self.item_codes[items, self.item_side.index(key[5:])])
-        return KeyedJaggedTensor.from_lengths_sync(keys=self.keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        ids: dict[str, torch.Tensor] = {}
+        bag_lengths: dict[str, torch.Tensor] = {}
+        if users is not None:
+            ids["user_id"] = users
+            for index, name in enumerate(self.user_side):
+                ids[f"user_{name}"] = self.user_codes[users, index]
+        if items is not None:
+            ids["item_id"] = items
+            for index, name in enumerate(self.item_side):
+                ids[f"item_{name}"] = self.item_codes[items, index]
+            if self.item_bag:
+                bag_lengths[f"item_{ITEM_BAG}"], ids[f"item_{ITEM_BAG}"] = self._genres(items)
+        return padded_kjt(self.keys, ids, bag_lengths)
 
     def _genres(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts, ends = self.genre_offsets[items], self.genre_offsets[items + 1]

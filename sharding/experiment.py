@@ -13,12 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.errors import UserError
+from torch import nn
+from torchrec.distributed.planner.types import PlannerError
+
+from core.errors import UserError
+from sharding.planner import DEFAULT_RESERVE, plan_tables
 from sharding.tables import TableSpec, planning_module
-from sharding.topology import GIB, ClusterSpec, to_planner_topology
+from sharding.topology import GIB, ClusterSpec
 
 STRATEGIES = ("planner", "table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
-DEFAULT_RESERVE = 0.15
 
 
 class PlanInfeasible(UserError):
@@ -95,68 +98,26 @@ def run_plan(
     per_table: dict[str, str] | None = None,
     reserve: float = DEFAULT_RESERVE,
     batch_size: int = 512,
+    module: nn.Module | None = None,
 ) -> PlanReport:
     """Plan `specs` on `topology`. strategy "planner" lets TorchRec choose (within `per_table`
-    constraints); any other forces that sharding type on every table. Raises PlanInfeasible."""
-    from torchrec.distributed.planner import EmbeddingShardingPlanner
-    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
-    from torchrec.distributed.planner.types import PlannerError
-
-    from sharding.planner import make_constraints, make_sharders
-
+    constraints); any other forces that sharding type on every table. `module`: the model whose
+    tables `specs` describes (a model config's own model, so the plan is exactly what training
+    would get); default a meta-device module of just those tables. Raises PlanInfeasible."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    constraints = make_constraints(
-        [s.name for s in specs],
-        default="" if strategy == "planner" else strategy,
-        per_table=per_table or {},
-        compute_kernels=_kernels_worth_searching(specs, topology, reserve),
-    )
     _check_fits_at_all(specs, topology, reserve, strategy)
-    planner = EmbeddingShardingPlanner(
-        topology=to_planner_topology(topology),
-        batch_size=batch_size,
-        constraints=constraints,
-        storage_reservation=FixedPercentageStorageReservation(percentage=reserve),
-        proposer=_proposers(topology.world_size),
-    )
     started = time.perf_counter()
     try:
-        plan = planner.plan(planning_module(specs), make_sharders())
+        plan, options = plan_tables(
+            module if module is not None else planning_module(specs), specs, topology, batch_size, reserve,
+            default="" if strategy == "planner" else strategy, per_table=per_table or {},
+        )
     except PlannerError as exc:
         raise PlanInfeasible(_explain_planner_failure(specs, topology, reserve, strategy, exc)) from None
     elapsed = time.perf_counter() - started
-    # The chosen sharding options carry the planner's per-shard storage and perf estimates; TorchRec
-    # exposes them only on this attribute.
-    options = planner._best_plan or []  # noqa: SLF001
     tables, ranks = _account(specs, options, topology)
     return PlanReport(topology, strategy, reserve, tables, ranks, plan, elapsed)
-
-
-GRID_SEARCH_MAX_RANKS = 64
-
-
-def _kernels_worth_searching(specs: list[TableSpec], topology: ClusterSpec, reserve: float) -> list[str] | None:
-    """On GPUs, when every table fits a rank's HBM and all of them fit the cluster's, UVM kernels only
-    trade speed for capacity nobody needs: leaving them out shrinks the search about threefold
-    (DLRM-v2 on 128 simulated GPUs: 32 s -> 10.5 s on a 2-core CPU). None keeps every kernel."""
-    if topology.device != "cuda":
-        return None
-    usable_rank = topology.device_memory_per_rank * (1 - reserve)
-    needs = [_table_need(s) for s in specs]
-    if max(needs) <= usable_rank and sum(needs) <= usable_rank * topology.world_size:
-        return ["fused", "dense"]
-    return None
-
-
-def _proposers(world_size: int) -> list[Any]:
-    """TorchRec's default proposers, minus the grid search on large clusters: it proposes every
-    combination of per-table options and the partitioner deep-copies every device per proposal, which
-    took ~50 s for two tables on 1,024 ranks. The greedy and uniform proposers remain."""
-    from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
-
-    proposers = [GreedyProposer(), GreedyProposer(use_depth=False), UniformProposer()]
-    return ([GridSearchProposer()] if world_size <= GRID_SEARCH_MAX_RANKS else []) + proposers
 
 
 def _account(specs: list[TableSpec], options: list[Any], topology: ClusterSpec) -> tuple[list[dict], list[RankUsage]]:

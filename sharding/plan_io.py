@@ -14,8 +14,8 @@ from typing import Any
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
-from launcher.errors import UserError
-from launcher.files import read_json
+from core.errors import UserError
+from core.files import read_json
 
 FORMAT = "shardrec.plan/1"
 # Kernels that need an accelerator, and what a CPU dry run uses instead.
@@ -78,7 +78,7 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def retarget(raw: dict[str, Any], device: str, world_size: int, table_rows: dict[str, tuple[int, int]]) -> ShardingPlan:
+def retarget(raw: dict[str, Any], device: str, world_size: int, table_shapes: dict[str, tuple[int, int]]) -> ShardingPlan:
     """The plan for `device` ranks: same placements, device names and kernels changed as needed.
 
     Refuses when the world size or the tables (names and shapes) differ: placements would be meaningless.
@@ -93,12 +93,12 @@ def retarget(raw: dict[str, Any], device: str, world_size: int, table_rows: dict
                 cols = max(s["offsets"][1] + s["sizes"][1] for s in entry["shards"])
                 planned[table] = (rows, cols)
             else:
-                planned[table] = table_rows.get(table, (0, 0))
-    if set(planned) != set(table_rows):
-        raise UserError(f"the plan's tables {sorted(planned)} differ from the model's {sorted(table_rows)}")
-    mismatched = sorted(t for t in table_rows if planned[t] != table_rows[t])
+                planned[table] = table_shapes.get(table, (0, 0))
+    if set(planned) != set(table_shapes):
+        raise UserError(f"the plan's tables {sorted(planned)} differ from the model's {sorted(table_shapes)}")
+    mismatched = sorted(t for t in table_shapes if planned[t] != table_shapes[t])
     if mismatched:
-        details = ", ".join(f"{t}: plan {planned[t]} vs model {table_rows[t]}" for t in mismatched)
+        details = ", ".join(f"{t}: plan {planned[t]} vs model {table_shapes[t]}" for t in mismatched)
         raise UserError(f"the plan's table shapes differ from the model's: {details}")
     if device == raw["device"]:
         return plan_from_dict(raw)

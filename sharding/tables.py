@@ -4,14 +4,19 @@ module the planner can plan (no memory is allocated, whatever the table sizes)."
 from __future__ import annotations
 
 import csv
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from launcher.errors import UserError
-from launcher.files import read_toml
+from core.errors import UserError
+from core.files import read_toml
 
 # Optimizer names in table-spec files -> (torch optimizer class path, state floats per row, per element).
 OPTIMIZERS = {
@@ -85,12 +90,22 @@ def specs_from_module(module: nn.Module) -> list[TableSpec]:
     """Tables of a model (the trainer applies row-wise Adagrad to all). Sequence models' unpooled
     tables are planned as pooled ones of the same shape: memory is the same, and the planner's
     cost estimate differs only in the output all-to-all."""
-    from sharding.planner import table_configs
-
     return [
         TableSpec(c.name, c.num_embeddings, c.embedding_dim, c.pooling.name.lower() if hasattr(c, "pooling") else "sum")
         for c in table_configs(module)
     ]
+
+
+def table_configs(model: nn.Module) -> list[Any]:
+    """Configs of every TorchRec table in the model, pooled (EmbeddingBagCollection) or not
+    (EmbeddingCollection)."""
+    found = []
+    for module in model.modules():
+        for attribute in ("embedding_bag_configs", "embedding_configs"):
+            configs = getattr(module, attribute, None)
+            if callable(configs):
+                found += list(configs())
+    return found
 
 
 class TablesOnly(nn.Module):
@@ -99,9 +114,6 @@ class TablesOnly(nn.Module):
 
     def __init__(self, specs: list[TableSpec]) -> None:
         super().__init__()
-        from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-        from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
         self.tables = EmbeddingBagCollection(
             tables=[
                 EmbeddingBagConfig(
@@ -116,10 +128,6 @@ class TablesOnly(nn.Module):
 
 def planning_module(specs: list[TableSpec]) -> nn.Module:
     """A meta-device module with each table's optimizer attached (so the planner counts its state)."""
-    import importlib
-
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
     module = TablesOnly(specs)
     params = dict(module.tables.embedding_bags.named_parameters())
     for spec in specs:

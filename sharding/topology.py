@@ -1,15 +1,19 @@
-"""Cluster specs (cluster/topologies/*.toml) and their TorchRec planner Topology."""
+"""Cluster specs (sharding/topologies/*.toml) and their TorchRec planner Topology."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from launcher.errors import UserError
-from launcher.files import read_toml
+from torchrec.distributed.planner import Topology
+
+from core.errors import UserError
+from core.files import read_toml
 
 GIB = 1024**3
-PRESET_DIR = Path(__file__).resolve().parents[1] / "cluster" / "topologies"
+PRESET_DIR = Path(__file__).resolve().parent / "topologies"
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,23 @@ def load_topology(name_or_path: str) -> ClusterSpec:
     return spec
 
 
-def to_planner_topology(spec: ClusterSpec):  # -> torchrec Topology (imported lazily: torchrec is slow to import)
-    from torchrec.distributed.planner import Topology
+def running_cluster(world_size: int, local_world_size: int, device: str, hbm_gb: float = 0.0) -> ClusterSpec:
+    """The cluster a training job runs on, described like a preset: its ranks, this node's memory
+    and the bandwidth figures of the matching preset (cpu-local for CPU ranks, 1x8xH100 for GPUs).
+    On the 2-rank CPU test machine it is the cpu-local preset, so `shardrec plan --topology
+    cpu-local` shows the plan `shardrec train` gets."""
+    if world_size % local_world_size:
+        raise UserError(f"{world_size} ranks do not divide into nodes of {local_world_size}")
+    base = load_topology("cpu-local" if device == "cpu" else "1x8xH100")
+    host_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    nodes = world_size // local_world_size
+    return dataclasses.replace(
+        base, name=f"this job ({nodes}x{local_world_size}x{device})", nodes=nodes, devices_per_node=local_world_size,
+        device=device, hbm_gb=hbm_gb if device == "cuda" else 0.0, host_memory_gb=round(host_gb),
+    )
 
+
+def to_planner_topology(spec: ClusterSpec) -> Topology:
     bytes_per_ms = 1e9 / 1000  # GB/s -> bytes per millisecond, TorchRec's bandwidth unit
     return Topology(
         world_size=spec.world_size,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.prepare import PrepareOptions, prepare_ml100k, sample_dataset
+from core.prepare import PrepareOptions, prepare_ml100k, sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

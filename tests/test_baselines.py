@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from cluster.baselines import popularity
-from cluster.dataset_format import PreparedDataset
+from trainers.baselines import popularity
+from core.dataset_format import PreparedDataset
 from launcher.cli import main
-from launcher.config import EvalSection
+from core.config import EvalSection
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

@@ -1,8 +1,8 @@
 import pytest
 
 from launcher.cli import main
-from launcher.config import RunConfig, load_config
-from launcher.errors import UserError
+from core.config import RunConfig, load_config
+from core.errors import UserError
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 PRESET = "launcher/configs/ncf_ml100k.toml"

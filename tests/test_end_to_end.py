@@ -3,17 +3,25 @@ and `ray job submit` against a `ray start --head` cluster on loopback. Each test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from core.dataset_format import PreparedDataset
+from core.sequences import build_reference, load_sequences, sequence_files
 from tests.conftest import REPO
-from tests.forked_ranks import free_port
+from trainers.distributed import free_loopback_port as free_port
 
 pytestmark = [pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
@@ -69,18 +77,57 @@ def test_failing_rank_under_ray_fails_the_command(ml100k_small, tmp_path):
     assert "training failed" in result.stderr and "valid" in result.stderr
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_trains_and_resumes(ml100k_small, tmp_path):
+def _final_weights(run: Path, epoch: int, into: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's checkpoint (model and optimizer state), whole, as plain tensors."""
+    dcp_to_torch_save(str(run / "checkpoints" / f"epoch-{epoch:04d}"), str(into))
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            flat[prefix] = value
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}/{key}", inner)
+
+    walk("", torch.load(into, weights_only=True))
+    return flat
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_resumed_run_equals_an_uninterrupted_one(ml100k_small, tmp_path):
+    """2 epochs, then --resume to 4, against 4 epochs in one go (same seed): the same epoch losses and
+    the same final weights and optimizer state. The console shows shardrec's lines only; TorchRec's
+    and FBGEMM's go to the run's logs/."""
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
+    straight = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "straight", epochs=4)], 300)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
     first = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "tr", epochs=2)], 240)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "tr"
-    resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "3"], 240)
+    resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "4"], 240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert [h["epoch"] for h in summary["history"]] == [3]  # only the new epoch ran
-    assert (run / "checkpoints" / "epoch-0003" / "progress.json").exists()
+
+    whole = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]
+    pieced = json.loads((run / "summary.json").read_text())["history"]
+    assert [h["epoch"] for h in pieced] == [1, 2, 3, 4]  # the resumed run's summary keeps epochs 1-2
+    np.testing.assert_allclose([h["loss"] for h in pieced], [h["loss"] for h in whole], rtol=1e-5)
+    assert whole[3]["loss"] < whole[0]["loss"]
+    a = _final_weights(tmp_path / "straight", 4, tmp_path / "a.pt")
+    b = _final_weights(run, 4, tmp_path / "b.pt")
+    assert a.keys() == b.keys() and any(key.startswith("/optim/") for key in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # ...and the comparison can fail: the state after epoch 2 differs from the final one.
+    early = _final_weights(run, 2, tmp_path / "c.pt")
+    assert any(not torch.allclose(early[key], a[key]) for key in a)
+
+    # Quiet console: the epoch lines and the report, no TorchRec planner tables or FBGEMM load lines.
+    assert "epoch 4:" in straight.stdout and "test at best validation epoch" in straight.stdout
+    noise = ("GreedyPerfPartitioner", "Successfully loaded", "Planner Statistics")
+    assert not any(word in straight.stdout + straight.stderr for word in noise)
+    rank_log = (tmp_path / "straight" / "logs" / "rank-0.log").read_text()
+    assert "Planner Statistics" in rank_log or "GreedyPerfPartitioner" in rank_log
 
 
 @pytest.mark.timeout(200)
@@ -107,6 +154,7 @@ def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_job_agent(ray, address)
         submit = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
                   str(VENV_BIN / "python"), "-m", "launcher", "train"]
         ok = _run([*submit, *_small_run_args(ml100k_small, tmp_path, "job", epochs=1), "--cluster.address", "auto"], 300)
@@ -116,8 +164,43 @@ def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
         bad = _run([*submit, *_small_run_args(broken, tmp_path, "bad", epochs=1), "--cluster.address", "auto"], 300)
         assert bad.returncode != 0
     finally:
-        _run([ray, "stop", "--force"], 120)
+        _stop_processes_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_job_agent(ray: str, address: str, timeout_s: float = 90.0) -> None:
+    """`ray start` returns before the head's job agent accepts jobs: poll the job API until it answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = _run([ray, "job", "list", "--address", address], 30)
+        if listed.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the job agent at {address} did not answer: {listed.stderr[-1000:]}")
+        time.sleep(1)
+
+
+def _stop_processes_under(temp_dir: Path) -> None:
+    """Stop the Ray head this test started, and only it: the processes whose command line names its own
+    temp dir (never `ray stop`, which ends every Ray cluster of the user on the machine)."""
+    def ours() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    if str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                        found.append(int(proc.name))
+                except OSError:
+                    continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.5)
 
 
 @pytest.mark.timeout(200)
@@ -142,9 +225,6 @@ def test_model_config_trains_end_to_end(ml100k_small, ml100k_loo_small, tmp_path
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_sasrec_through_ray_builds_sequences_with_ray_data(ml100k_loo_small, tmp_path):
-    from cluster.dataset_format import PreparedDataset
-    from cluster.sequences import build_reference, load_sequences, sequence_files
-
     data = tmp_path / "data"
     shutil.copytree(ml100k_loo_small, data)
     args = _small_run_args(data, tmp_path, "sas", epochs=2)

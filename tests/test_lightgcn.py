@@ -6,31 +6,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cluster.dataset_format import PreparedDataset
-from launcher.config import config_from_json, load_config
+from core.dataset_format import PreparedDataset
+from core.config import config_from_json, load_config
 from models.graph import normalized_adjacency
-from tests.forked_ranks import run_ranks, train_step
+from tests.forked_ranks import mean_over_ranks, run_ranks, train_step
+from trainers.distributed import setup
 from trainers.sharded_model import build_sharded_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 CONFIG = str(Path(__file__).resolve().parents[1] / "launcher/configs/lightgcn_ml100k.toml")
 
 
-def _write(path: Path, users: list[int], items: list[int]) -> Path:
-    pq.write_table(pa.table({"user_id": np.array(users, np.int64), "item_id": np.array(items, np.int64)}), path)
-    return path
-
-
 @pytest.mark.unit
-def test_normalized_adjacency_by_hand(tmp_path):
-    # users 0,1; items 0,1,2. Edges: (0,0) (0,1) (1,1) (1,2), split over two files.
-    files = [_write(tmp_path / "a.parquet", [0, 0], [0, 1]), _write(tmp_path / "b.parquet", [1, 1], [1, 2])]
-    dense = normalized_adjacency(files, 2, 3).to_dense()
+def test_normalized_adjacency_by_hand():
+    # users 0,1; items 0,1,2. Edges: (0,0) (0,1) (1,1) (1,2).
+    dense = normalized_adjacency(np.array([0, 0, 1, 1]), np.array([0, 1, 1, 2]), 2, 3).to_dense()
     degree = {("u", 0): 2, ("u", 1): 2, ("i", 0): 1, ("i", 1): 2, ("i", 2): 1}
     expected = torch.zeros(5, 5)
     for u, i in [(0, 0), (0, 1), (1, 1), (1, 2)]:
@@ -46,7 +39,7 @@ def _config(data: Path, layout: str) -> str:
 def _propagation_and_reference(rank: int, world: int, config_json: str) -> float:
     config = config_from_json(config_json)
     dataset = PreparedDataset.open(config.data.path)
-    model = build_sharded_model(config, dataset, torch.device("cpu")).model
+    model = build_sharded_model(config, dataset, setup()).model
     with torch.no_grad():
         layer0 = model.layer0()
         model.begin_ranking()
@@ -75,7 +68,7 @@ def test_full_graph_propagation_equals_dense_reference(ml100k_small):
 def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[float]:
     config = config_from_json(config_json)
     dataset = PreparedDataset.open(config.data.path)
-    sharded = build_sharded_model(config, dataset, torch.device("cpu"))
+    sharded = build_sharded_model(config, dataset, setup())
     train = dataset.read_split("train")
     global_batch = 64
     rng = np.random.default_rng(0)
@@ -90,10 +83,10 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
 
 def test_sharded_lightgcn_training_matches_unsharded(ml100k_small):
     (reference,) = run_ranks(_train_losses, 1, _config(ml100k_small, "table_wise"), 8)
-    sharded = run_ranks(_train_losses, 2, _config(ml100k_small, "row_wise"), 8)
-    assert sharded[0] == sharded[1]
+    per_rank = run_ranks(_train_losses, 2, _config(ml100k_small, "row_wise"), 8)
+    assert per_rank[0] != per_rank[1]  # each rank trains on its own half of the batch
     assert reference[-1] < reference[0] - 0.05  # gradients reach the tables through the propagation
-    np.testing.assert_allclose(sharded[0], reference, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(mean_over_ranks(per_rank), reference, rtol=2e-4, atol=1e-6)
 
 
 def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str) -> float:
@@ -102,7 +95,7 @@ def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str) -
     for config_json in (full_json, sampled_json):
         config = config_from_json(config_json)
         dataset = PreparedDataset.open(config.data.path)
-        model = build_sharded_model(config, dataset, torch.device("cpu")).model.eval()
+        model = build_sharded_model(config, dataset, setup()).model.eval()
         ids = torch.arange(rank * 7, rank * 7 + 7)  # different users per rank
         with torch.no_grad():
             model.begin_ranking()
@@ -127,5 +120,5 @@ def test_sampled_mode_with_every_neighbour_equals_full_mode(ml100k_small):
 def test_sampled_mode_trains(ml100k_small):
     config = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
                                   ("model.propagation", "sampled"), ("model.fanout", "5")]).to_json()
-    losses = run_ranks(_train_losses, 2, config, 8)
-    assert losses[0] == losses[1] and losses[0][-1] < losses[0][0] - 0.05
+    losses = mean_over_ranks(run_ranks(_train_losses, 2, config, 8))
+    assert losses[-1] < losses[0] - 0.05

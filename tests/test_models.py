@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.params import NCFParams
+from core.model_params import NCFParams
 from models.registry import build_model, model_names
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cluster.negatives import NegativeSampler
+from core.negatives import NegativeSampler
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 

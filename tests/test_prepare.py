@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.dataset_format import PreparedDataset
-from cluster.prepare import PrepareOptions, ml100k_source, prepare, read_interactions
+from core.dataset_format import PreparedDataset
+from core.prepare import PrepareOptions, ml100k_source, prepare, read_interactions
 from launcher.cli import main
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

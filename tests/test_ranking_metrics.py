@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchmetrics.retrieval as tm
 
-from trainers.evaluate import UserItems, mask_items, sample_unseen
+from core.interactions import UserItems
+from trainers.evaluate import mask_items, sample_unseen
 from trainers.ranking_metrics import metrics_from_hits
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cluster.retrieval import ApproximateIndex, recall_at_k
+from trainers.retrieval import ApproximateIndex, recall_at_k
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -18,4 +18,9 @@ def test_approximate_index_recall_and_exclusion():
     found = ApproximateIndex(items).search(queries, 10, exclude)
     assert not any(np.isin(found[row], exclude[row]).any() for row in range(200))
     assert recall_at_k(found, exact) > 0.9
-    assert recall_at_k(exact, exact) == 1.0
+
+
+def test_recall_at_k_by_hand():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    approximate = np.array([[3, 9, 1], [7, 8, -1]])  # 2 of 3 found; none found (and one slot empty)
+    assert recall_at_k(approximate, exact) == pytest.approx((2 / 3 + 0) / 2)

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from launcher.cli import parse_train_args, report_user_error, resolve_run_dir
-from launcher.errors import UserError
+from core.errors import UserError
+from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
-from trainers.loop import format_summary
+from trainers.trainer import format_summary
 
 
 def main(argv: list[str]) -> int:
     try:
-        config, resume_dir = parse_train_args(argv)
+        config, resume_dir, verbose = parse_train_args(argv)
     except UserError as exc:
         return report_user_error(exc)
     context = setup(config.cluster.backend)
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         if isinstance(chosen[0], UserError):
             raise chosen[0]
         run_dir = Path(chosen[0])  # type: ignore[arg-type]
-        summary = torchrun_rank(config, run_dir, resume_dir is not None, context)
+        summary = torchrun_rank(config, run_dir, resume_dir is not None, context, verbose)
         if context.is_main:
             print(format_summary(summary), flush=True)
     except UserError as exc:

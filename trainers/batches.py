@@ -9,8 +9,9 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from cluster.dataset_format import PreparedDataset
-from cluster.negatives import NegativeSampler
+from core.dataset_format import PreparedDataset
+from core.negatives import NegativeSampler
+from core.sequences import load_sequences, training_windows
 from trainers.distributed import all_agree
 
 Batch = dict[str, np.ndarray]
@@ -75,15 +76,13 @@ class ParquetFilesSource:
 
 class SequenceWindowsSource:
     """Without Ray, for sequence models: every rank cuts the same windows from the users' histories
-    (cluster/sequences.py), shuffles them with the shared seed, and takes every world-th one."""
+    (core/sequences.py), shuffles them with the shared seed, and takes every world-th one."""
 
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:
-        from cluster.sequences import load_sequences, training_windows
-
         table = load_sequences(dataset)
         histories = [table.train_of(user) for user in range(table.num_users)]
-        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.stride,
+        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.resolved_window_step,
                                         params.min_window)
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -96,10 +95,10 @@ class SequenceWindowsSource:
             yield {name: values[index] for name, values in self.windows.items()}
 
 
-def to_tensors(batch: Batch) -> dict[str, torch.Tensor]:
-    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels."""
+def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels on `device`."""
     return {
-        name: torch.tensor(values, dtype=torch.float32 if name == "label" else torch.int64)
+        name: torch.tensor(values, dtype=torch.float32 if name == "label" else torch.int64).to(device)
         for name, values in batch.items()
     }
 

@@ -17,8 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from trainers.sharded_model import ShardedModel
-
 
 def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
     return run_dir / "checkpoints" / f"epoch-{epoch:04d}"
@@ -30,9 +28,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(sharded: ShardedModel, path: Path, progress: dict[str, Any]) -> None:
-    """Collective. progress: epoch, step, config, ... (JSON-serialisable)."""
-    state = {"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}
+def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
+    """Collective. state: {"model": ..., "optim": ...} state dicts (sharded tensors welcome);
+    progress: epoch, step, config, ... (JSON-serialisable), written last as the mark of completion."""
     dcp.save(state, checkpoint_id=str(path))
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     torch.save(rng, path / f"rng-rank{dist.get_rank()}.pt")
@@ -44,22 +42,13 @@ def save(sharded: ShardedModel, path: Path, progress: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def load_weights(sharded: ShardedModel, path: Path) -> None:
-    """Collective. Model weights only, into any layout (optimizer state may not reshard between
-    layouts, e.g. a table that was row_wise with a fused optimizer and is now data_parallel)."""
-    state = {"model": sharded.dmp.state_dict()}
+def load(state: dict[str, Any], path: Path, restore_rng: bool = True) -> dict[str, Any]:
+    """Collective. Loads the checkpoint into `state`'s tensors in place (any world size or layout that
+    DCP can reshard; pass only {"model": ...} to load weights alone), restores this rank's RNG states
+    when asked and present, and returns progress.json."""
     dcp.load(state, checkpoint_id=str(path))
-    sharded.dmp.load_state_dict(state["model"])
-
-
-def load(sharded: ShardedModel, path: Path) -> dict[str, Any]:
-    """Collective. Loads into the current layout (any world size); returns progress.json."""
-    state = {"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
-    sharded.dmp.load_state_dict(state["model"])
-    sharded.optimizer.load_state_dict(state["optim"])
     rng_file = path / f"rng-rank{dist.get_rank()}.pt"
-    if rng_file.exists():  # absent when resuming at a larger world size
+    if restore_rng and rng_file.exists():  # absent when resuming at a larger world size
         rng = torch.load(rng_file, weights_only=False)
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +16,8 @@ class RankContext:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
+    """Ranks on this node."""
     device: torch.device
     owns_process_group: bool
     """True when we created the process group (torchrun) and so must destroy it."""
@@ -38,12 +41,13 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         owns = True
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return RankContext(dist.get_rank(), dist.get_world_size(), local_rank, device, owns)
+    return RankContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, owns)
 
 
 def teardown(context: RankContext) -> None:
@@ -63,3 +67,10 @@ def all_sum(values: list[float]) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous on this machine)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -13,44 +13,20 @@ Protocols:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from cluster.dataset_format import PreparedDataset
-from launcher.config import EvalSection
+from core.config import EvalSection
+from core.dataset_format import PreparedDataset
+from core.interactions import UserItems, read_user_items
 from models.base import RecModel
 from trainers.distributed import all_sum
 from trainers.ranking_metrics import metrics_from_hits
 
 LOOKUP_CHUNK = 4096
-
-
-@dataclass(frozen=True)
-class UserItems:
-    """Items of each user in CSR form: items[indptr[u]:indptr[u+1]]."""
-
-    indptr: np.ndarray
-    items: np.ndarray
-
-    @classmethod
-    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int) -> "UserItems":
-        order = np.argsort(users, kind="stable")
-        counts = np.bincount(users, minlength=num_users)
-        return cls(np.r_[0, np.cumsum(counts)], items[order])
-
-    def of(self, user: int) -> np.ndarray:
-        return self.items[self.indptr[user] : self.indptr[user + 1]]
-
-    def counts(self) -> np.ndarray:
-        return np.diff(self.indptr)
-
-    def merged(self, other: "UserItems") -> "UserItems":
-        num_users = len(self.indptr) - 1
-        users = np.r_[np.repeat(np.arange(num_users), self.counts()), np.repeat(np.arange(num_users), other.counts())]
-        return UserItems.build(users, np.r_[self.items, other.items], num_users)
 
 
 class Evaluator:
@@ -68,10 +44,7 @@ class Evaluator:
         self.rank, self.world_size = rank, world_size
         self.num_users, self.num_items = dataset.num_users, dataset.num_items
         self.seed = seed
-        self.by_split = {}
-        for split in ("train", "valid", "test"):
-            rows = dataset.read_split(split)
-            self.by_split[split] = UserItems.build(rows["user_id"], rows["item_id"], self.num_users)
+        self.by_split = {split: read_user_items(dataset, (split,)) for split in ("train", "valid", "test")}
         self.masks = {"valid": self.by_split["train"], "test": self.by_split["train"].merged(self.by_split["valid"])}
         self.everything = self.masks["test"].merged(self.by_split["test"])
 
@@ -89,8 +62,10 @@ class Evaluator:
         return ["full", "sampled"] if self.config.protocol == "both" else [self.config.protocol]
 
     @torch.no_grad()
-    def evaluate(self, model: RecModel, split: str) -> dict[str, float | str | int]:
-        """Collective: every rank must call it. `model` is the unwrapped module with sharded tables."""
+    def evaluate(self, model: RecModel, split: str, on_batch: Callable[[int], None] | None = None
+                 ) -> dict[str, float | str | int]:
+        """Collective: every rank must call it. `model` is the unwrapped module with sharded tables.
+        on_batch(total) is called once before the user batches and once after each (progress)."""
         was_training = model.training
         model.eval()
         try:
@@ -99,7 +74,7 @@ class Evaluator:
             targets = self.by_split[split]
             eval_users = np.flatnonzero(targets.counts() > 0)
             mine = eval_users[self.rank :: self.world_size]
-            sums = self._score_users(model, mine, items, split)
+            sums = self._score_users(model, mine, items, split, on_batch)
         finally:
             model.end_ranking()
             model.train(was_training)
@@ -170,20 +145,24 @@ class Evaluator:
             gathered[feature] = torch.cat(pieces)[: self.num_items]
         return gathered
 
-    def _score_users(self, model: RecModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str) -> list[float]:
+    def _score_users(self, model: RecModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str,
+                     on_batch: Callable[[int], None] | None = None) -> list[float]:
         longest = torch.tensor([len(users)])
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         batch = self.config.user_batch
         n_batches = -(-int(longest.item()) // batch)
         sums = self._empty_sums()
+        if on_batch is not None:
+            on_batch(n_batches)
         for index in range(n_batches):
             chunk = users[index * batch : (index + 1) * batch]
             # Lookups are collective: a rank with no users left still joins with padding rows.
             vectors = self._lookup_padded(model, "user_id", chunk, batch)
-            if len(chunk) == 0:
-                continue
-            vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
-            sums += self._sums(model.score_all(vectors, items), chunk, split)
+            if len(chunk):
+                vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
+                sums += self._sums(model.score_all(vectors, items), chunk, split)
+            if on_batch is not None:
+                on_batch(n_batches)
         return sums.tolist()
 
     def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
@@ -222,9 +201,7 @@ class Evaluator:
 
 def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> torch.Tensor:
     """Set each user's masked items to -inf so they cannot be recommended. scores: [U, I]."""
-    counts = masked.counts()[users]
-    rows = np.repeat(np.arange(len(users)), counts)
-    cols = np.concatenate([masked.of(u) for u in users]) if len(users) else np.empty(0, np.int64)
+    rows, cols = masked.of_users(users)
     scores = scores.clone()
     scores[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.int64)] = float("-inf")
     return scores

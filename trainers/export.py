@@ -23,11 +23,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from cluster.dataset_format import PreparedDataset
-from launcher.config import config_from_json
-from launcher.errors import UserError
+from core.config import config_from_json
+from core.dataset_format import PreparedDataset
+from core.errors import UserError
+from models.two_tower import TwoTower, user_encoder
 from trainers import checkpoint
-from trainers.sharded_model import ShardedModel, build_sharded_model
+from trainers.distributed import free_loopback_port, setup
+from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables
 
 CHUNK = 4096
 
@@ -61,21 +63,21 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     owns_group = not dist.is_initialized()
     if owns_group:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}
-        sharded = build_sharded_model(config, dataset, torch.device("cpu"))
+        sharded = build_sharded_model(config, dataset, setup("gloo"))
         if sharded.model.retrieval_key is None:
             raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
-        checkpoint.load_weights(sharded, latest)
+        weights = {"model": sharded.dmp.state_dict()}
+        checkpoint.load(weights, latest, restore_rng=False)
+        sharded.dmp.load_state_dict(weights["model"])
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
-        if hasattr(sharded.model, "user_tower"):
-            from models.two_tower import user_encoder
-
+        if isinstance(sharded.model, TwoTower):
             torch.save(user_encoder(sharded.model, full_tables(sharded)), out / "user_encoder.pt")
     finally:
         if owns_group:
@@ -90,28 +92,3 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
             "checkpoint": str(latest), "dataset": str(dataset.root)}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "out": str(out)}
-
-
-def full_tables(sharded: ShardedModel) -> dict[str, torch.Tensor]:
-    """table name -> whole weight, assembled from this (only) rank's shards."""
-    tables = {}
-    for name, value in sharded.dmp.state_dict().items():
-        if ".embedding_bags." not in name:
-            continue
-        if hasattr(value, "local_shards"):
-            full = torch.zeros(*value.metadata().size)
-            for shard in value.local_shards():
-                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                full[row : row + rows, col : col + cols] = shard.tensor
-        else:
-            full = value.detach().clone()
-        tables[name.split(".")[-2]] = full
-    return tables
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

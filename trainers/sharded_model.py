@@ -1,26 +1,32 @@
-"""Build a model on the meta device, plan its sharding, wrap it in DistributedModelParallel, and
-initialise every shard identically whatever the layout."""
+"""Build a model on the meta device, plan its sharding with the one planner, wrap it in
+DistributedModelParallel, and initialise every shard identically whatever the layout."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from cluster.dataset_format import PreparedDataset
-from launcher.config import RunConfig
+from core.config import RunConfig
+from core.dataset_format import PreparedDataset
+from core.errors import UserError
+from core.model_data import load_model_data
 from models.base import RecModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
-from sharding.planner import describe_plan, make_sharders, plan_sharding, table_shapes
+from sharding.planner import describe_plan, make_sharders, plan_tables, table_shapes
+from sharding.tables import specs_from_module
+from sharding.topology import ClusterSpec, load_topology, running_cluster
+from trainers.distributed import RankContext
 
 INIT_CHUNK_ROWS = 65_536
 
@@ -30,6 +36,7 @@ class ShardedModel:
     dmp: DistributedModelParallel
     optimizer: CombinedOptimizer
     """Fused table optimizer (steps inside backward) + Adam on dense parameters; one state_dict."""
+    plan: ShardingPlan
     plan_rows: list[dict[str, Any]]
 
     @property
@@ -37,38 +44,61 @@ class ShardedModel:
         return self.dmp.module  # type: ignore[return-value]
 
 
-def build_sharded_model(config: RunConfig, dataset: PreparedDataset, device: torch.device) -> ShardedModel:
+def model_for_sharding(config: RunConfig, num_users: int, num_items: int,
+                       feature_sizes: dict[str, int] | None) -> RecModel:
+    """The model on the meta device with its table optimizer attached: what training shards and what
+    `shardrec plan --config` plans. The optimizer goes on before planning so the planner counts its state."""
+    model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta",
+                        feature_sizes=feature_sizes)
+    apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
+    return model
+
+
+def job_cluster(topology: str, context: RankContext) -> ClusterSpec:
+    """The cluster the planner plans for: the running job ("auto") or a described one of its size."""
+    if topology == "auto":
+        hbm_gb = 0.0
+        if context.device.type == "cuda":
+            hbm_gb = torch.cuda.get_device_properties(context.device).total_memory / 1024**3
+        return running_cluster(context.world_size, context.local_world_size, context.device.type, hbm_gb)
+    cluster = load_topology(topology)
+    if cluster.world_size != context.world_size:
+        raise UserError(f"sharding.topology {topology}: {cluster.world_size} ranks, this job has {context.world_size}")
+    return cluster
+
+
+def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: RankContext) -> ShardedModel:
     """Collective: every rank calls it with the same config and gets its own shards."""
     # TorchRec's own deprecation notices (storage reservation, DDP arguments): not actionable here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
-    num_users, num_items = dataset.num_users, dataset.num_items
-    model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta",
-                        feature_sizes=dataset.stats.get("features"))
-    model.bind_data(dataset)
-    # Attach the table optimizer before planning so the planner counts its state.
-    apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
+    model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"))
+    model.bind_data(load_model_data(dataset, model.data_needs))
     if config.sharding.plan:
-        plan = retarget(load_plan_file(config.sharding.plan), device.type, dist.get_world_size(), table_shapes(model))
+        plan = retarget(load_plan_file(config.sharding.plan), context.device.type, context.world_size,
+                        table_shapes(model))
     else:
-        plan = plan_sharding(
-            model,
-            world_size=dist.get_world_size(),
-            device_type=device.type,
-            default=config.sharding.default,
-            per_table=config.sharding.tables,
-            batch_size=config.trainer.batch_size,
-            process_group=dist.group.WORLD,
+        plan, _ = plan_tables(
+            model, specs_from_module(model), job_cluster(config.sharding.topology, context),
+            batch_size=config.trainer.batch_size, reserve=config.sharding.reserve,
+            default=config.sharding.default, per_table=config.sharding.tables, process_group=dist.group.WORLD,
         )
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=make_sharders())
+    dmp = DistributedModelParallel(model, device=context.device, plan=plan, sharders=make_sharders())
     init_tables(dmp, model.init_std(), config.trainer.seed)
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list = [("tables", dmp.fused_optimizer)]
     if dense_params:  # LightGCN has none, and Adam refuses an empty parameter list
         dense = KeyedOptimizerWrapper(dense_params, lambda params: torch.optim.Adam(params, lr=config.trainer.dense_lr))
         optimizers.append(("dense", dense))
-    optimizer = CombinedOptimizer(optimizers)
-    return ShardedModel(dmp, optimizer, describe_plan(plan))
+    return ShardedModel(dmp, CombinedOptimizer(optimizers), plan, describe_plan(plan))
+
+
+def table_weights(state: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
+    """(state key, table name, value) for every embedding table weight in a DMP state dict, pooled
+    (`.embedding_bags.`) or not (`.embeddings.`)."""
+    for key, value in state.items():
+        if ".embedding_bags." in key or ".embeddings." in key:
+            yield key, key.split(".")[-2], value
 
 
 @torch.no_grad()
@@ -79,9 +109,12 @@ def init_tables(dmp: torch.nn.Module, std: float, seed: int) -> None:
     layout-independent init is what lets sharded and unsharded runs be compared exactly. Rows are
     drawn in fixed chunks; a rank draws only the chunks that overlap its shards.
     """
-    for table_index, (name, value) in enumerate(sorted(dmp.state_dict().items())):
-        if ".embedding_bags." not in name and ".embeddings." not in name:
-            continue
+    state = dict(sorted(dmp.state_dict().items()))
+    # The seed index is the key's position among *all* sorted state keys (dense ones included), as it
+    # has been since the first release: changing it would change every run's initial weights.
+    position = {key: index for index, key in enumerate(state)}
+    for key, _, value in table_weights(state):
+        table_index = position[key]
         shards = (
             [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
             if hasattr(value, "local_shards")
@@ -107,3 +140,18 @@ def _table_width(value: Any, local: torch.Tensor) -> int:
     if hasattr(value, "metadata"):
         return int(value.metadata().size[1])
     return int(local.shape[1])
+
+
+def full_tables(sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    """table name -> whole weight, assembled from this (only) rank's shards."""
+    tables = {}
+    for _, name, value in table_weights(sharded.dmp.state_dict()):
+        if hasattr(value, "local_shards"):
+            full = torch.zeros(*value.metadata().size)
+            for shard in value.local_shards():
+                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                full[row : row + rows, col : col + cols] = shard.tensor
+        else:
+            full = value.detach().clone()
+        tables[name] = full
+    return tables

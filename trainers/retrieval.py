@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from launcher.errors import UserError
+from core.errors import UserError
 
 
 class ExactIndex:

@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.errors import UserError
+from core.errors import UserError
 
 
 def read_toml(path: str | Path, what: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from launcher.errors import UserError
+from core.errors import UserError
 
 FORMAT = "shardrec.dataset/2"
 SPLITS = ("train", "valid", "test")

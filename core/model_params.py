@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from launcher.errors import UserError
+from core.errors import UserError
 
 
 @dataclass
@@ -120,7 +120,8 @@ class SequenceParams:
         return self.max_len + 1
 
     @property
-    def stride(self) -> int:
+    def resolved_window_step(self) -> int:
+        """Items between the ends of consecutive windows: window_step, or the model's default."""
         return self.window_step or self.window - 1
 
     @property
@@ -182,7 +183,7 @@ class BERT4RecParams(SASRecParams):
         return self.max_len
 
     @property
-    def stride(self) -> int:
+    def resolved_window_step(self) -> int:
         return self.window_step or self.window
 
     @property
@@ -206,11 +207,11 @@ MODEL_PARAMS: dict[str, type] = {
 
 
 def is_sequence_model(params: object) -> bool:
-    return batch_kind(params) == "sequence"
+    return batch_kind_of(params) == "sequence"
 
 
-def batch_kind(params: object) -> str:
+def batch_kind_of(params: object) -> str:
     """What the data pipeline must produce for these model parameters: "pointwise" (with labels),
     "pairwise" (with a negative item per row), "positives" (in-batch negatives) or "sequence"
-    (windows of ordered history, see cluster/sequences.py)."""
+    (windows of ordered history, see core/sequences.py)."""
     return params.batch_kind  # type: ignore[attr-defined]

@@ -2,7 +2,7 @@
 
 Each section is a dataclass; each component receives only its own section. The `model` section is
 special: its `name` picks a model from the registry and every other key is that model's parameter,
-validated against the model's own parameter dataclass (models/params.py), so a typo in a model
+validated against the model's own parameter dataclass (core/model_params.py), so a typo in a model
 parameter is caught before any rank starts.
 
 Nothing here imports torch: configuration errors must surface in well under a second.
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UserError
-from launcher.files import read_toml
-from models.params import MODEL_PARAMS
+from core.errors import UserError
+from core.files import read_toml
+from core.model_params import MODEL_PARAMS
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -111,15 +111,23 @@ class ShardingSection:
     tables: dict[str, str] = field(default_factory=dict)
     """Per-table sharding type, e.g. {gmf_user = "row_wise"}; on the command line --sharding.tables.gmf_user row_wise."""
     plan: str = ""
-    """A plan.json from `shardrec plan --out`: train with exactly those placements. It takes precedence:
-    the planner does not run and `default` / `tables` are ignored."""
+    """A plan.json from `shardrec plan --out` (or a run folder's): train with exactly those placements.
+    It takes precedence: the planner does not run and `default` / `tables` are ignored."""
+    topology: str = "auto"
+    """The cluster the planner plans for: "auto" describes the running job (its ranks, this node's
+    memory); or a preset name / TOML file as in `shardrec plan --topology`, which must have the job's
+    world size."""
+    reserve: float = 0.15
+    """Share of each rank's memory the planner keeps from tables (dense model, activations, slack)."""
 
     def validate(self) -> None:
-        for where, kind in [("sharding.default", self.default)] + [
+        if not 0.0 <= self.reserve < 1.0:
+            raise UserError(f"sharding.reserve must be in [0, 1), got {self.reserve}")
+        for where, sharding_type in [("sharding.default", self.default)] + [
             (f"sharding.tables.{t}", k) for t, k in self.tables.items()
         ]:
-            if kind and kind not in SHARDING_TYPES:
-                raise UserError(f"{where}: unknown sharding type {kind!r}; choose from {', '.join(SHARDING_TYPES)}")
+            if sharding_type and sharding_type not in SHARDING_TYPES:
+                raise UserError(f"{where}: unknown sharding type {sharding_type!r}; choose from {', '.join(SHARDING_TYPES)}")
 
 
 @dataclass

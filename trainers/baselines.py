@@ -7,16 +7,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.dataset_format import PreparedDataset
-from launcher.config import EvalSection
+from core.config import EvalSection
+from core.dataset_format import PreparedDataset
+from core.interactions import item_counts
+from trainers.evaluate import Evaluator
 
 
 def popularity(dataset: PreparedDataset, eval_config: EvalSection) -> dict[str, dict[str, Any]]:
     """Recommend every user the items with the most training interactions (their own masked)."""
-    from trainers.evaluate import Evaluator
-
-    train = dataset.read_split("train")
-    counts = np.bincount(train["item_id"], minlength=dataset.num_items).astype(np.float64)
+    counts = item_counts(dataset).astype(np.float64)
     # Break ties by item id, deterministically, so the baseline is reproducible to the digit.
     scores = torch.as_tensor(counts - np.arange(dataset.num_items) * 1e-9)
     evaluator = Evaluator(dataset, eval_config, rank=0, world_size=1)

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cluster.dataset_format import FORMAT, SPLITS, write_split
-from launcher.errors import UserError
+from core.dataset_format import FORMAT, SPLITS, PreparedDataset, write_split
+from core.errors import UserError
 
 
 @dataclass
@@ -317,8 +317,6 @@ def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 
 
     Items are re-indexed contiguously over what remains.
     """
-    from cluster.dataset_format import PreparedDataset
-
     dataset = PreparedDataset.open(source)
     splits = {split: dataset.read_split(split) for split in SPLITS}
     keep_items = np.unique(np.concatenate([s["item_id"][s["user_id"] < users] for s in splits.values()]))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from cluster.dataset_format import PreparedDataset
+    from core.dataset_format import PreparedDataset
 
 
 class NegativeSampler:
@@ -29,11 +29,11 @@ class NegativeSampler:
         negatives: int,
         known_pairs: np.ndarray | None = None,
         rounds: int = 5,
-        kind: str = "pointwise",
+        batch_kind: str = "pointwise",
     ) -> None:
-        if kind not in ("pointwise", "pairwise", "positives"):
-            raise ValueError(f"unknown batch kind {kind!r}")
-        self.kind = kind
+        if batch_kind not in ("pointwise", "pairwise", "positives"):
+            raise ValueError(f"unknown batch kind {batch_kind!r}")
+        self.batch_kind = batch_kind
         self.num_items = num_items
         self.negatives = negatives
         self.known_pairs = known_pairs
@@ -53,7 +53,7 @@ class NegativeSampler:
         rng = rng or np.random.default_rng()
         users = batch["user_id"].astype(np.int64)
         items = batch["item_id"].astype(np.int64)
-        if self.kind == "positives":  # negatives come from the rest of the batch
+        if self.batch_kind == "positives":  # negatives come from the rest of the batch
             return {"user_id": users, "item_id": items}
         k = self.negatives
         neg_users = np.repeat(users, k)
@@ -64,7 +64,7 @@ class NegativeSampler:
                 if not clash.any():
                     break
                 neg_items[clash] = rng.integers(0, self.num_items, size=int(clash.sum()), dtype=np.int64)
-        if self.kind == "pairwise":
+        if self.batch_kind == "pairwise":
             return {"user_id": neg_users, "item_id": np.repeat(items, k), "neg_item_id": neg_items}
         return {
             "user_id": np.concatenate([users, neg_users]),
@@ -73,11 +73,11 @@ class NegativeSampler:
         }
 
 
-def sampler_for(dataset: "PreparedDataset", negatives: int, reject_positives: bool, kind: str) -> NegativeSampler:
+def sampler_for(dataset: "PreparedDataset", negatives: int, reject_positives: bool, batch_kind: str) -> NegativeSampler:
     """The sampler a training pipeline uses; with reject_positives it reads the train split once to
     know every training pair."""
     known = None
     if reject_positives:
         train = dataset.read_split("train")
         known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
-    return NegativeSampler(dataset.num_items, negatives, known, kind=kind)
+    return NegativeSampler(dataset.num_items, negatives, known, batch_kind=batch_kind)

@@ -1,0 +1,72 @@
+"""Per-user item lists (CSR) and per-item counts: the two shapes every part of shardrec reads the
+interactions in (evaluation masks and targets, retrieval exclusions, sequences, graphs, popularity)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from core.dataset_format import PreparedDataset
+
+
+@dataclass(frozen=True)
+class UserItems:
+    """Items of each user in CSR form: items[indptr[u]:indptr[u+1]]."""
+
+    indptr: np.ndarray
+    items: np.ndarray
+
+    @classmethod
+    def build(cls, users: np.ndarray, items: np.ndarray, num_users: int,
+              order_within_user: np.ndarray | None = None) -> "UserItems":
+        """Group `items` by `users`; within a user, input order, or ascending `order_within_user`."""
+        order = (np.argsort(users, kind="stable") if order_within_user is None
+                 else np.lexsort((order_within_user, users)))
+        counts = np.bincount(users, minlength=num_users)
+        return cls(np.r_[0, np.cumsum(counts)].astype(np.int64), items[order])
+
+    @property
+    def num_users(self) -> int:
+        return len(self.indptr) - 1
+
+    def of(self, user: int) -> np.ndarray:
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.indptr)
+
+    def owners(self) -> np.ndarray:
+        """The user of every entry of `items`."""
+        return np.repeat(np.arange(self.num_users), self.counts())
+
+    def merged(self, other: "UserItems") -> "UserItems":
+        """Each user's items here followed by theirs in `other`."""
+        users = np.r_[self.owners(), other.owners()]
+        return UserItems.build(users, np.r_[self.items, other.items], self.num_users)
+
+    def of_users(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) pairs for the given users, row = index into `users`: vectorised, no loop per user."""
+        counts = self.counts()[users]
+        rows = np.repeat(np.arange(len(users)), counts)
+        starts = np.repeat(self.indptr[users], counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return rows, self.items[starts + within]
+
+
+def read_user_items(dataset: PreparedDataset, splits: tuple[str, ...]) -> UserItems:
+    """Every user's items in the given splits, as one CSR."""
+    users, items = [], []
+    for split in splits:
+        rows = dataset.read_split(split)
+        users.append(rows["user_id"])
+        items.append(rows["item_id"])
+    return UserItems.build(np.concatenate(users), np.concatenate(items), dataset.num_users)
+
+
+def item_counts(dataset: PreparedDataset) -> np.ndarray:
+    """Training interactions per item [num_items], read file by file (popularity, log-Q)."""
+    counts = np.zeros(dataset.num_items, dtype=np.int64)
+    for path in dataset.split_files("train"):
+        counts += np.bincount(dataset.read_split("train", [path])["item_id"], minlength=dataset.num_items)
+    return counts

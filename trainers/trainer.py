@@ -1,0 +1,211 @@
+"""One rank's training, in the manner of torchtitan's trainer: build (model, sharding, optimizers),
+`train_step(batch)`, `evaluate(split)`, `state_dict` / `load_state_dict`, and `fit`, the epoch loop
+that calls the step. The step is where a TorchRec train pipeline plugs in.
+
+It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a BatchSource.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from core.config import RunConfig
+from core.dataset_format import PreparedDataset
+from core.model_params import is_sequence_model
+from sharding.plan_io import plan_to_dict
+from sharding.planner import format_plan
+from trainers import checkpoint
+from trainers.batches import Batch, BatchSource, lockstep, to_tensors
+from trainers.distributed import RankContext, all_sum
+from trainers.evaluate import Evaluator
+from trainers.run_log import Console, RunLog
+from trainers.sharded_model import ShardedModel, build_sharded_model
+
+
+class Trainer:
+    """Collective where it says so: every rank builds one with the same config and calls the same
+    methods in the same order."""
+
+    def __init__(self, config: RunConfig, context: RankContext, dataset: PreparedDataset) -> None:
+        # TorchRec still calls collectives that torch marks deprecated: one warning per call site and rank.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+        self.config, self.context, self.dataset = config, context, dataset
+        self.sharded: ShardedModel = build_sharded_model(config, dataset, context)  # collective
+        self.evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed,
+                                   sequence_model=is_sequence_model(config.model.resolved_params()))
+        self.epoch = 0
+        """Epochs finished."""
+        self.step = 0
+        """Optimizer steps taken, all epochs."""
+        self.best: dict[str, Any] = {}
+        self.history: list[dict[str, Any]] = []
+
+    # --- the step and the evaluation ---------------------------------------------------------------
+
+    def train_step(self, batch: Batch) -> torch.Tensor:
+        """Collective. One optimizer step on this rank's batch (numpy columns); returns the batch's
+        loss, detached and left on the device (reading it syncs, so the caller decides when)."""
+        loss = self.sharded.dmp(to_tensors(batch, self.context.device))
+        self.sharded.optimizer.zero_grad()
+        loss.backward()
+        self.sharded.optimizer.step()
+        self.step += 1
+        return loss.detach()
+
+    def evaluate(self, split: str, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Collective. Ranking metrics on `split` ("valid" or "test")."""
+        return self.evaluator.evaluate(self.sharded.model, split, on_batch)
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state (sharded tensors: each rank holds its own shards)."""
+        return {"model": self.sharded.dmp.state_dict(), "optim": self.sharded.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sharded.dmp.load_state_dict(state["model"])
+        if "optim" in state:
+            self.sharded.optimizer.load_state_dict(state["optim"])
+
+    def progress(self) -> dict[str, Any]:
+        """Where training stands, JSON-serialisable: saved beside each checkpoint."""
+        return {"epoch": self.epoch, "step": self.step, "best": self.best, "history": self.history,
+                "config": self.config.to_dict()}
+
+    def save_checkpoint(self, run_dir: Path) -> Path:
+        """Collective."""
+        path = checkpoint.checkpoint_dir(run_dir, self.epoch)
+        checkpoint.save(self.state_dict(), path, self.progress())
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective. Weights, optimizer state, RNG states and progress."""
+        # Adam creates its moments lazily at the first step; DCP loads in place, into the tensors the
+        # state dict already holds, so without them a resumed run would restart Adam from zero.
+        # init_state takes a zero-gradient step that leaves the weights as they are.
+        for name, optimizer in self.sharded.optimizer.optimizers:
+            if name == "dense":
+                optimizer.init_state()
+        state = self.state_dict()
+        progress = checkpoint.load(state, path)
+        self.load_state_dict(state)
+        self.epoch, self.step = progress["epoch"], progress["step"]
+        self.best, self.history = progress.get("best", {}), progress.get("history", [])
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def train_epoch(self, batches: Iterator[Batch], log: RunLog) -> dict[str, Any]:
+        """Collective. One epoch over `batches`; returns its record (loss, steps, samples/s)."""
+        self.sharded.dmp.train()
+        epoch = self.epoch + 1
+        log_every = self.config.trainer.log_every
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
+        rows = steps = 0
+        log.start_bar(f"epoch {epoch}", None, unit="step")
+        for batch in lockstep(batches, self.config.trainer.max_steps_per_epoch):
+            loss = self.train_step(batch)
+            batch_rows = len(batch["user_id"])
+            loss_sum += loss.double() * batch_rows
+            rows += batch_rows
+            steps += 1
+            if self.step % log_every == 0:
+                value = float(loss)
+                log.record("step", self.step, {"epoch": epoch, "loss": value})
+                log.advance(loss=value)
+            else:
+                log.advance()
+        log.end_bar()
+        elapsed = time.perf_counter() - started
+        total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
+        self.epoch = epoch
+        return {"epoch": epoch, "steps": steps, "loss": total_loss / max(total_rows, 1.0),
+                "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed}
+
+    def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
+            console: Console | None = None) -> dict[str, Any]:
+        """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
+        summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
+        through `console`)."""
+        log = RunLog(run_dir, self.context.is_main, console)
+        trainer_config, k = self.config.trainer, self.config.eval.k
+        where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
+        log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
+        if self.context.is_main:
+            (run_dir / "config.json").write_text(self.config.to_json() + "\n")
+            plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
+            (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        if resume:
+            latest = checkpoint.latest_checkpoint(run_dir)
+            if latest is None:
+                raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+            self.load_checkpoint(latest)
+            log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
+        while self.epoch < trainer_config.epochs:
+            record = self.train_epoch(source.epoch(self.epoch + 1), log)
+            last = self.epoch == trainer_config.epochs
+            if self.epoch % trainer_config.eval_every == 0 or last:
+                record["valid"] = self.evaluate("valid", log.bar_callback("valid"))
+                record["test"] = self.evaluate("test", log.bar_callback("test"))
+                if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
+                    self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"]}
+            log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
+            if "valid" in record:
+                log.record("eval", self.step, {f"valid_{m}": v for m, v in record["valid"].items()})
+                log.record("eval", self.step, {f"test_{m}": v for m, v in record["test"].items()})
+            log.info(epoch_line(record, k))
+            self.history.append(record)
+            if self.epoch % trainer_config.checkpoint_every == 0 or last:
+                self.save_checkpoint(run_dir)
+        summary = {
+            "run_dir": str(run_dir),
+            "model": self.config.model.name,
+            "world_size": self.context.world_size,
+            "plan": self.sharded.plan_rows,
+            "epochs": trainer_config.epochs,
+            "history": self.history,
+            "best": self.best,
+            "final": self.history[-1] if self.history else {},
+        }
+        if self.context.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.close()
+        return summary
+
+
+EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR",
+                      "sampled_hit": "sampled-Hit", "sampled_ndcg": "sampled-NDCG"}
+
+
+def epoch_line(record: dict[str, Any], k: int) -> str:
+    line = (
+        f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
+        f"{record['samples_per_s']:,.0f} samples/s"
+    )
+    if "valid" in record:
+        v, t = record["valid"], record["test"]
+        line += f" | valid NDCG@{k} {v[f'ndcg@{k}']:.4f} | test"
+        for name, label in EPOCH_LINE_METRICS.items():
+            if f"{name}@{k}" in t:
+                line += f" {label}@{k} {t[f'{name}@{k}']:.4f}"
+    return line
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable end-of-run report."""
+    best, final = summary["best"], summary["final"]
+    lines = [f"shardrec run: {summary['model']} on {summary['world_size']} rank(s)", "sharding plan:", format_plan(summary["plan"])]
+    lines.append(f"epochs: {summary['epochs']}; final loss {final.get('loss', float('nan')):.4f}; "
+                 f"last epoch {final.get('samples_per_s', 0):,.0f} samples/s")
+    if best:
+        test = best["test"]
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in test.items() if "@" in name)
+        lines.append(f"test at best validation epoch {best['epoch']} ({test['protocol']}; {test['cases']} cases): {metrics}")
+    lines.append(f"run folder: {summary['run_dir']}")
+    return "\n".join(lines)
