@@ -3,7 +3,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA ?= runs/data/ml-100k
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_AUTH_MODE ?= disabled
 
 .PHONY: venv data demo test test-fast bench clean
 

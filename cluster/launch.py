@@ -86,9 +86,12 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
     return json.loads(summary_file.read_text())
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _first_line(exc: Exception, max_lines: int = 12) -> str:
+    """Ray's error, trimmed: its first lines name the failing worker and the exception."""
+    lines = str(exc).strip().splitlines()
+    if not lines:
+        return type(exc).__name__
+    return "\n".join(lines[:max_lines]) + (f"\n  ... ({len(lines) - max_lines} more lines)" if len(lines) > max_lines else "")
 
 
 def _rank_tails(run_dir: Path, world_size: int) -> str:

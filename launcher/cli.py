@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,6 +118,19 @@ def _build_parser() -> argparse.ArgumentParser:
     search.add_argument("--k", type=int, default=10)
     search.add_argument("--include-seen", action="store_true",
                         help="also return items the user interacted with in training/validation")
+    cluster = commands.add_parser(
+        "cluster", help="a Ray head on this machine for `ray job submit` (token auth on, ready for jobs)"
+    ).add_subparsers(dest="cluster_command", required=True, parser_class=ArgumentParser)
+    for name, text in (("start", "ray start --head on 127.0.0.1 and wait until it accepts jobs"),
+                       ("wait", "wait until the head at --dashboard-port accepts jobs"),
+                       ("stop", "stop the head shardrec started on --dashboard-port (its processes only)")):
+        sub = cluster.add_parser(name, help=text)
+        sub.add_argument("--dashboard-port", type=int, default=8265, help="job-submission port (default 8265)")
+        if name == "start":
+            sub.add_argument("--port", type=int, default=6379, help="GCS port (default 6379)")
+            sub.add_argument("--num-cpus", type=int, default=None)
+            sub.add_argument("--object-store-mb", type=int, default=512)
+        sub.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the head")
     commands.add_parser("models", help="list registered models and their parameters")
     show = commands.add_parser("config", help="print the resolved config (defaults < file < overrides) as JSON")
     add_train_arguments(show)
@@ -236,6 +251,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from cluster.local_head import start_job_head, stop_job_head, wait_for_jobs  # heavy (Ray)
+
+    url = f"http://127.0.0.1:{args.dashboard_port}"
+    try:
+        if args.cluster_command == "start":
+            url = start_job_head(args.dashboard_port, args.port, args.num_cpus, args.object_store_mb, args.timeout)
+            print(f"Ray head ready for jobs at {url} (token authentication on; the token is ~/.ray/auth_token)\n"
+                  f"client: export RAY_AUTH_MODE=token\n"
+                  f"submit: ray job submit --address {url} --working-dir . -- shardrec train ... --cluster.address auto\n"
+                  f"stop:   shardrec cluster stop" + ("" if args.dashboard_port == 8265 else f" --dashboard-port {args.dashboard_port}"))
+        elif args.cluster_command == "wait":
+            wait_for_jobs(url, args.timeout)
+            print(f"Ray head at {url} accepts jobs")
+        else:
+            print(f"stopped the Ray head at {stop_job_head(args.dashboard_port)}")
+    except RuntimeError as exc:
+        print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def _cmd_models() -> int:
     for name, params in sorted(MODEL_PARAMS.items()):
         defaults = {f.name: getattr(params(), f.name) for f in dataclasses.fields(params)}
@@ -244,8 +281,16 @@ def _cmd_models() -> int:
     return 0
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the command through SystemExit, so its clean-ups run (an embedded Ray cluster
+    is stopped, not orphaned); Python's default would end the process on the spot."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         parser = _build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -275,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "search":
             return _cmd_search(args)
+        if args.command == "cluster":
+            return _cmd_cluster(args)
         return _cmd_models()
     except UserError as exc:
         return report_user_error(exc)

@@ -3,11 +3,11 @@ and `ray job submit` against a `ray start --head` cluster on loopback. Each test
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from cluster.local_head import stop_job_head
 from core.dataset_format import PreparedDataset
+from core.errors import UserError
 from core.sequences import build_reference, load_sequences, sequence_files
 from tests.conftest import REPO
-from trainers.distributed import free_loopback_port as free_port
 
 pytestmark = [pytest.mark.slow]
 VENV_BIN = Path(sys.executable).parent
@@ -29,13 +30,16 @@ CONFIG = str(REPO / "launcher/configs/ncf_ml100k.toml")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    env.pop("RAY_AUTH_MODE", None)  # token authentication on, as a user gets it
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     return env
 
 
-def _run(args: list[str], timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(args: list[str], timeout: float, cwd: Path = REPO, env_extra: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, env={**_env(), **(env_extra or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def _small_run_args(data: Path, runs: Path, name: str, epochs: int = 2) -> list[str]:
@@ -141,66 +145,128 @@ def test_torchrun_one_rank_failing_ends_the_job(ml100k_small, tmp_path):
     assert "cannot read split 'train'" in result.stdout + result.stderr
 
 
+def _readme_recipe() -> list[str]:
+    """The README's job-submit recipe: its shell lines, continuations joined, comments dropped."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- job-submit recipe -->")[1].split("<!-- end job-submit recipe -->")[0]
+    body = block.split("```bash")[1].split("```")[0].replace("\\\n", " ")
+    return [line.split("  #")[0].strip() for line in body.splitlines() if line.strip()]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+JOB_HEAD_DIR = Path("/tmp/shardrec-head-8265")
+RAY_PROCESS_NAMES = (b"ray::", b"raylet", b"gcs_server", b"ray/dashboard", b"ray.util.client", b"autoscaler", b"ray start")
+
+
+def _ray_pids() -> set[int]:
+    """Every Ray process on the machine now, by command line."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(name in cmdline for name in RAY_PROCESS_NAMES):
+                found.add(int(entry.name))
+    return found
+
+
+def _assert_none_left(before: set[int], timeout_s: float = 30.0) -> None:
+    """No Ray process this test started is still there (those that ran before it are not ours)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _ray_pids() - before) and time.monotonic() < deadline:
+        time.sleep(1)
+    names = {pid: (Path(f"/proc/{pid}/cmdline").read_bytes()[:80] if Path(f"/proc/{pid}").exists() else b"")
+             for pid in left}
+    assert not left, f"Ray processes left behind: {names}"
+
+
+def _stop_job_head_if_running() -> None:
+    """Only matters when a test failed before the recipe's own stop ran."""
+    try:
+        stop_job_head(8265)
+    except UserError:
+        pass
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_ray_job_submit_against_a_local_head(ml100k_small, tmp_path):
-    ray = str(VENV_BIN / "ray")
-    dashboard = free_port()
-    temp_dir = Path("/tmp") / f"shardrec-head-{os.getpid()}"
-    start = _run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
-                  "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "2",
-                  "--object-store-memory", str(400 * 1024 * 1024), "--temp-dir", str(temp_dir),
-                  "--disable-usage-stats"], 120)
+def test_readme_job_submit_recipe_as_written(ml100k_small, tmp_path):
+    """The README's commands, from a shell with token authentication on (no RAY_AUTH_MODE=disabled
+    anywhere): the job's exit code comes back, 0 for a good run and non-zero for a failing one."""
+    recipe = _readme_recipe()
+    assert recipe[0] == "shardrec cluster start" and recipe[-1] == "shardrec cluster stop"
+    assert not _port_open(8265), "something already serves 127.0.0.1:8265; the recipe needs it"
+    small = f" --trainer.epochs 1 --trainer.batch_size 256 --trainer.run_root {tmp_path}"
+    good = "\n".join(recipe[:-1]).replace("$PWD/runs/data/ml-100k", str(ml100k_small)) + small + " --trainer.run_name job"
+    broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "valid/part-00000.parquet")
+    bad = recipe[2].replace("$PWD/runs/data/ml-100k", str(broken)) + small + " --trainer.run_name bad"
+    script = f"{good}\nfirst=$?\n{bad}\nsecond=$?\n{recipe[-1]}\necho \"exit codes: $first $second\"\n"
+    before = _ray_pids()
     try:
-        assert start.returncode == 0, start.stderr[-2000:]
-        address = f"http://127.0.0.1:{dashboard}"
-        _wait_for_job_agent(ray, address)
-        submit = [ray, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-                  str(VENV_BIN / "python"), "-m", "launcher", "train"]
-        ok = _run([*submit, *_small_run_args(ml100k_small, tmp_path, "job", epochs=1), "--cluster.address", "auto"], 300)
-        assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
-        assert (tmp_path / "job" / "summary.json").exists()
-        broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "valid/part-00000.parquet")
-        bad = _run([*submit, *_small_run_args(broken, tmp_path, "bad", epochs=1), "--cluster.address", "auto"], 300)
-        assert bad.returncode != 0
+        result = _run(["bash", "-c", script], 540)
     finally:
-        _stop_processes_under(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        _stop_job_head_if_running()
+    output = result.stdout + result.stderr
+    assert "Ray head ready for jobs at http://127.0.0.1:8265" in result.stdout, output[-3000:]
+    assert "exit codes: 0 " in result.stdout, output[-3000:]
+    assert "exit codes: 0 0" not in result.stdout, output[-3000:]  # the failing job's code came back
+    assert (tmp_path / "job" / "summary.json").exists()
+    assert "stopped the Ray head" in result.stdout and not JOB_HEAD_DIR.exists()
+    _assert_none_left(before)
+    assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the token is private
 
 
-def _wait_for_job_agent(ray: str, address: str, timeout_s: float = 90.0) -> None:
-    """`ray start` returns before the head's job agent accepts jobs: poll the job API until it answers."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        listed = _run([ray, "job", "list", "--address", address], 30)
-        if listed.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the job agent at {address} did not answer: {listed.stderr[-1000:]}")
-        time.sleep(1)
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_path):
+    """Two `shardrec train` runs at once leave Ray's default ports free: a head started meanwhile
+    gets 8265 and runs a job, and both training runs end well. Everything is stopped by its own
+    processes, and the runs' embedded clusters leave nothing behind."""
+    def train(name: str) -> subprocess.Popen:
+        # Long enough to still be training well after the head is up: Ray Train's placement-group
+        # cleaner polls every few seconds, and the wrong answer from another cluster killed runs.
+        args = [str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, name, epochs=12)]
+        return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-
-def _stop_processes_under(temp_dir: Path) -> None:
-    """Stop the Ray head this test started, and only it: the processes whose command line names its own
-    temp dir (never `ray stop`, which ends every Ray cluster of the user on the machine)."""
-    def ours() -> list[int]:
-        found = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit():
+    before = _ray_pids()
+    runs = [train("one"), train("two")]
+    outputs: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not all((tmp_path / name / "logs" / "console.jsonl").exists() for name in ("one", "two")):
+            assert time.monotonic() < deadline, "the training runs did not start"
+            assert all(run.poll() is None for run in runs), "a training run ended early"
+            time.sleep(1)
+        for port in (8265, 6379, 52365, 44217, 44227):  # both embedded clusters are up
+            assert not _port_open(port), f"an embedded cluster holds Ray's default port {port}"
+        start = _run([str(VENV_BIN / "shardrec"), "cluster", "start", "--num-cpus", "1"], 240)
+        assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        job = _run([str(VENV_BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--",
+                    "python", "-c", "print('job ran on the new head')"], 240, env_extra={"RAY_AUTH_MODE": "token"})
+        assert job.returncode == 0 and "job ran on the new head" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
+        assert all(run.poll() is None for run in runs), "a training run ended while the head started"
+        outputs = [run.communicate(timeout=420)[0] for run in runs]
+        for run, output in zip(runs, outputs):
+            assert run.returncode == 0, output[-3000:]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.terminate()  # the driver stops its embedded cluster on SIGTERM
                 try:
-                    if str(temp_dir).encode() in (proc / "cmdline").read_bytes():
-                        found.append(int(proc.name))
-                except OSError:
-                    continue
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in ours():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 15
-        while ours() and time.monotonic() < deadline:
-            time.sleep(0.5)
+                    run.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    run.kill()  # its cluster then stops itself: it is told when its parent dies
+                    run.wait()
+        _stop_job_head_if_running()
+    _assert_none_left(before)
+    embedded = {Path(found) for output in outputs for found in re.findall(r"(/tmp/shardrec-ray-\w+)", output)}
+    assert len(embedded) == 2 and not any(folder.exists() for folder in embedded)
 
 
 @pytest.mark.timeout(200)

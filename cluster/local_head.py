@@ -1,0 +1,245 @@
+"""Ray heads on this machine that shardrec starts and stops itself.
+
+- The embedded cluster of `shardrec train` (`embedded_head`): `ray start --head --block` with every
+  port Ray would otherwise take by default (GCS 6379, dashboard 8265, dashboard agent 52365, metrics
+  44217/44227, ...) set to a free port on 127.0.0.1, and token authentication. Any number of runs and
+  a user's own `ray start --head` share a machine. The dashboard stays: Ray Train's placement-group
+  cleaner asks the state API whether its controller lives, and without a dashboard of its own that
+  question reaches whichever other Ray cluster runs on the machine, which answers "no" and so gets
+  the run's workers killed.
+- A head for `ray job submit` (`shardrec cluster start|wait|stop`): Ray's default ports on
+  127.0.0.1, token authentication on, the job agent waited for, and shardrec's own executables on
+  the jobs' PATH.
+
+Each head is started as a new session (`setsid`): every process Ray then starts for it, agents and
+workers included, stays in that session, and a head is stopped by signalling its session's
+processes and nothing else (Ray's agents rename their command lines and outlive their raylet for
+minutes, so names and parents do not find them). `ray stop` would end every Ray cluster of the
+user on the machine, other people's included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from core.errors import UserError
+
+RAY = str(Path(sys.executable).parent / "ray")
+STATE_DIR = Path.home() / ".shardrec" / "clusters"
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray picks the machine's external address unless told otherwise; on loopback-only runs that makes
+clients hang without an error."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ray_env() -> dict[str, str]:
+    """The environment for a head we start: loopback, and our executables first on PATH (a job's
+    entrypoint `shardrec ...` must resolve to this installation)."""
+    env = dict(os.environ, **LOOPBACK_ENV)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def private_token_file() -> None:
+    """Ray writes its auth token world-readable (0644); it is a password to the cluster."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    with contextlib.suppress(OSError):
+        if token.is_file() and token.stat().st_uid == os.getuid():
+            token.chmod(0o600)
+
+
+def session_processes(session: int) -> list[int]:
+    """Pids of the processes in session `session` (field 6 of /proc/<pid>/stat), this one excluded."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # The command name may hold spaces and parentheses: fields start after the last ')'.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session:
+                    found.append(int(entry.name))
+    return found
+
+
+def stop_session(session: int, grace_s: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, to every process of a head's session."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in session_processes(session):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while session_processes(session) and time.monotonic() < deadline:
+            time.sleep(0.3)
+
+
+def _stop_with_parent() -> None:
+    """In the `ray start --block` child: SIGTERM when the process that started it dies, even by
+    SIGKILL, so an embedded cluster never outlives its driver (`ray start --block` stops what it
+    started on SIGTERM)."""
+    import ctypes  # Linux prctl, only in this child
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def remove_tree(path: Path, tries: int = 5) -> None:
+    """Remove a head's temp dir; processes that were still exiting may write a last log file."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.5)
+
+
+def _wait_for_address(temp_dir: Path, process: subprocess.Popen, timeout_s: float) -> str:
+    """`ray start` writes the GCS address to TEMP_DIR/ray_current_cluster once the head is up."""
+    marker = temp_dir / "ray_current_cluster"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if marker.is_file() and marker.read_text().strip():
+            return marker.read_text().strip()
+        if process.poll() is not None:
+            log = (temp_dir / "ray-start.log")
+            raise RuntimeError(f"ray start exited with {process.returncode}: "
+                               f"{log.read_text()[-2000:] if log.is_file() else ''}")
+        time.sleep(0.2)
+    raise RuntimeError(f"the Ray head in {temp_dir} did not come up within {timeout_s:.0f} s")
+
+
+@dataclass
+class EmbeddedHead:
+    gcs_address: str
+    temp_dir: Path
+    session: int
+    """Session id of every process of the head (that of its `ray start --block`)."""
+
+
+@contextlib.contextmanager
+def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0) -> Iterator[EmbeddedHead]:
+    """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring)."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="shardrec-ray-", dir="/tmp"))  # short: socket paths < 108 B
+    ports = {flag: free_port() for flag in (
+        "--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
+        "--ray-client-server-port")}
+    command = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+               "--num-cpus", str(num_cpus), "--object-store-memory", str(object_store_mb * 1024 * 1024),
+               "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    for flag, port in ports.items():
+        command += [flag, str(port)]
+    env = ray_env()
+    # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
+    env.update(AUTOSCALER_METRIC_PORT=str(free_port()), DASHBOARD_METRIC_PORT=str(free_port()))
+    log = (temp_dir / "ray-start.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                               preexec_fn=_stop_with_parent)
+    try:
+        address = _wait_for_address(temp_dir, process, timeout_s)
+        private_token_file()
+        yield EmbeddedHead(address, temp_dir, process.pid)
+    finally:
+        process.terminate()  # `ray start --block` stops the processes it started...
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        stop_session(process.pid)  # ...but not Ray's agents, which would linger for minutes
+        log.close()
+        remove_tree(temp_dir)
+
+
+# --- a head for `ray job submit` -------------------------------------------------------------------
+
+
+def _state_file(dashboard_port: int) -> Path:
+    return STATE_DIR / f"head-{dashboard_port}.json"
+
+
+def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int | None = None,
+                   object_store_mb: int = 512, timeout_s: float = 120.0) -> str:
+    """`ray start --head` on 127.0.0.1 with token authentication, waited for until it accepts jobs.
+    Returns the job-submission address."""
+    url = f"http://127.0.0.1:{dashboard_port}"
+    if _state_file(dashboard_port).exists():
+        raise UserError(f"a head started by shardrec already serves {url}; `shardrec cluster stop "
+                        f"--dashboard-port {dashboard_port}` first")
+    for wanted, what in ((dashboard_port, "dashboard"), (port, "GCS")):
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", wanted)) == 0:
+                raise UserError(f"port {wanted} ({what}) is already in use on 127.0.0.1; choose another")
+    temp_dir = Path(f"/tmp/shardrec-head-{dashboard_port}")
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    env = ray_env()
+    env.setdefault("RAY_AUTH_MODE", "token")
+    command = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--object-store-memory", str(object_store_mb * 1024 * 1024), "--temp-dir", str(temp_dir),
+               "--disable-usage-stats"]
+    if num_cpus:
+        command += ["--num-cpus", str(num_cpus)]
+    # A new session: the daemons `ray start` leaves behind keep its session id, which `stop` signals.
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    stdout, stderr = process.communicate(timeout=timeout_s)
+    if process.returncode != 0:
+        stop_session(process.pid)
+        raise RuntimeError(f"ray start failed ({process.returncode}): {stderr[-2000:] or stdout[-2000:]}")
+    private_token_file()
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    _state_file(dashboard_port).write_text(json.dumps({"temp_dir": str(temp_dir), "address": url, "gcs_port": port,
+                                                       "session": process.pid}))
+    wait_for_jobs(url, timeout_s)
+    return url
+
+
+def wait_for_jobs(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until the head runs jobs: `ray start` returns before its job agent is up, and a submit
+    then fails with "No available agent". A no-op job is submitted until one succeeds."""
+    from ray.job_submission import JobStatus, JobSubmissionClient  # Ray's job client: heavy, only here
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            client = JobSubmissionClient(url)
+            job = client.submit_job(entrypoint="true", submission_id=f"shardrec-ready-{time.time_ns()}")
+            while time.monotonic() < deadline:
+                status = client.get_job_status(job)
+                if status == JobStatus.SUCCEEDED:
+                    return
+                if status in (JobStatus.FAILED, JobStatus.STOPPED):
+                    last = f"readiness job {status.value}"
+                    break
+                time.sleep(0.5)
+        except Exception as exc:  # connection refused, "No available agent", ...: not ready yet
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        time.sleep(1.0)
+    raise RuntimeError(f"the Ray head at {url} did not accept jobs within {timeout_s:.0f} s ({last})")
+
+
+def stop_job_head(dashboard_port: int = 8265) -> str:
+    """Stop a head started by `start_job_head`, by its own processes only."""
+    state_file = _state_file(dashboard_port)
+    if not state_file.is_file():
+        raise UserError(f"no head started by shardrec serves port {dashboard_port} (nothing in {STATE_DIR})")
+    state = json.loads(state_file.read_text())
+    temp_dir = Path(state["temp_dir"])
+    stop_session(int(state["session"]))
+    remove_tree(temp_dir)
+    state_file.unlink()
+    return state["address"]
