@@ -17,10 +17,19 @@ from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
 from core.sequences import sequence_files
-from trainers import checkpoint
+from core.run_folder import latest_checkpoint
 from trainers.batches import RayShardSource
 from trainers.distributed import setup, teardown
-from trainers.run_log import CONSOLE_EVENTS, LOG_DIR, Console, follow_console, quiet_rank_output, rank_log_path, tail
+from trainers.run_log import (
+    CONSOLE_EVENTS,
+    FAILURE_MARK,
+    LOG_DIR,
+    Console,
+    follow_console,
+    quiet_rank_output,
+    rank_log_path,
+    tail,
+)
 from trainers.trainer import Trainer
 
 
@@ -39,7 +48,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
             source = RayShardSource(ray.train.get_dataset_shard("train"), config.trainer.batch_size,
                                     config.data.shuffle_buffer)
-            resume = loop_config["resume"] or checkpoint.latest_checkpoint(run_dir) is not None
+            resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             dataset = PreparedDataset.open(config.data.path)
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
@@ -79,7 +88,9 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
             with follow_console(run_dir):
                 trainer.fit()
         except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
-            raise TrainingFailed(f"training failed: {_first_line(exc)}{_rank_tails(run_dir, section.num_workers)}") from exc
+            headline = _failing_rank_line(run_dir, section.num_workers)
+            raise TrainingFailed(f"training failed: {headline or _first_line(exc)}\n{_first_line(exc)}"
+                                 f"{_rank_tails(run_dir, section.num_workers)}") from exc
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise TrainingFailed(f"training ended without writing {summary_file}")
@@ -92,6 +103,15 @@ def _first_line(exc: Exception, max_lines: int = 12) -> str:
     if not lines:
         return type(exc).__name__
     return "\n".join(lines[:max_lines]) + (f"\n  ... ({len(lines) - max_lines} more lines)" if len(lines) > max_lines else "")
+
+
+def _failing_rank_line(run_dir: Path, world_size: int) -> str:
+    """The failing rank's own one-line error, as its log's last lines record it ("" if none did)."""
+    for rank in range(world_size):
+        for line in reversed(tail(rank_log_path(run_dir, rank)).splitlines()):
+            if FAILURE_MARK in line:
+                return line.split(FAILURE_MARK, 1)[1]
+    return ""
 
 
 def _rank_tails(run_dir: Path, world_size: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -98,8 +99,9 @@ class TrainerSection:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sparse_lr <= 0 or self.dense_lr <= 0:
-            raise UserError("trainer.sparse_lr and trainer.dense_lr must be > 0")
+        if not (math.isfinite(self.sparse_lr) and math.isfinite(self.dense_lr)) or self.sparse_lr <= 0 or self.dense_lr <= 0:
+            raise UserError(f"trainer.sparse_lr and trainer.dense_lr must be finite and > 0, got "
+                            f"{self.sparse_lr} and {self.dense_lr}")
         if self.max_steps_per_epoch < 0:
             raise UserError("trainer.max_steps_per_epoch must be >= 0")
 

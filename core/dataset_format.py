@@ -58,11 +58,51 @@ class PreparedDataset:
                 f"{root}: unsupported dataset format {stats.get('format')!r}, expected {FORMAT!r}; "
                 "prepare it again with this version of shardrec"
             )
+        if not isinstance(stats, dict) or not all(isinstance(stats.get(key), int) for key in ("users", "items")):
+            raise UserError(f"{stats_file}: users and items must be whole numbers; prepare the dataset again")
         dataset = cls(root, stats)
-        for split in SPLITS:
-            if not dataset.split_files(split):
-                raise UserError(f"{root}: split {split!r} has no Parquet files; prepare the dataset again")
+        dataset.verify()
         return dataset
+
+    def verify(self) -> None:
+        """Check the files against stats.json without reading the data: per split the number of
+        files and of rows, and every file's user and item id range (Parquet column statistics, from
+        the footers). A missing or extra shard, or an id outside the tables, is refused here rather
+        than trained on (TorchRec would silently map an out-of-range id to row 0)."""
+        expected_files = self.stats.get("shards")
+        for split in SPLITS:
+            files = self.split_files(split)
+            if not files:
+                raise UserError(f"{self.root}: split {split!r} has no Parquet files; prepare the dataset again")
+            if isinstance(expected_files, int) and len(files) != expected_files:
+                raise UserError(f"{self.root / split}: {len(files)} Parquet files, stats.json says {expected_files}; "
+                                "a shard is missing or extra: prepare the dataset again")
+            rows = sum(self._check_file(path) for path in files)
+            expected_rows = (self.stats.get("splits") or {}).get(split)
+            if isinstance(expected_rows, int) and rows != expected_rows:
+                raise UserError(f"{self.root / split}: {rows} rows, stats.json says {expected_rows}; "
+                                "prepare the dataset again")
+
+    def _check_file(self, path: Path) -> int:
+        """Rows of one shard, after checking its id ranges; raises UserError naming the file."""
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"{path}: not a readable Parquet file ({exc}); prepare the dataset again") from None
+        names = [metadata.schema.column(i).name for i in range(metadata.num_columns)]
+        for column, limit in (("user_id", self.num_users), ("item_id", self.num_items)):
+            if column not in names:
+                raise UserError(f"{path}: no {column} column; prepare the dataset again")
+            index = names.index(column)
+            for group in range(metadata.num_row_groups):
+                statistics = metadata.row_group(group).column(index).statistics
+                if statistics is None or not statistics.has_min_max:
+                    continue  # no footer statistics: the per-batch check in training still applies
+                if statistics.min < 0 or statistics.max >= limit:
+                    bad = statistics.min if statistics.min < 0 else statistics.max
+                    raise UserError(f"{path}: {column} {bad} is outside [0, {limit}) (the dataset has {limit} "
+                                    f"{column.split('_')[0]}s); prepare the dataset again")
+        return metadata.num_rows
 
     @property
     def num_users(self) -> int:

@@ -60,6 +60,9 @@ def read_interactions(
     if not path.is_file():
         raise UserError(f"input file not found: {path}")
     table = _read_table(path)
+    duplicated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
+    if duplicated:
+        raise UserError(f"{path}: column name(s) {', '.join(duplicated)} appear more than once in the header")
     wanted = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
     missing = [col for col in wanted.values() if col is not None and col not in table.column_names]
     if missing:
@@ -104,11 +107,18 @@ def _integer_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
     column = table.column(name)
     if column.null_count:
         raise UserError(f"{path}: column {name!r} has {column.null_count} empty value(s)")
+    int64 = np.iinfo(np.int64)
     if pa.types.is_integer(column.type):
-        return column.to_numpy().astype(np.int64)
+        values = column.to_numpy()
+        if pa.types.is_unsigned_integer(column.type) and len(values) and values.max() > int64.max:
+            raise UserError(f"{path}: column {name!r} holds id {int(values.max())}, beyond the 64-bit signed "
+                            f"range ids must fit ({int64.max})")
+        return values.astype(np.int64)
     if pa.types.is_floating(column.type):
         values = column.to_numpy()
         if np.all(np.isfinite(values)) and np.all(values == np.floor(values)):
+            if len(values) and (values.max() >= 2.0**63 or values.min() < -(2.0**63)):
+                raise UserError(f"{path}: column {name!r} holds ids beyond the 64-bit signed range")
             return values.astype(np.int64)
     sample = column.slice(0, 5).to_pylist()
     raise UserError(f"{path}: column {name!r} must hold integer ids, found {column.type} values such as {sample}")
@@ -119,12 +129,17 @@ def _numeric_column(table: pa.Table, name: str, path: Path, dtype: type) -> np.n
     if column.null_count or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         sample = column.slice(0, 5).to_pylist()
         raise UserError(f"{path}: column {name!r} must be numeric with no empty values, found e.g. {sample}")
-    return column.to_numpy().astype(dtype)
+    values = column.to_numpy()
+    if pa.types.is_floating(column.type) and not np.all(np.isfinite(values)):
+        raise UserError(f"{path}: column {name!r} holds {int((~np.isfinite(values)).sum())} NaN or infinite value(s)")
+    return values.astype(dtype)
 
 
 def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions, source: str) -> dict[str, Any]:
     """Turn raw interactions into a prepared dataset in `out`. Returns the stats written to stats.json."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
     if options.shards < 1:
         raise UserError("--shards must be >= 1")
     if options.split not in ("random", "loo"):
@@ -187,6 +202,7 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
         "seed": options.seed,
         "min_rating": options.min_rating,
         "shards": options.shards,
+        "tied_last_timestamps": _tied_last_timestamps(user, timestamp, position) if options.split == "loo" else None,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
@@ -201,6 +217,17 @@ def _history_positions(user: np.ndarray, timestamp: np.ndarray, input_order: np.
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order)) - np.repeat(starts, counts)
     return position
+
+
+def _tied_last_timestamps(user: np.ndarray, timestamp: np.ndarray, position: np.ndarray) -> int:
+    """Users whose last interaction shares its timestamp with the one before: leave-one-out then
+    picks the test item among them by input order, which the data does not really decide."""
+    order = np.lexsort((position, user))
+    sorted_user, sorted_time = user[order], timestamp[order]
+    last = np.r_[sorted_user[1:] != sorted_user[:-1], True]
+    previous_same_user = np.r_[False, sorted_user[1:] == sorted_user[:-1]]
+    tied = last & previous_same_user & np.r_[False, sorted_time[1:] == sorted_time[:-1]]
+    return int(tied.sum())
 
 
 def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
@@ -317,14 +344,20 @@ def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 
 
     Items are re-indexed contiguously over what remains.
     """
+    if users < 1:
+        raise UserError(f"--users must be >= 1, got {users}")
     dataset = PreparedDataset.open(source)
+    out = Path(out)
+    if out.resolve() == dataset.root.resolve():
+        raise UserError(f"--out {out} is the source dataset itself; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    if users > dataset.num_users:
+        raise UserError(f"--users {users}: the dataset has only {dataset.num_users} users")
     splits = {split: dataset.read_split(split) for split in SPLITS}
     keep_items = np.unique(np.concatenate([s["item_id"][s["user_id"] < users] for s in splits.values()]))
     item_remap = np.full(dataset.num_items, -1, dtype=np.int64)
     item_remap[keep_items] = np.arange(len(keep_items))
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
     counts = {}
     for split, rows in splits.items():
         mask = rows["user_id"] < users

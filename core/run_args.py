@@ -70,7 +70,10 @@ def resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
         saved = resume_dir / "config.json"
         if not saved.is_file():
             raise UserError(f"--resume {resume_dir}: not a run folder (no config.json)")
-        config = config_from_json(saved.read_text())
+        try:
+            config = config_from_json(saved.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+            raise UserError(f"--resume {resume_dir}: config.json is not a valid run config ({exc})") from None
         for key, value in overrides:
             config.set(key, parse_override_value(value))
         return config.validate(), resume_dir

@@ -22,6 +22,7 @@ from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
+from core.run_folder import check_resume
 from core.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
 from core.sequences import build_reference, load_sequences, require_leave_one_out
 from trainers.retrieval import ApproximateIndex, ExactIndex, recall_at_k
@@ -163,6 +164,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         f"prepared {args.out}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
         f"(density {stats['density']:.4f}); splits {stats['splits']}"
     )
+    if stats.get("tied_last_timestamps"):
+        print(f"warning: {stats['tied_last_timestamps']} of {stats['users']} users' last two interactions share a "
+              "timestamp: their test item was chosen by input order (file order breaks ties)", file=sys.stderr)
     return 0
 
 
@@ -191,8 +195,13 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     dataset = PreparedDataset.open(config.data.path)  # fail fast, before any cluster starts
     if is_sequence_model(config.model.resolved_params()):
         require_leave_one_out(dataset)
+    if resume_dir is not None:
+        check_resume(config, resume_dir)
 
-    from cluster.launch import TrainingFailed, train_on_ray  # heavy (torch, TorchRec, Ray): only once the input is sound
+    from trainers.preflight import check_job  # heavy (torch, TorchRec): only once the light checks pass
+
+    check_job(config, dataset, config.cluster.num_workers)
+    from cluster.launch import TrainingFailed, train_on_ray  # heavy (Ray)
     from trainers.trainer import format_summary
 
     # Workers do not share the driver's working directory: hand them absolute paths.
@@ -223,6 +232,8 @@ def _cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, got {args.k}")
 
     index = ExactIndex(args.export_dir)
     users = np.arange(len(index.users)) if args.measure_recall else np.array([index.user_index(args.user)])
@@ -246,8 +257,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         top = ApproximateIndex(index.items).search(index.users[users], args.k, exclude)[0]
     else:
         top = index.search(index.users[users], args.k, exclude)[0]
-    print(f"top {args.k} items for user {args.user} (raw item ids, best first): "
-          f"{' '.join(str(index.item_raw[i]) for i in top)}")
+    found = [int(i) for i in top if i >= 0]
+    note = "" if len(found) == args.k else f" (only {len(found)} items are left once the user's own are excluded)"
+    print(f"top {args.k} items for user {args.user} (raw item ids, best first){note}: "
+          f"{' '.join(str(index.item_raw[i]) for i in found)}")
     return 0
 
 

@@ -51,11 +51,16 @@ def read_table_specs(path: str | Path) -> list[TableSpec]:
     path = Path(path)
     if path.suffix == ".toml":
         entries = read_toml(path, "table-spec file").get("table", [])
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise UserError(f"{path}: `table` must be a list of [[table]] entries")
     elif not path.is_file():
         raise UserError(f"table-spec file not found: {path}")
     else:
-        with path.open() as handle:
-            entries = list(csv.DictReader(handle))
+        try:
+            with path.open(encoding="utf-8") as handle:
+                entries = list(csv.DictReader(handle))
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise UserError(f"{path}: not a CSV text file ({exc})") from None
     if not entries:
         raise UserError(f"{path}: no tables (TOML needs [[table]] entries; CSV needs a header and rows)")
     specs = []
@@ -71,8 +76,8 @@ def read_table_specs(path: str | Path) -> list[TableSpec]:
             )
         except KeyError as exc:
             raise UserError(f"{where}: missing field {exc}") from None
-        except ValueError as exc:
-            raise UserError(f"{where}: {exc}") from None
+        except (ValueError, TypeError) as exc:  # a CSV row short of fields leaves None behind
+            raise UserError(f"{where}: every table needs name, rows and dim ({exc})") from None
         if spec.rows < 1 or spec.dim < 1:
             raise UserError(f"{where}: rows and dim must be >= 1")
         if spec.pooling not in POOLINGS:

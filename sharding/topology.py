@@ -65,6 +65,14 @@ def load_topology(name_or_path: str) -> ClusterSpec:
     missing = sorted(set(known) - set(raw))
     if unknown or missing:
         raise UserError(f"{path}: unknown keys {unknown} / missing keys {missing}")
+    for field in fields(ClusterSpec):
+        value = raw[field.name]
+        wanted = str if field.name in ("name", "device") else int if field.name in ("nodes", "devices_per_node") else float
+        if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            kind = {str: "string", int: "whole number", float: "number"}[wanted]
+            raise UserError(f"{path}: {field.name} must be a {kind}, got {value!r}")
     spec = ClusterSpec(**raw)
     if spec.device not in ("cuda", "cpu"):
         raise UserError(f"{path}: device must be cuda or cpu, got {spec.device!r}")
@@ -72,6 +80,8 @@ def load_topology(name_or_path: str) -> ClusterSpec:
         raise UserError(f"{path}: nodes and devices_per_node must be >= 1")
     if spec.device == "cuda" and spec.hbm_gb <= 0:
         raise UserError(f"{path}: a cuda topology needs hbm_gb > 0")
+    if spec.host_memory_gb <= 0 or spec.intra_node_bw_gbps <= 0 or spec.inter_node_bw_gbps <= 0:
+        raise UserError(f"{path}: host_memory_gb, intra_node_bw_gbps and inter_node_bw_gbps must be > 0")
     return spec
 
 

@@ -5,21 +5,29 @@ Accepts the same arguments as `shardrec train` (config, dotted overrides, --resu
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
+from core.dataset_format import PreparedDataset
 from core.errors import UserError
+from core.run_folder import check_resume
 from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
+from trainers.preflight import check_job
 from trainers.trainer import format_summary
 
 
 def main(argv: list[str]) -> int:
     try:
         config, resume_dir, verbose = parse_train_args(argv)
+        dataset = PreparedDataset.open(config.data.path)
+        if resume_dir is not None:
+            check_resume(config, resume_dir)
+        check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")))
     except UserError as exc:
         return report_user_error(exc)
     context = setup(config.cluster.backend)

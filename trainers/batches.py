@@ -41,8 +41,8 @@ class RayShardSource:
 class ParquetFilesSource:
     """Without Ray: this rank reads train files rank::world with pyarrow and samples negatives itself.
 
-    Used under plain torchrun. Files are striped over ranks, so ranks see different rows; with fewer
-    files than ranks, rows are striped instead.
+    Used under plain torchrun. Files are striped over ranks when they divide evenly, so ranks see
+    different rows; otherwise rows are striped, so no rank's share is cut short.
     """
 
     def __init__(
@@ -55,9 +55,9 @@ class ParquetFilesSource:
         seed: int,
     ) -> None:
         files = dataset.split_files("train")
-        if len(files) >= world_size:
+        if len(files) % world_size == 0:
             rows = dataset.read_split("train", files[rank::world_size])
-        else:
+        else:  # whole files per rank would give ranks unequal shares, and the shortest rank ends the epoch
             every = dataset.read_split("train")
             rows = {name: values[rank::world_size] for name, values in every.items()}
         self.users, self.items = rows["user_id"], rows["item_id"]
@@ -115,3 +115,19 @@ def lockstep(batches: Iterator[Batch], max_steps: int = 0) -> Iterator[Batch]:
             return
         yield batch  # type: ignore[misc]
         step += 1
+
+
+ID_COLUMNS = {"user_id": "users", "item_id": "items", "neg_item_id": "items"}
+
+
+def check_ids(batch: Batch, num_users: int, num_items: int) -> None:
+    """Refuse a batch holding an id outside its table: TorchRec would silently train row 0 instead.
+    Cheap (a min and a max per column); prepared datasets are also checked when opened."""
+    limits = {"users": num_users, "items": num_items}
+    for column, table in ID_COLUMNS.items():
+        if column in batch and len(batch[column]):
+            low, high = int(batch[column].min()), int(batch[column].max())
+            if low < 0 or high >= limits[table]:
+                bad = low if low < 0 else high
+                raise ValueError(f"a training batch holds {column} {bad}, outside [0, {limits[table]}): the data "
+                                 "does not match its stats.json; prepare the dataset again")

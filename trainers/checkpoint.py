@@ -18,22 +18,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 
-def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch-{epoch:04d}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint whose progress.json exists (written last, so its presence means complete)."""
-    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("epoch-*/progress.json"))
-    return done[-1] if done else None
-
 
 def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
     """Collective. state: {"model": ..., "optim": ...} state dicts (sharded tensors welcome);
     progress: epoch, step, config, ... (JSON-serialisable), written last as the mark of completion."""
     dcp.save(state, checkpoint_id=str(path))
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save(rng, path / f"rng-rank{dist.get_rank()}.pt")
+    torch.save(_rng_state(), path / f"rng-rank{dist.get_rank()}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
         tmp = path / "progress.json.tmp"
@@ -49,8 +39,26 @@ def load(state: dict[str, Any], path: Path, restore_rng: bool = True) -> dict[st
     dcp.load(state, checkpoint_id=str(path))
     rng_file = path / f"rng-rank{dist.get_rank()}.pt"
     if restore_rng and rng_file.exists():  # absent when resuming at a larger world size
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        _set_rng_state(torch.load(rng_file, weights_only=True))  # tensors and numbers only: no code runs
     return json.loads((path / "progress.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain numbers (loadable with weights_only=True)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, python_state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))

@@ -168,6 +168,7 @@ class Evaluator:
     def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
         """The recommended items [U, K] of the full-ranking protocol, best first (seen items masked
         when the evaluator masks history)."""
+        scores = torch.nan_to_num(scores, nan=float("-inf"))  # a NaN score is never recommended
         if self.mask_history:
             scores = mask_items(scores, users, self.masks[split])
         return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.numpy()
@@ -190,13 +191,21 @@ class Evaluator:
             seen = self.everything.of(user)
             for target in self.by_split[split].of(user):
                 negatives = sample_unseen(rng, self.num_items, seen, self.config.sampled_negatives)
-                rank = int((scores[row, negatives] > scores[row, target]).sum())
+                rank = rank_against(scores[row, target], scores[row, negatives])
                 if rank < k:
                     hit_sum += 1.0
                     ndcg_sum += 1.0 / np.log2(rank + 2)
                     mrr_sum += 1.0 / (rank + 1)
                 cases += 1
         return np.array([hit_sum, ndcg_sum, mrr_sum, cases])
+
+
+def rank_against(target: torch.Tensor, negatives: torch.Tensor) -> int:
+    """0-based rank of the target among sampled negatives. Ties count against the target and a NaN
+    score loses, so a constant or diverged model scores at chance or worse, never perfectly."""
+    if torch.isnan(target):
+        return len(negatives)
+    return int(((negatives >= target) | torch.isnan(negatives)).sum())
 
 
 def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> torch.Tensor:

@@ -27,6 +27,7 @@ from core.config import config_from_json
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from models.two_tower import TwoTower, user_encoder
+from core.run_folder import latest_checkpoint
 from trainers import checkpoint
 from trainers.distributed import free_loopback_port, setup
 from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables
@@ -53,8 +54,11 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
-    config = config_from_json(config_file.read_text())
-    latest = checkpoint.latest_checkpoint(run_dir)
+    try:
+        config = config_from_json(config_file.read_text())
+    except ValueError as exc:
+        raise UserError(f"{config_file}: not a valid run config ({exc})") from None
+    latest = latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"{run_dir} has no complete checkpoint to export")
     dataset = PreparedDataset.open(config.data.path)
@@ -73,7 +77,10 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
         weights = {"model": sharded.dmp.state_dict()}
-        checkpoint.load(weights, latest, restore_rng=False)
+        try:
+            checkpoint.load(weights, latest, restore_rng=False)
+        except Exception as exc:  # DCP raises many kinds (CheckpointException, RuntimeError, ...) for a bad folder
+            raise UserError(f"{latest}: cannot read this checkpoint ({str(exc).strip().splitlines()[0]})") from None
         sharded.dmp.load_state_dict(weights["model"])
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import UserError
@@ -17,20 +18,32 @@ class ExactIndex:
         export_dir = Path(export_dir)
         if not (export_dir / "items.parquet").is_file():
             raise UserError(f"{export_dir} is not an export folder (run `shardrec export RUN_DIR` first)")
-        self.items = _vectors(export_dir / "items.parquet")
-        self.users = _vectors(export_dir / "users.parquet")
-        self.user_raw = pq.read_table(export_dir / "users.parquet", columns=["raw_id"]).column(0).to_numpy()
-        self.item_raw = pq.read_table(export_dir / "items.parquet", columns=["raw_id"]).column(0).to_numpy()
+        try:
+            self.items = _vectors(export_dir / "items.parquet")
+            self.users = _vectors(export_dir / "users.parquet")
+            self.user_raw = pq.read_table(export_dir / "users.parquet", columns=["raw_id"]).column(0).to_numpy()
+            self.item_raw = pq.read_table(export_dir / "items.parquet", columns=["raw_id"]).column(0).to_numpy()
+        except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
+            raise UserError(f"{export_dir}: incomplete or corrupt export ({exc}); run `shardrec export` again") from None
 
     def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> np.ndarray:
-        """Top-k item ids [Q, k] by inner product, best first; `exclude[q]` items are never returned."""
+        """Top-k item ids [Q, k] by inner product, best first; `exclude[q]` items are never returned.
+        Where fewer than k items are left to return, the row ends in -1."""
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
         scores = queries.astype(np.float32) @ self.items.T
         if exclude is not None:
             for row, items in enumerate(exclude):
                 scores[row, items] = -np.inf
-        top = np.argpartition(-scores, kth=min(k, scores.shape[1] - 1), axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, 1)
+        width = min(k, scores.shape[1])
+        top = np.argpartition(-scores, kth=width - 1, axis=1)[:, :width]
+        chosen = np.take_along_axis(scores, top, 1)
+        order = np.argsort(-chosen, axis=1, kind="stable")
+        top = np.take_along_axis(top, order, 1)
+        top[np.take_along_axis(chosen, order, 1) == -np.inf] = -1  # excluded items fill no slot
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        out[:, :width] = top
+        return out
 
     def user_index(self, raw_id: int) -> int:
         found = np.flatnonzero(self.user_raw == raw_id)
@@ -60,6 +73,8 @@ class ApproximateIndex:
         self.index.add(np.ascontiguousarray(items, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int, exclude: list[np.ndarray] | None = None) -> np.ndarray:
+        if k < 1:
+            raise UserError(f"k must be >= 1, got {k}")
         extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
         fetch = min(k + extra, self.index.ntotal)
         self.index.hnsw.efSearch = max(self.index.hnsw.efSearch, fetch)
@@ -68,12 +83,14 @@ class ApproximateIndex:
         for row, candidates in enumerate(found):
             if exclude is not None:
                 candidates = candidates[~np.isin(candidates, exclude[row])]
-            candidates = candidates[candidates >= 0][:k]
+            candidates = candidates[candidates >= 0]
+            _, first = np.unique(candidates, return_index=True)  # faiss repeats ids when asked past its graph
+            candidates = candidates[np.sort(first)][:k]
             out[row, : len(candidates)] = candidates
         return out
 
 
 def recall_at_k(approximate: np.ndarray, exact: np.ndarray) -> float:
-    """Mean over queries of |approx top-K ∩ exact top-K| / K."""
-    hits = [len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approximate, exact)]
-    return float(np.mean(hits) / exact.shape[1])
+    """Mean over queries of |approx top-K ∩ exact top-K| / |exact top-K| (-1 marks an empty slot)."""
+    shares = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, int((e >= 0).sum())) for a, e in zip(approximate, exact)]
+    return float(np.mean(shares))

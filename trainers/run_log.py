@@ -56,11 +56,12 @@ def quiet_rank_output(run_dir: Path, rank: int, verbose: bool) -> Iterator[TextI
     try:
         yield console
     except BaseException as exc:
+        headline = failure_line(rank, exc)
         traceback.print_exc()  # into the rank's log (fd 2 still points there), so its tail shows it
+        print(headline, file=sys.stderr)  # last line of the log: what a driver reports first
         sys.stdout.flush()
         sys.stderr.flush()
-        errors.write(f"rank {rank} failed: {type(exc).__name__}: {exc}\n{tail(path)}"
-                     f"(whole log: {path})\n")
+        errors.write(f"{headline}\n{tail(path)}(whole log: {path})\n")
         errors.flush()
         raise
     finally:
@@ -72,6 +73,15 @@ def quiet_rank_output(run_dir: Path, rank: int, verbose: bool) -> Iterator[TextI
         os.close(log_fd)
         console.close()
         errors.close()
+
+
+FAILURE_MARK = "shardrec rank failure: "
+
+
+def failure_line(rank: int, exc: BaseException) -> str:
+    """One line naming the failing rank and its error (the exception's first line)."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{FAILURE_MARK}rank {rank}: {type(exc).__name__}: {message}"
 
 
 def tail(path: Path, lines: int = TAIL_LINES) -> str:

@@ -18,10 +18,11 @@ import torch
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
+from core.run_folder import checkpoint_dir, latest_checkpoint, read_progress
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
-from trainers.batches import Batch, BatchSource, lockstep, to_tensors
+from trainers.batches import Batch, BatchSource, check_ids, lockstep, to_tensors
 from trainers.distributed import RankContext, all_sum
 from trainers.evaluate import Evaluator
 from trainers.run_log import Console, RunLog
@@ -51,6 +52,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """Collective. One optimizer step on this rank's batch (numpy columns); returns the batch's
         loss, detached and left on the device (reading it syncs, so the caller decides when)."""
+        check_ids(batch, self.dataset.num_users, self.dataset.num_items)
         loss = self.sharded.dmp(to_tensors(batch, self.context.device))
         self.sharded.optimizer.zero_grad()
         loss.backward()
@@ -80,7 +82,7 @@ class Trainer:
 
     def save_checkpoint(self, run_dir: Path) -> Path:
         """Collective."""
-        path = checkpoint.checkpoint_dir(run_dir, self.epoch)
+        path = checkpoint_dir(run_dir, self.epoch)
         checkpoint.save(self.state_dict(), path, self.progress())
         return path
 
@@ -133,6 +135,12 @@ class Trainer:
         """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
         summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
         through `console`)."""
+        latest = latest_checkpoint(run_dir) if resume else None
+        if resume and latest is None:
+            raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        if latest is not None and self.context.is_main:
+            # A run that restarts repeats the steps after its last checkpoint: their records go.
+            prune_metrics(run_dir / "metrics.jsonl", read_progress(latest)["step"])
         log = RunLog(run_dir, self.context.is_main, console)
         trainer_config, k = self.config.trainer, self.config.eval.k
         where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
@@ -141,10 +149,7 @@ class Trainer:
             (run_dir / "config.json").write_text(self.config.to_json() + "\n")
             plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
             (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        if resume:
-            latest = checkpoint.latest_checkpoint(run_dir)
-            if latest is None:
-                raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        if latest is not None:
             self.load_checkpoint(latest)
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
         while self.epoch < trainer_config.epochs:
@@ -177,6 +182,16 @@ class Trainer:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.close()
         return summary
+
+
+def prune_metrics(path: Path, last_step: int) -> None:
+    """Keep only the metrics.jsonl records up to `last_step` (atomically: a crash keeps the old file)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    staging.replace(path)
 
 
 EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR",

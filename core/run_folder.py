@@ -1,0 +1,50 @@
+"""Where a run keeps its checkpoints, and what a resume may change (no torch: checked by the
+command line before any cluster starts).
+
+    RUN_DIR/checkpoints/epoch-0003/   ... progress.json (written last: its presence marks a complete checkpoint)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from core.config import RunConfig
+from core.errors import UserError
+
+
+def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
+    return run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest checkpoint whose progress.json exists (written last, so its presence means complete)."""
+    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("epoch-*/progress.json"))
+    return done[-1] if done else None
+
+
+def read_progress(checkpoint: Path) -> dict[str, Any]:
+    try:
+        return json.loads((checkpoint / "progress.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{checkpoint}: unreadable progress.json ({exc})") from None
+
+
+def check_resume(config: RunConfig, run_dir: Path) -> None:
+    """Refuse, before anything is written, a resume that cannot work: no complete checkpoint, a
+    model whose tables or layers differ from the checkpoint's, or fewer epochs than already done."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    progress = read_progress(latest)
+    saved = progress.get("config", {}).get("model")
+    if saved is not None and saved != config.to_dict()["model"]:
+        changed = sorted(k for k in set(saved) | set(config.to_dict()["model"])
+                         if saved.get(k) != config.to_dict()["model"].get(k))
+        raise UserError(f"--resume {run_dir}: the checkpoint was trained with other model settings "
+                        f"({', '.join(f'model.{k}' for k in changed)}); they cannot change on resume")
+    done = int(progress.get("epoch", 0))
+    if config.trainer.epochs < done:
+        raise UserError(f"--resume {run_dir}: {done} epochs are done already, more than --trainer.epochs "
+                        f"{config.trainer.epochs}")
