@@ -275,3 +275,20 @@ def test_leave_one_out_ties_are_reported_at_import(tmp_path, capsys):
     assert main(["data", "import", str(csv), *args]) == 0
     assert json.loads((tmp_path / "o" / "stats.json").read_text())["tied_last_timestamps"] == 1
     assert "1 of 2 users' last two interactions share a timestamp" in capsys.readouterr().err
+
+
+def test_plan_refuses_a_negative_batch_size(tmp_path):
+    spec = tmp_path / "spec.csv"
+    spec.write_text("name,rows,dim\nt1,100,8\n")
+    assert main(["plan", "--tables", str(spec), "--topology", "cpu-local", "--batch-size", "-1"]) == 2
+
+
+def test_search_and_export_on_corrupt_folders_exit_2(ml100k_small, tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "items.parquet").write_bytes(b"PAR1 not really")
+    (export / "users.parquet").write_bytes(b"PAR1 not really")
+    assert main(["search", str(export), "--user", "1"]) == 2
+    run = _fake_run(tmp_path, ml100k_small, epochs_done=1)
+    (run / "checkpoints" / "epoch-0001" / ".metadata").write_bytes(b"not a checkpoint")
+    assert main(["export", str(run)]) == 2
