@@ -4,13 +4,23 @@ PY := $(VENV)/bin/python
 DATA ?= runs/data/ml-100k
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: venv data demo test test-fast bench clean
+.PHONY: venv venv-gpu gpu-check data demo test test-fast bench clean
 
 venv: $(VENV)/.stack-installed
 
 $(VENV)/.stack-installed: tools/install_stack.sh pyproject.toml
 	bash tools/install_stack.sh $(VENV)
 	touch $@
+
+# CUDA machines: the same pins with FBGEMM's CUDA kernels, in .venv-gpu; then `make gpu-check`.
+venv-gpu: .venv-gpu/.stack-installed
+
+.venv-gpu/.stack-installed: tools/install_stack.sh pyproject.toml
+	bash tools/install_stack.sh --cuda .venv-gpu
+	touch $@
+
+gpu-check:
+	bash tools/gpu_check.sh $(if $(wildcard .venv-gpu/bin/python),.venv-gpu/bin/python,$(PY))
 
 data: venv
 	$(VENV)/bin/shardrec data prepare ml-100k --out $(DATA)

@@ -74,6 +74,7 @@ def main() -> None:
     print(f"baseline  pyarrow files + numpy negatives (torchrun path): {baseline:,.0f} rows/s (median of {args.epochs} epochs)")
     ray_rate = ray_data_rows_per_s(dataset, data, args.epochs)
     print(f"Ray Data read_parquet -> negatives -> streaming_split(2): {ray_rate:,.0f} rows/s = {ray_rate / baseline:.2f}x baseline")
+    print(f"ray_vs_pyarrow {ray_rate / baseline:.3f}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 trainer.fit()
         except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
             headline = _failing_rank_line(run_dir, section.num_workers)
-            raise TrainingFailed(f"training failed: {headline or _first_line(exc)}\n{_first_line(exc)}"
+            raise TrainingFailed(f"training failed: {headline or _ray_error_head(exc)}\n{_ray_error_head(exc)}"
                                  f"{_rank_tails(run_dir, section.num_workers)}") from exc
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
@@ -97,7 +97,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
     return json.loads(summary_file.read_text())
 
 
-def _first_line(exc: Exception, max_lines: int = 12) -> str:
+def _ray_error_head(exc: Exception, max_lines: int = 12) -> str:
     """Ray's error, trimmed: its first lines name the failing worker and the exception."""
     lines = str(exc).strip().splitlines()
     if not lines:

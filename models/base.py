@@ -29,6 +29,9 @@ class RecModel(nn.Module):
     exported for nearest-neighbour retrieval."""
     data_needs: frozenset[str] = frozenset()
     """What bind_data must be given beyond batches (core.model_data.NEEDS)."""
+    device: torch.device = torch.device("cpu")
+    """The rank's device, set by the trainer before bind_data: every tensor the model creates goes
+    there (CPU tensors would be rejected by NCCL collectives and slow on a GPU)."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""

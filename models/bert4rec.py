@@ -57,7 +57,7 @@ class BERT4Rec(SequenceModel):
     def ranking_inputs(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         keep = self.params.max_len - 1
         lists = [np.r_[h[-keep:] + 1, self.mask_token] for h in histories]  # keep >= 1: max_len >= 2
-        tokens, lengths = pad_right(lists, self.params.max_len)
+        tokens, lengths = pad_right(lists, self.params.max_len, self.device)
         return tokens, lengths, lengths - 1
 
 

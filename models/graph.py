@@ -19,9 +19,9 @@ def normalized_adjacency(users: np.ndarray, items: np.ndarray, num_users: int, n
     weight = 1.0 / np.sqrt(user_degree[users] * item_degree[items])
     rows = np.concatenate([users, num_users + items])
     cols = np.concatenate([num_users + items, users])
-    values = torch.as_tensor(np.concatenate([weight, weight]), dtype=torch.float32)
+    values = torch.as_tensor(np.concatenate([weight, weight]), dtype=torch.float32, device="cpu")
     size = num_users + num_items
     adjacency = torch.sparse_coo_tensor(
-        torch.as_tensor(np.stack([rows, cols])), values, (size, size), check_invariants=True
+        torch.as_tensor(np.stack([rows, cols]), device="cpu"), values, (size, size), check_invariants=True
     )
     return adjacency.coalesce().to_sparse_csr()

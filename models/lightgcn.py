@@ -57,13 +57,15 @@ class LightGCN(RecModel):
     def bind_data(self, data: ModelData) -> None:
         """The graph, from the training pairs."""
         data.require("train_pairs", "LightGCN")
-        self.adjacency = normalized_adjacency(data.train_users, data.train_items, self.num_users, self.num_items)
-        self.sampler = NeighbourSampler(self.adjacency, self.params.fanout)
+        adjacency = normalized_adjacency(data.train_users, data.train_items, self.num_users, self.num_items)
+        self.sampler = NeighbourSampler(adjacency, self.params.fanout)  # numpy, on the host
+        self.adjacency = adjacency.to(self.device)
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
         users, items = self.num_users, self.num_items
-        pooled = self.tables(padded_kjt(["user", "item"], {"user": torch.arange(users), "item": torch.arange(items)})).to_dict()
+        pooled = self.tables(padded_kjt(["user", "item"], {"user": torch.arange(users, device=self.device),
+                                                         "item": torch.arange(items, device=self.device)})).to_dict()
         return torch.cat([pooled["user"][:users], pooled["item"][:items]])
 
     def propagate(self, layer0: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,14 +84,14 @@ class LightGCN(RecModel):
         Ranks ask for different numbers of rows; every rank pads its request to the largest, so all
         make the same sharded lookup."""
         is_user = nodes < self.num_users
-        users = torch.as_tensor(nodes[is_user])
-        items = torch.as_tensor(nodes[~is_user] - self.num_users)
-        width = torch.tensor([max(len(users), len(items), 1)])
+        users = torch.as_tensor(nodes[is_user], device=self.device)
+        items = torch.as_tensor(nodes[~is_user] - self.num_users, device=self.device)
+        width = torch.tensor([max(len(users), len(items), 1)], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(width, op=dist.ReduceOp.MAX)
         pooled = self.tables(padded_kjt(["user", "item"], {"user": users, "item": items}, width=int(width.item()))).to_dict()
-        rows = torch.zeros(len(nodes), self.params.embed_dim, dtype=pooled["user"].dtype)
-        mask = torch.as_tensor(is_user)
+        rows = torch.zeros(len(nodes), self.params.embed_dim, dtype=pooled["user"].dtype, device=self.device)
+        mask = torch.as_tensor(is_user, device=self.device)
         rows[mask] = pooled["user"][: len(users)]
         rows[~mask] = pooled["item"][: len(items)]
         return rows
@@ -100,6 +102,7 @@ class LightGCN(RecModel):
         if self.sampler is None:
             raise RuntimeError("LightGCN needs its graph: call bind_data() first")
         nodes, matrix = self.sampler.sample(targets, self.params.n_layers, self._rng, fanout)
+        matrix = matrix.to(self.device)
         layer0 = self.node_rows(nodes)
         return self.propagate(layer0, matrix), layer0, nodes
 
@@ -112,9 +115,10 @@ class LightGCN(RecModel):
             layer0 = self.layer0()
             final = self.propagate(layer0)
         else:
-            targets = torch.cat([users, positives, negatives]).numpy()
+            targets = torch.cat([users, positives, negatives]).cpu().numpy()
             final, layer0, nodes = self.sampled_final(targets)
-            users, positives, negatives = (torch.as_tensor(rows_of(nodes, t.numpy())) for t in (users, positives, negatives))
+            users, positives, negatives = (torch.as_tensor(rows_of(nodes, t.cpu().numpy()), device=self.device)
+                                           for t in (users, positives, negatives))
         u, p, n = final[users], final[positives], final[negatives]
         bpr = -F.logsigmoid((u * p).sum(1) - (u * n).sum(1)).mean()
         l2 = (layer0[users].pow(2).sum() + layer0[positives].pow(2).sum() + layer0[negatives].pow(2).sum()) / 2
@@ -131,9 +135,9 @@ class LightGCN(RecModel):
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         offset = 0 if column == "user_id" else self.num_users
         if self.params.propagation == "sampled":
-            targets = (ids + offset).numpy()
+            targets = (ids + offset).cpu().numpy()
             final, _, nodes = self.sampled_final(targets, self.params.eval_fanout)
-            return {"final": final[torch.as_tensor(rows_of(nodes, targets))]}
+            return {"final": final[torch.as_tensor(rows_of(nodes, targets), device=self.device)]}
         if self._ranking is None:
             raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")
         return {"final": self._ranking[ids + offset]}

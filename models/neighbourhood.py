@@ -58,10 +58,10 @@ class NeighbourSampler:
         nodes = np.concatenate(parts)
         position[nodes] = -1  # reset only what this call touched
         if rows:
-            index = torch.as_tensor(np.stack([np.concatenate(rows), np.concatenate(cols)]))
-            value = torch.as_tensor(np.concatenate(values), dtype=torch.float32)
+            index = torch.as_tensor(np.stack([np.concatenate(rows), np.concatenate(cols)]), device="cpu")
+            value = torch.as_tensor(np.concatenate(values), dtype=torch.float32, device="cpu")
         else:
-            index, value = torch.zeros(2, 0, dtype=torch.int64), torch.zeros(0)
+            index, value = torch.zeros(2, 0, dtype=torch.int64, device="cpu"), torch.zeros(0, device="cpu")
         matrix = torch.sparse_coo_tensor(index, value, (size, size)).coalesce().to_sparse_csr()
         return nodes, matrix
 

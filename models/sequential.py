@@ -71,7 +71,7 @@ class SequenceModel(RecModel):
     def ranking_inputs(self, histories: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Item histories -> (tokens [B, max_len], lengths [B], index of the predicting position [B]).
         Default: the last max_len items, predicting from the last one."""
-        tokens, lengths = pad_right([h[-self.params.max_len :] + 1 for h in histories], self.params.max_len)
+        tokens, lengths = pad_right([h[-self.params.max_len :] + 1 for h in histories], self.params.max_len, self.device)
         return tokens, lengths, (lengths - 1).clamp(min=0)
 
     # --- shared machinery ----------------------------------------------------------------------
@@ -134,14 +134,16 @@ class SequenceModel(RecModel):
         return users["vector"] @ items["vector"].T
 
 
-def pad_right(token_lists: list[np.ndarray], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists (each at most `width`) -> [B, width] padded with 0 on the right, and lengths [B]."""
-    tokens = torch.zeros(len(token_lists), width, dtype=torch.long)
-    lengths = torch.zeros(len(token_lists), dtype=torch.long)
+def pad_right(token_lists: list[np.ndarray], width: int, device: torch.device | str = "cpu"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists (each at most `width`) -> [B, width] padded with 0 on the right, and lengths [B],
+    built on the host in one array and moved to `device` once."""
+    tokens = np.zeros((len(token_lists), width), dtype=np.int64)
+    lengths = np.zeros(len(token_lists), dtype=np.int64)
     for row, values in enumerate(token_lists):
-        tokens[row, : len(values)] = torch.as_tensor(values, dtype=torch.long)
+        tokens[row, : len(values)] = values
         lengths[row] = len(values)
-    return tokens, lengths
+    return torch.as_tensor(tokens, device=device), torch.as_tensor(lengths, device=device)
 
 
 class PositionalInput(nn.Module):

@@ -80,16 +80,19 @@ class TwoTower(RecModel):
         """Side-feature codes per user and item, and the items' training popularity (log Q)."""
         data.require("item_counts", "TwoTower")
         if self.user_side:
-            self.user_codes = torch.as_tensor(np.stack([data.user_features[f] for f in self.user_side], 1))
+            self.user_codes = torch.as_tensor(np.stack([data.user_features[f] for f in self.user_side], 1),
+                                              device=self.device)
         if self.item_side:
-            self.item_codes = torch.as_tensor(np.stack([data.item_features[f] for f in self.item_side], 1))
+            self.item_codes = torch.as_tensor(np.stack([data.item_features[f] for f in self.item_side], 1),
+                                              device=self.device)
         if self.item_bag:
             bags = data.item_bags[ITEM_BAG]
-            self.genre_offsets = torch.as_tensor(bags.offsets)
-            self.genre_values = torch.as_tensor(bags.values)
+            self.genre_offsets = torch.as_tensor(bags.offsets, device=self.device)
+            self.genre_values = torch.as_tensor(bags.values, device=self.device)
         # log Q: in-batch negatives are drawn in proportion to training popularity.
         counts = data.item_counts.astype(np.float64)
-        self.log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / max(counts.sum(), 1)), dtype=torch.float32)
+        self.log_q = torch.as_tensor(np.log(np.maximum(counts, 1) / max(counts.sum(), 1)), dtype=torch.float32,
+                                     device=self.device)
 
     def _features(self, users: torch.Tensor | None, items: torch.Tensor | None) -> KeyedJaggedTensor:
         """One KJT for both towers' lookups; a side that is not asked for gets empty samples."""
@@ -112,7 +115,7 @@ class TwoTower(RecModel):
     def _genres(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         starts, ends = self.genre_offsets[items], self.genre_offsets[items + 1]
         counts = ends - starts
-        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        within = torch.arange(int(counts.sum()), device=items.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return counts, self.genre_values[torch.repeat_interleave(starts, counts) + within]
 
     def _towers(self, users: torch.Tensor | None, items: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -136,8 +139,9 @@ class TwoTower(RecModel):
         # same item are masked rather than counted as negatives.
         logits = (u @ p.T) / self.params.temperature - self.log_q[positives][None, :]
         same_item = positives[:, None] == positives[None, :]
-        logits = logits.masked_fill(same_item & ~torch.eye(len(users), dtype=torch.bool), float("-inf"))
-        return F.cross_entropy(logits, torch.arange(len(users)))
+        logits = logits.masked_fill(same_item & ~torch.eye(len(users), dtype=torch.bool, device=users.device),
+                                    float("-inf"))
+        return F.cross_entropy(logits, torch.arange(len(users), device=users.device))
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         users, items = self._towers(ids if column == "user_id" else None, ids if column == "item_id" else None)

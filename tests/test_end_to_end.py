@@ -71,6 +71,7 @@ def test_shardrec_train_through_ray(ml100k_small, tmp_path):
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
     assert summary["best"]["test"]["protocol"].startswith("full ranking")
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    assert all(0.0 <= h["data_wait_frac"] <= 1.0 for h in summary["history"])  # logged per epoch
     ranks_in_plan = {s["rank"] for row in summary["plan"] for s in row["shards"]}
     assert ranks_in_plan == {0, 1}
     assert "test at best validation epoch" in result.stdout and "run folder" in result.stdout

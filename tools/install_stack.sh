@@ -3,7 +3,16 @@
 # torch, then fbgemm-gpu-cpu, then torchrec WITHOUT its declared deps (they name the ~500 MB CUDA
 # fbgemm-gpu, which shares the fbgemm_gpu/ folder with fbgemm-gpu-cpu and breaks the import), then
 # the rest. For GPUs see README ("GPU install").
+#
+#   tools/install_stack.sh [VENV]            CPU stack (fbgemm-gpu-cpu)
+#   tools/install_stack.sh --cuda [VENV]     CUDA stack: torch 2.13.0's default Linux wheel (CUDA) and
+#                                            fbgemm-gpu 1.8.0 instead of fbgemm-gpu-cpu (never both)
 set -euo pipefail
+FBGEMM=fbgemm-gpu-cpu==1.8.0
+if [ "${1:-}" = "--cuda" ]; then
+  FBGEMM=fbgemm-gpu==1.8.0
+  shift
+fi
 VENV=${1:-.venv}
 PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -11,7 +20,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
-$PIP install fbgemm-gpu-cpu==1.8.0
+$PIP install "$FBGEMM"
 $PIP install --no-deps torchrec==1.8.0
 $PIP install tensordict tqdm pyre-extensions iopath numpy \
   'ray[data,train,default]==2.60.0' pyarrow==26.0.1 'torchmetrics==1.9.*' tensorboard \

@@ -96,11 +96,17 @@ class SequenceWindowsSource:
 
 
 def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels on `device`."""
-    return {
-        name: torch.tensor(values, dtype=torch.float32 if name == "label" else torch.int64).to(device)
-        for name, values in batch.items()
-    }
+    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels on `device`; to a
+    GPU through pinned memory, without blocking the host."""
+    device = torch.device(device)
+    out = {}
+    for name, values in batch.items():
+        host = torch.tensor(values, dtype=torch.float32 if name == "label" else torch.int64, device="cpu")
+        if device.type == "cuda":
+            out[name] = host.pin_memory().to(device, non_blocking=True)
+        else:
+            out[name] = host
+    return out
 
 
 def lockstep(batches: Iterator[Batch], max_steps: int = 0) -> Iterator[Batch]:

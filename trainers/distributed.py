@@ -55,18 +55,33 @@ def teardown(context: RankContext) -> None:
         dist.destroy_process_group()
 
 
+def collective_device() -> torch.device:
+    """Where the process group's collectives want their tensors: the rank's GPU under NCCL (which
+    rejects CPU tensors), the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_agree(flag: bool) -> bool:
     """True only if every rank passes True. Used so all ranks stop a loop at the same step: TorchRec's
     collectives hang when ranks run different numbers of steps."""
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 
 def all_sum(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def all_max(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def free_loopback_port() -> int:

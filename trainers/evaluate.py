@@ -23,7 +23,7 @@ from core.config import EvalSection
 from core.dataset_format import PreparedDataset
 from core.interactions import UserItems, read_user_items
 from models.base import RecModel
-from trainers.distributed import all_sum
+from trainers.distributed import all_max, all_sum, collective_device
 from trainers.ranking_metrics import metrics_from_hits
 
 LOOKUP_CHUNK = 4096
@@ -126,7 +126,7 @@ class Evaluator:
         padded[: len(ids)] = ids
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, length, LOOKUP_CHUNK):
-            chunk = torch.as_tensor(padded[start : start + LOOKUP_CHUNK])
+            chunk = torch.as_tensor(padded[start : start + LOOKUP_CHUNK], device=model.device)
             for feature, values in model.vectors(column, chunk).items():
                 parts.setdefault(feature, []).append(values)
         return {f: torch.cat(v)[: len(ids)] for f, v in parts.items()}
@@ -138,7 +138,7 @@ class Evaluator:
         local = self._lookup_padded(model, "item_id", mine, per_rank)
         gathered = {}
         for feature, values in local.items():
-            padded = torch.zeros(per_rank, values.shape[1], dtype=values.dtype)
+            padded = torch.zeros(per_rank, values.shape[1], dtype=values.dtype, device=values.device)
             padded[: len(values)] = values
             pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
             dist.all_gather(pieces, padded)
@@ -147,10 +147,8 @@ class Evaluator:
 
     def _score_users(self, model: RecModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str,
                      on_batch: Callable[[int], None] | None = None) -> list[float]:
-        longest = torch.tensor([len(users)])
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
         batch = self.config.user_batch
-        n_batches = -(-int(longest.item()) // batch)
+        n_batches = -(-all_max(len(users), collective_device()) // batch)
         sums = self._empty_sums()
         if on_batch is not None:
             on_batch(n_batches)
@@ -171,7 +169,7 @@ class Evaluator:
         scores = torch.nan_to_num(scores, nan=float("-inf"))  # a NaN score is never recommended
         if self.mask_history:
             scores = mask_items(scores, users, self.masks[split])
-        return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.numpy()
+        return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.cpu().numpy()
 
     def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
         top = self.top_k(scores, users, split)
@@ -179,8 +177,8 @@ class Evaluator:
         hits = np.zeros(top.shape, dtype=bool)
         for row, user in enumerate(users):
             hits[row] = np.isin(top[row], targets.of(user))
-        num_relevant = torch.as_tensor(targets.counts()[users])
-        metrics = metrics_from_hits(torch.as_tensor(hits), num_relevant)
+        num_relevant = torch.as_tensor(targets.counts()[users], device="cpu")
+        metrics = metrics_from_hits(torch.as_tensor(hits, device="cpu"), num_relevant)
         return np.array([metrics[m].sum().item() for m in ("recall", "ndcg", "hit", "mrr")] + [len(users)])
 
     def _sampled_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
@@ -212,7 +210,7 @@ def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> to
     """Set each user's masked items to -inf so they cannot be recommended. scores: [U, I]."""
     rows, cols = masked.of_users(users)
     scores = scores.clone()
-    scores[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.int64)] = float("-inf")
+    scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, dtype=torch.int64, device=scores.device)] = float("-inf")
     return scores
 
 

@@ -43,7 +43,7 @@ def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
     model.begin_ranking()
     try:
         with torch.no_grad():
-            parts = [model.vectors(column, torch.arange(start, min(start + CHUNK, count)))[key]
+            parts = [model.vectors(column, torch.arange(start, min(start + CHUNK, count), device=model.device))[key]
                      for start in range(0, count, CHUNK)]
     finally:
         model.end_ranking()

@@ -73,6 +73,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
     model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"))
+    model.device = context.device  # before bind_data: what the model builds goes there
     model.bind_data(load_model_data(dataset, model.data_needs))
     if config.sharding.plan:
         plan = retarget(load_plan_file(config.sharding.plan), context.device.type, context.world_size,
@@ -127,7 +128,7 @@ def init_tables(dmp: torch.nn.Module, std: float, seed: int) -> None:
             full_width = _table_width(value, local)
             for chunk in range(first_chunk, last_chunk + 1):
                 generator = torch.Generator().manual_seed(hash((seed, table_index, chunk)) & 0x7FFFFFFF)
-                block = torch.randn(INIT_CHUNK_ROWS, full_width, generator=generator) * std
+                block = torch.randn(INIT_CHUNK_ROWS, full_width, generator=generator, device="cpu") * std
                 chunk_start = chunk * INIT_CHUNK_ROWS
                 lo = max(row_offset, chunk_start)
                 hi = min(row_offset + rows, chunk_start + INIT_CHUNK_ROWS)

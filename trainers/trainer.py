@@ -110,8 +110,15 @@ class Trainer:
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
         rows = steps = 0
+        waited = 0.0  # seconds spent waiting for the next batch (data path, and the lockstep agreement)
         log.start_bar(f"epoch {epoch}", None, unit="step")
-        for batch in lockstep(batches, self.config.trainer.max_steps_per_epoch):
+        stream = iter(lockstep(batches, self.config.trainer.max_steps_per_epoch))
+        while True:
+            asked = time.perf_counter()
+            batch = next(stream, None)
+            waited += time.perf_counter() - asked
+            if batch is None:
+                break
             loss = self.train_step(batch)
             batch_rows = len(batch["user_id"])
             loss_sum += loss.double() * batch_rows
@@ -128,7 +135,8 @@ class Trainer:
         total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
         self.epoch = epoch
         return {"epoch": epoch, "steps": steps, "loss": total_loss / max(total_rows, 1.0),
-                "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed}
+                "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
+                "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
 
     def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
             console: Console | None = None) -> dict[str, Any]:
@@ -201,7 +209,7 @@ EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "
 def epoch_line(record: dict[str, Any], k: int) -> str:
     line = (
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
-        f"{record['samples_per_s']:,.0f} samples/s"
+        f"{record['samples_per_s']:,.0f} samples/s, data wait {record.get('data_wait_frac', 0.0):.0%}"
     )
     if "valid" in record:
         v, t = record["valid"], record["test"]
