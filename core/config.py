@@ -92,6 +92,12 @@ class TrainerSection:
     """Folder that receives one sub-folder per run."""
     run_name: str = ""
     """Run folder name; empty means <model>-<timestamp>."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many steps inside an epoch (0: at epoch ends only). A resumed run
+    continues after the last checkpoint's batch; under torchrun no positive of the epoch is trained
+    twice or skipped (the epoch's order is a function of the seed and the epoch)."""
+    keep_checkpoints: int = 0
+    """Keep only the newest this many checkpoints (0: all); the best-validation one is always kept."""
     max_steps_per_epoch: int = 0
     """Stop each epoch after this many steps (0: the whole epoch). For smoke tests."""
 
@@ -102,6 +108,8 @@ class TrainerSection:
         if not (math.isfinite(self.sparse_lr) and math.isfinite(self.dense_lr)) or self.sparse_lr <= 0 or self.dense_lr <= 0:
             raise UserError(f"trainer.sparse_lr and trainer.dense_lr must be finite and > 0, got "
                             f"{self.sparse_lr} and {self.dense_lr}")
+        if self.checkpoint_every_steps < 0 or self.keep_checkpoints < 0:
+            raise UserError("trainer.checkpoint_every_steps and trainer.keep_checkpoints must be >= 0")
         if self.max_steps_per_epoch < 0:
             raise UserError("trainer.max_steps_per_epoch must be >= 0")
 

@@ -1,7 +1,9 @@
 """Where a run keeps its checkpoints, and what a resume may change (no torch: checked by the
 command line before any cluster starts).
 
-    RUN_DIR/checkpoints/epoch-0003/   ... progress.json (written last: its presence marks a complete checkpoint)
+    RUN_DIR/checkpoints/epoch-0003/       at the end of epoch 3
+    RUN_DIR/checkpoints/step-000000150/   inside an epoch (trainer.checkpoint_every_steps)
+    each with progress.json, written last: its presence marks a complete checkpoint
 """
 
 from __future__ import annotations
@@ -14,14 +16,28 @@ from core.config import RunConfig
 from core.errors import UserError
 
 
-def checkpoint_dir(run_dir: Path, epoch: int) -> Path:
-    return run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+def checkpoint_dir(run_dir: Path, epoch: int, step: int | None = None) -> Path:
+    """An epoch-end checkpoint, or (with `step`) one taken inside an epoch."""
+    name = f"epoch-{epoch:04d}" if step is None else f"step-{step:09d}"
+    return run_dir / "checkpoints" / name
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    found = []
+    for progress in (run_dir / "checkpoints").glob("*/progress.json"):
+        try:
+            found.append((int(json.loads(progress.read_text())["step"]), progress.parent))
+        except (OSError, ValueError, KeyError):
+            continue  # unreadable: not complete
+    return sorted(found)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint whose progress.json exists (written last, so its presence means complete)."""
-    done = sorted(p.parent for p in (run_dir / "checkpoints").glob("epoch-*/progress.json"))
-    return done[-1] if done else None
+    """The complete checkpoint with the most steps (progress.json is written last, so its presence
+    means complete)."""
+    done = complete_checkpoints(run_dir)
+    return done[-1][1] if done else None
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:

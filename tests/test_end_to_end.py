@@ -325,3 +325,60 @@ def test_sasrec_through_ray_builds_sequences_with_ray_data(ml100k_loo_small, tmp
     assert exported.returncode == 0, exported.stdout[-3000:] + exported.stderr[-3000:]
     info = json.loads((tmp_path / "sas" / "export" / "export.json").read_text())
     assert (info["users"], info["items"], info["dim"]) == (dataset.num_users, dataset.num_items, 64)
+
+
+def _recorded_steps(folder: Path, keep_first_attempt_upto: int | None = None) -> dict[tuple[int, int], list]:
+    """(rank, step) -> the positives that step trained, from a BatchRecorder folder. With
+    `keep_first_attempt_upto`, the first attempt's steps past that (lost with the killed job and
+    rolled back by the resume) are dropped: what remains is what the final weights learned from."""
+    steps: dict[tuple[int, int], list] = {}
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (folder / f"rank-{rank}.jsonl").read_text().splitlines()]
+        first_pid = records[0]["pid"]
+        for record in records:
+            if keep_first_attempt_upto is not None and record["pid"] == first_pid and record["step"] > keep_first_attempt_upto:
+                continue
+            key = (rank, record["step"])
+            assert key not in steps, f"step {key} trained twice"
+            steps[key] = list(zip(record["users"], record["items"]))
+    return steps
+
+
+@pytest.mark.timeout(500)
+def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, tmp_path):
+    """torchrun, checkpoints every 3 steps; rank 1 is killed with SIGKILL in the middle of epoch 2.
+    The job ends non-zero; `--resume` continues from the last step checkpoint. Every positive of the
+    epoch is then trained exactly once (the same steps, rows and order as an uninterrupted run),
+    metrics.jsonl holds each step once, and the final weights equal the uninterrupted run's."""
+    torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
+    extra = ["--trainer.checkpoint_every_steps", "3", "--trainer.log_every", "1", "--trainer.keep_checkpoints", "3"]
+    straight = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "straight", epochs=2), *extra], 300,
+                    env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec-straight")})
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    reference = _recorded_steps(tmp_path / "rec-straight")
+    per_epoch = max(step for _, step in reference) // 2
+    fail_at = per_epoch + per_epoch // 2 + 1  # in the middle of epoch 2, just after a checkpoint
+    started = time.monotonic()
+    killed = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "run", epochs=2), *extra], 300,
+                  env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec"), "SHARDREC_FAIL_AT_STEP": f"1:{fail_at}"})
+    assert killed.returncode != 0 and time.monotonic() - started < 300
+    resumed = _run([*torchrun, "--resume", str(tmp_path / "run")], 300,
+                   env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec")})
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", resumed.stdout)
+    assert found, resumed.stdout[-2000:]
+    checkpoint_step = int(found.group(1))
+    assert per_epoch < checkpoint_step <= fail_at  # a checkpoint inside epoch 2 was used
+    assert _recorded_steps(tmp_path / "rec", keep_first_attempt_upto=checkpoint_step) == reference
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * per_epoch
+    a = _final_weights(tmp_path / "straight", 2, tmp_path / "a.pt")
+    b = _final_weights(tmp_path / "run", 2, tmp_path / "b.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert len(kept) <= 4 and "epoch-0002" in kept  # keep_checkpoints 3, plus the best-validation one
+    blocked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "checkpoint"]
+    assert blocked and all(r["checkpoint_block_s"] >= 0 for r in blocked)

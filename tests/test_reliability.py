@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,9 +129,9 @@ def test_data_sample_never_deletes(ml100k_small, tmp_path):
     assert main(["data", "sample", str(ml100k_small), "--users", "0", "--out", str(tmp_path / "zero")]) == 2
 
 
-def _fake_run(tmp_path: Path, data: Path, epochs_done: int) -> Path:
+def _fake_run(tmp_path: Path, data: Path, epochs_done: int, config_file: str = NCF) -> Path:
     """A run folder as training leaves it (config, plan, a complete checkpoint's progress)."""
-    config = load_config(NCF, [("data.path", str(data))])
+    config = load_config(config_file, [("data.path", str(data))])
     run = tmp_path / "run"
     (run / "checkpoints" / f"epoch-{epochs_done:04d}").mkdir(parents=True)
     (run / "config.json").write_text(config.to_json())
@@ -289,6 +291,12 @@ def test_search_and_export_on_corrupt_folders_exit_2(ml100k_small, tmp_path):
     (export / "items.parquet").write_bytes(b"PAR1 not really")
     (export / "users.parquet").write_bytes(b"PAR1 not really")
     assert main(["search", str(export), "--user", "1"]) == 2
-    run = _fake_run(tmp_path, ml100k_small, epochs_done=1)
+    run = _fake_run(tmp_path, ml100k_small, epochs_done=1, config_file=str(REPO / "launcher/configs/two_tower_ml100k.toml"))
     (run / "checkpoints" / "epoch-0001" / ".metadata").write_bytes(b"not a checkpoint")
-    assert main(["export", str(run)]) == 2
+    # In a process of its own: export starts a process group and checkpoint reader threads, which a
+    # later fork of this test process (the gloo rank tests) must not inherit.
+    exported = subprocess.run([sys.executable, "-m", "launcher", "export", str(run)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 2, exported.stderr[-2000:]
+    assert exported.stderr.startswith("shardrec: error:") and "cannot read this checkpoint" in exported.stderr
+    assert len(exported.stderr.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ whatever world size trained it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from core.config import config_from_json
 from core.dataset_format import PreparedDataset
@@ -51,6 +53,8 @@ def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
 
 
 def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    # One process on a saved plan-free layout: TorchRec's notices about it are not the user's business.
+    logging.getLogger("torchrec").setLevel(logging.ERROR)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
@@ -77,10 +81,14 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
         weights = {"model": sharded.dmp.state_dict()}
+        logging.disable(logging.WARNING)  # DCP logs each failed metadata read with its traceback
         try:
             checkpoint.load(weights, latest, restore_rng=False)
-        except Exception as exc:  # DCP raises many kinds (CheckpointException, RuntimeError, ...) for a bad folder
-            raise UserError(f"{latest}: cannot read this checkpoint ({str(exc).strip().splitlines()[0]})") from None
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{latest}: cannot read this checkpoint ({reason})") from None
+        finally:
+            logging.disable(logging.NOTSET)
         sharded.dmp.load_state_dict(weights["model"])
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)

@@ -7,7 +7,11 @@ It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a B
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import shutil
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +22,7 @@ import torch
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
-from core.run_folder import checkpoint_dir, latest_checkpoint, read_progress
+from core.run_folder import checkpoint_dir, complete_checkpoints, latest_checkpoint, read_progress
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
@@ -44,6 +48,8 @@ class Trainer:
         """Epochs finished."""
         self.step = 0
         """Optimizer steps taken, all epochs."""
+        self.epoch_batches = 0
+        """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -77,13 +83,26 @@ class Trainer:
 
     def progress(self) -> dict[str, Any]:
         """Where training stands, JSON-serialisable: saved beside each checkpoint."""
-        return {"epoch": self.epoch, "step": self.step, "best": self.best, "history": self.history,
-                "config": self.config.to_dict()}
+        return {"epoch": self.epoch, "step": self.step, "epoch_batches": self.epoch_batches, "best": self.best,
+                "history": self.history, "config": self.config.to_dict()}
 
-    def save_checkpoint(self, run_dir: Path) -> Path:
-        """Collective."""
-        path = checkpoint_dir(run_dir, self.epoch)
+    def save_checkpoint(self, run_dir: Path, log: RunLog | None = None) -> Path:
+        """Collective. At an epoch end, or inside an epoch (then named by step). Logs how long the
+        step was blocked (`checkpoint_block_s`) and applies trainer.keep_checkpoints."""
+        inside = self.epoch_batches > 0
+        path = checkpoint_dir(run_dir, self.epoch, self.step if inside else None)
+        started = time.perf_counter()
         checkpoint.save(self.state_dict(), path, self.progress())
+        blocked = time.perf_counter() - started
+        if log is not None:
+            log.record("checkpoint", self.step, {"path": str(path), "checkpoint_block_s": blocked})
+        if self.context.is_main and self.config.trainer.keep_checkpoints:
+            keep = {folder for _, folder in complete_checkpoints(run_dir)[-self.config.trainer.keep_checkpoints:]}
+            if self.best:
+                keep.add(checkpoint_dir(run_dir, self.best["epoch"]))  # never the best-validation one
+            for _, folder in complete_checkpoints(run_dir):
+                if folder not in keep:
+                    shutil.rmtree(folder, ignore_errors=True)
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -98,21 +117,30 @@ class Trainer:
         progress = checkpoint.load(state, path)
         self.load_state_dict(state)
         self.epoch, self.step = progress["epoch"], progress["step"]
+        self.epoch_batches = int(progress.get("epoch_batches", 0))
         self.best, self.history = progress.get("best", {}), progress.get("history", [])
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def train_epoch(self, batches: Iterator[Batch], log: RunLog) -> dict[str, Any]:
-        """Collective. One epoch over `batches`; returns its record (loss, steps, samples/s)."""
+    def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None) -> dict[str, Any]:
+        """Collective. One epoch over `batches` (after the `epoch_batches` a resumed checkpoint had
+        trained); returns its record (loss, steps, samples/s, data wait)."""
         self.sharded.dmp.train()
         epoch = self.epoch + 1
         log_every = self.config.trainer.log_every
+        every_steps = self.config.trainer.checkpoint_every_steps
+        skipped = self.epoch_batches
+        # The epoch's order is a function of (seed, epoch) under torchrun: skipping what the
+        # checkpoint had trained resumes at the next unseen batch.
+        batches = itertools.islice(batches, skipped, None)
+        max_steps = self.config.trainer.max_steps_per_epoch
+        recorder = BatchRecorder.from_environment(self.context.rank, epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
         rows = steps = 0
         waited = 0.0  # seconds spent waiting for the next batch (data path, and the lockstep agreement)
         log.start_bar(f"epoch {epoch}", None, unit="step")
-        stream = iter(lockstep(batches, self.config.trainer.max_steps_per_epoch))
+        stream = iter(lockstep(batches, max(max_steps - skipped, 1) if max_steps else 0))
         while True:
             asked = time.perf_counter()
             batch = next(stream, None)
@@ -120,6 +148,9 @@ class Trainer:
             if batch is None:
                 break
             loss = self.train_step(batch)
+            self.epoch_batches += 1
+            if recorder is not None:
+                recorder.record(self.step, batch)
             batch_rows = len(batch["user_id"])
             loss_sum += loss.double() * batch_rows
             rows += batch_rows
@@ -130,10 +161,12 @@ class Trainer:
                 log.advance(loss=value)
             else:
                 log.advance()
+            if every_steps and run_dir is not None and self.step % every_steps == 0:
+                self.save_checkpoint(run_dir, log)
         log.end_bar()
         elapsed = time.perf_counter() - started
         total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
-        self.epoch = epoch
+        self.epoch, self.epoch_batches = epoch, 0
         return {"epoch": epoch, "steps": steps, "loss": total_loss / max(total_rows, 1.0),
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
@@ -161,7 +194,7 @@ class Trainer:
             self.load_checkpoint(latest)
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
         while self.epoch < trainer_config.epochs:
-            record = self.train_epoch(source.epoch(self.epoch + 1), log)
+            record = self.train_epoch(source.epoch(self.epoch + 1), log, run_dir)
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 record["valid"] = self.evaluate("valid", log.bar_callback("valid"))
@@ -175,7 +208,7 @@ class Trainer:
             log.info(epoch_line(record, k))
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last:
-                self.save_checkpoint(run_dir)
+                self.save_checkpoint(run_dir, log)
         summary = {
             "run_dir": str(run_dir),
             "model": self.config.model.name,
@@ -190,6 +223,35 @@ class Trainer:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.close()
         return summary
+
+
+class BatchRecorder:
+    """Testing aid for exactly-once progress, off unless SHARDREC_RECORD_BATCHES names a folder: each
+    rank appends, per step, the (user, item) rows of its batch's positives to
+    <folder>/rank-<r>.jsonl. With SHARDREC_FAIL_AT_STEP=<rank>:<step> that rank kills itself with
+    SIGKILL right after that step (a lost host, for fault tests)."""
+
+    def __init__(self, path: Path, fail_at: int | None) -> None:
+        self.path, self.fail_at = path, fail_at
+
+    @classmethod
+    def from_environment(cls, rank: int, epoch: int) -> "BatchRecorder | None":
+        folder = os.environ.get("SHARDREC_RECORD_BATCHES")
+        if not folder:
+            return None
+        fail_rank, _, fail_step = os.environ.get("SHARDREC_FAIL_AT_STEP", "").partition(":")
+        fail_at = int(fail_step) if fail_step and int(fail_rank) == rank else None
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return cls(Path(folder) / f"rank-{rank}.jsonl", fail_at)
+
+    def record(self, step: int, batch: Batch) -> None:
+        positive = batch["label"] > 0 if "label" in batch else slice(None)
+        rows = {"step": step, "pid": os.getpid(), "users": batch["user_id"][positive].tolist(),
+                "items": batch["item_id"][positive].tolist()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(rows) + "\n")
+        if self.fail_at is not None and step == self.fail_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_metrics(path: Path, last_step: int) -> None:
