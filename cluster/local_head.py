@@ -35,18 +35,13 @@ from pathlib import Path
 from typing import Iterator
 
 from core.errors import UserError
+from trainers.distributed import free_loopback_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 STATE_DIR = Path.home() / ".shardrec" / "clusters"
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 """Ray picks the machine's external address unless told otherwise; on loopback-only runs that makes
 clients hang without an error."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_env() -> dict[str, str]:
@@ -127,15 +122,13 @@ def _wait_for_address(temp_dir: Path, process: subprocess.Popen, timeout_s: floa
 class EmbeddedHead:
     gcs_address: str
     temp_dir: Path
-    session: int
-    """Session id of every process of the head (that of its `ray start --block`)."""
 
 
 @contextlib.contextmanager
 def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0) -> Iterator[EmbeddedHead]:
     """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="shardrec-ray-", dir="/tmp"))  # short: socket paths < 108 B
-    ports = {flag: free_port() for flag in (
+    ports = {flag: free_loopback_port() for flag in (
         "--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
         "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
         "--ray-client-server-port")}
@@ -146,14 +139,14 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0)
         command += [flag, str(port)]
     env = ray_env()
     # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
-    env.update(AUTOSCALER_METRIC_PORT=str(free_port()), DASHBOARD_METRIC_PORT=str(free_port()))
+    env.update(AUTOSCALER_METRIC_PORT=str(free_loopback_port()), DASHBOARD_METRIC_PORT=str(free_loopback_port()))
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)
     try:
         address = _wait_for_address(temp_dir, process, timeout_s)
         private_token_file()
-        yield EmbeddedHead(address, temp_dir, process.pid)
+        yield EmbeddedHead(address, temp_dir)
     finally:
         process.terminate()  # `ray start --block` stops the processes it started...
         with contextlib.suppress(subprocess.TimeoutExpired):

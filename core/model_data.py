@@ -48,13 +48,8 @@ class ModelData:
 
     def require(self, what: str, owner: str) -> None:
         """Raise a clear error when a model is used without the data it declared."""
-        missing = {
-            "train_pairs": self.train_users is None,
-            "item_counts": self.item_counts is None,
-            "sequences": self.sequences is None,
-            "features": False,
-        }[what]
-        if missing:
+        missing = {"train_pairs": self.train_users, "item_counts": self.item_counts, "sequences": self.sequences}
+        if missing.get(what, True) is None:
             raise RuntimeError(f"{owner} needs {what!r}: build it with load_model_data(dataset, {{{what!r}}})")
 
 

@@ -54,10 +54,9 @@ def check_resume(config: RunConfig, run_dir: Path) -> None:
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)
-    saved = progress.get("config", {}).get("model")
-    if saved is not None and saved != config.to_dict()["model"]:
-        changed = sorted(k for k in set(saved) | set(config.to_dict()["model"])
-                         if saved.get(k) != config.to_dict()["model"].get(k))
+    saved, wanted = progress.get("config", {}).get("model"), config.to_dict()["model"]
+    if saved is not None and saved != wanted:
+        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise UserError(f"--resume {run_dir}: the checkpoint was trained with other model settings "
                         f"({', '.join(f'model.{k}' for k in changed)}); they cannot change on resume")
     done = int(progress.get("epoch", 0))
