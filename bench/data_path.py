@@ -17,7 +17,7 @@ import threading
 import time
 
 from core.dataset_format import PreparedDataset
-from core.negatives import sampler_for
+from core.negatives import NegativeSampler
 from core.model_params import NCFParams
 from core.config import ClusterSection, DataSection
 from trainers.batches import ParquetFilesSource
@@ -26,7 +26,7 @@ BATCH = 1024
 
 
 def pyarrow_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int) -> float:
-    sampler = sampler_for(dataset, data.negatives, data.reject_positives, "pointwise")
+    sampler = NegativeSampler(dataset.num_items, data.negatives, data.reject_positives)
     rates = []
     for epoch in range(epochs):
         started = time.perf_counter()

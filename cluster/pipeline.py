@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 
 from core.config import DataSection
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
-from core.negatives import sampler_for
+from core.negatives import NegativeSampler
 from core.sequences import list_rows, sequence_files, training_windows
 
 
@@ -28,12 +29,26 @@ def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -
     if batch_kind == "sequence":
         return _sequence_windows(dataset, params.window, params.resolved_window_step, params.min_window)
     files = [str(path) for path in dataset.split_files("train")]
-    sampler = sampler_for(dataset, data.negatives, data.reject_positives, batch_kind)
+    sampler = NegativeSampler(dataset.num_items, data.negatives, data.reject_positives, batch_kind=batch_kind)
+    # One task per whole train shard: shards are user-partitioned, so a shard's own rows are every
+    # positive its negatives must avoid, and no task holds more than one shard.
     return (
-        ray.data.read_parquet(files, columns=["user_id", "item_id"])
+        ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files))
         .randomize_block_order()
-        .map_batches(sampler, batch_format="numpy")
+        .map_batches(_SampledShards(sampler), batch_size=1, batch_format="numpy")
     )
+
+
+class _SampledShards:
+    """Ray Data map: a batch of shard paths -> their positives with sampled negatives."""
+
+    def __init__(self, sampler: NegativeSampler) -> None:
+        self.sampler = sampler
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        parts = [pq.read_table(str(path), columns=["user_id", "item_id"]) for path in batch["path"]]
+        table = pa.concat_tables(parts)
+        return self.sampler({name: table.column(name).to_numpy() for name in ("user_id", "item_id")})
 
 
 def _sequence_windows(dataset: PreparedDataset, window: int, step: int, min_length: int) -> ray.data.Dataset:

@@ -1,13 +1,14 @@
-"""Negative sampling for pointwise training, applied to batches of positives in the data pipeline."""
+"""Negative sampling for pointwise training, applied to batches of positives in the data pipeline.
+
+No global pair set anywhere: prepared shards are partitioned by user (core/dataset_format.py), so a
+block made of whole train shards holds every training positive of its users, and the positives a
+negative must avoid are the block's own rows. The work is O(rows of the block): one sort of its pair
+keys, one vectorised membership test of its negatives, and then only the clashes are redrawn.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from core.dataset_format import PreparedDataset
 
 
 class NegativeSampler:
@@ -17,53 +18,56 @@ class NegativeSampler:
     "pairwise" batches: each positive becomes k rows (user_id, item_id, neg_item_id), for BPR-style
     losses. "positives" batches pass positives through (in-batch negatives, e.g. sampled softmax).
 
-    With `known_pairs` (sorted int64 keys user * num_items + item of the training positives), negatives
-    that hit a known positive are redrawn, a few rounds at most; the rare survivors stay (documented
-    bias, below 1e-4 of rows on ML-100K). Membership is a vectorised binary search: 8 bytes per training
-    interaction, no Python sets.
+    With reject_positives, a negative that is one of its user's positives in the batch is redrawn,
+    a few rounds at most; the rare survivors stay (documented bias, below 1e-4 of rows on ML-100K).
+    The batch must then hold all of its users' positives: a whole user-partitioned train shard (or
+    several) does.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        negatives: int,
-        known_pairs: np.ndarray | None = None,
-        rounds: int = 5,
-        batch_kind: str = "pointwise",
-    ) -> None:
+    def __init__(self, num_items: int, negatives: int, reject_positives: bool = True, rounds: int = 5,
+                 batch_kind: str = "pointwise") -> None:
         if batch_kind not in ("pointwise", "pairwise", "positives"):
             raise ValueError(f"unknown batch kind {batch_kind!r}")
         self.batch_kind = batch_kind
         self.num_items = num_items
         self.negatives = negatives
-        self.known_pairs = known_pairs
+        self.reject_positives = reject_positives
         self.rounds = rounds
+        self.clashes_redrawn = 0
+        """Negatives redrawn so far (for tests and benchmarks)."""
 
-    @staticmethod
-    def pair_keys(users: np.ndarray, items: np.ndarray, num_items: int) -> np.ndarray:
-        return np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+    def _redraw_clashes(self, users: np.ndarray, negatives: np.ndarray, positives: np.ndarray,
+                        rng: np.random.Generator) -> None:
+        """Redraw in place the negatives that are a positive of their user. `positives`: sorted pair
+        keys. The first round tests every negative; later rounds only the ones just redrawn."""
+        if not len(positives):
+            return
+        suspects = np.arange(len(negatives))
+        for _ in range(self.rounds):
+            keys = users[suspects] * self.num_items + negatives[suspects]
+            position = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
+            suspects = suspects[positives[position] == keys]
+            if not len(suspects):
+                return
+            self.clashes_redrawn += len(suspects)
+            negatives[suspects] = rng.integers(0, self.num_items, size=len(suspects), dtype=np.int64)
 
-    def _is_known(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users * self.num_items + items
-        position = np.searchsorted(self.known_pairs, keys)
-        position = np.minimum(position, len(self.known_pairs) - 1)
-        return self.known_pairs[position] == keys
-
-    def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator | None = None,
+                 positives: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Expand `batch`; with reject_positives, negatives avoid the pairs of `positives` (default:
+        the batch itself), which must hold every positive of the batch's users."""
         rng = rng or np.random.default_rng()
-        users = batch["user_id"].astype(np.int64)
-        items = batch["item_id"].astype(np.int64)
+        users = np.asarray(batch["user_id"], dtype=np.int64)
+        items = np.asarray(batch["item_id"], dtype=np.int64)
         if self.batch_kind == "positives":  # negatives come from the rest of the batch
             return {"user_id": users, "item_id": items}
         k = self.negatives
         neg_users = np.repeat(users, k)
         neg_items = rng.integers(0, self.num_items, size=len(neg_users), dtype=np.int64)
-        if self.known_pairs is not None and len(self.known_pairs):
-            for _ in range(self.rounds):
-                clash = self._is_known(neg_users, neg_items)
-                if not clash.any():
-                    break
-                neg_items[clash] = rng.integers(0, self.num_items, size=int(clash.sum()), dtype=np.int64)
+        if self.reject_positives:
+            known = batch if positives is None else positives
+            keys = np.asarray(known["user_id"], dtype=np.int64) * self.num_items + np.asarray(known["item_id"], dtype=np.int64)
+            self._redraw_clashes(neg_users, neg_items, np.unique(keys), rng)
         if self.batch_kind == "pairwise":
             return {"user_id": neg_users, "item_id": np.repeat(items, k), "neg_item_id": neg_items}
         return {
@@ -71,13 +75,3 @@ class NegativeSampler:
             "item_id": np.concatenate([items, neg_items]),
             "label": np.concatenate([np.ones(len(users), np.float32), np.zeros(len(neg_users), np.float32)]),
         }
-
-
-def sampler_for(dataset: "PreparedDataset", negatives: int, reject_positives: bool, batch_kind: str) -> NegativeSampler:
-    """The sampler a training pipeline uses; with reject_positives it reads the train split once to
-    know every training pair."""
-    known = None
-    if reject_positives:
-        train = dataset.read_split("train")
-        known = NegativeSampler.pair_keys(train["user_id"], train["item_id"], dataset.num_items)
-    return NegativeSampler(dataset.num_items, negatives, known, batch_kind=batch_kind)

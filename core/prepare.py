@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from core.dataset_format import FORMAT, SPLITS, PreparedDataset, write_split
+from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, write_user_shards
 from core.errors import UserError
 
 
@@ -164,7 +164,7 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
     position = _history_positions(user, timestamp, rows)
     rng = np.random.default_rng(options.seed)
     assignment = (
-        _split_random(user, options.ratios, rng) if options.split == "random" else _split_leave_one_out(user, position)
+        split_random(user, options.ratios, rng) if options.split == "random" else split_leave_one_out(user, position)
     )
 
     if out.exists():
@@ -173,10 +173,9 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
         shutil.rmtree(out)
     out.mkdir(parents=True)
     split_counts = {}
+    user_bounds = balanced_user_bounds(np.bincount(user, minlength=len(user_ids)), options.shards)
     for index, split in enumerate(SPLITS):
         selected = np.flatnonzero(assignment == index)
-        if split == "train":
-            selected = rng.permutation(selected)  # shards then mix users, so any file subset is a fair sample
         columns = {
             "user_id": user[selected].astype(np.int64),
             "item_id": item[selected].astype(np.int64),
@@ -184,7 +183,7 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
             "timestamp": timestamp[selected].astype(np.int64),
             "position": position[selected],
         }
-        write_split(columns, out / split, options.shards)
+        write_user_shards(columns, out / split, user_bounds, shuffle=rng if split == "train" else None)
         split_counts[split] = int(len(selected))
     pq.write_table(pa.table({"raw_id": user_ids, "id": np.arange(len(user_ids))}), out / "user_ids.parquet")
     pq.write_table(pa.table({"raw_id": item_ids, "id": np.arange(len(item_ids))}), out / "item_ids.parquet")
@@ -202,6 +201,7 @@ def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions
         "seed": options.seed,
         "min_rating": options.min_rating,
         "shards": options.shards,
+        "user_bounds": user_bounds,
         "tied_last_timestamps": _tied_last_timestamps(user, timestamp, position) if options.split == "loo" else None,
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
@@ -230,7 +230,7 @@ def _tied_last_timestamps(user: np.ndarray, timestamp: np.ndarray, position: np.
     return int(tied.sum())
 
 
-def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
+def split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
     """Per-user random split: int(n*valid) valid rows, int(n*test) test rows, the rest train.
 
     Users with at least 3 interactions get at least one valid and one test row. Returns 0/1/2 per row.
@@ -254,7 +254,7 @@ def _split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.
     return assignment
 
 
-def _split_leave_one_out(user: np.ndarray, position: np.ndarray) -> np.ndarray:
+def split_leave_one_out(user: np.ndarray, position: np.ndarray) -> np.ndarray:
     """Last interaction of each history (see _history_positions) -> test, the one before -> valid.
     Users with fewer than 3 interactions stay wholly in train."""
     n_rows = len(user)
@@ -359,11 +359,15 @@ def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 
     item_remap = np.full(dataset.num_items, -1, dtype=np.int64)
     item_remap[keep_items] = np.arange(len(keep_items))
     counts = {}
+    shards = dataset.num_shards
+    rows_per_user = sum(np.bincount(rows["user_id"][rows["user_id"] < users], minlength=users) for rows in splits.values())
+    user_bounds = balanced_user_bounds(rows_per_user, shards)
+    rng = np.random.default_rng(seed)
     for split, rows in splits.items():
         mask = rows["user_id"] < users
         sub = {name: values[mask] for name, values in rows.items()}
         sub["item_id"] = item_remap[sub["item_id"]]
-        write_split(sub, out / split, dataset.stats.get("shards", 2))
+        write_user_shards(sub, out / split, user_bounds, shuffle=rng if split == "train" else None)
         counts[split] = int(mask.sum())
     user_raw = pq.read_table(dataset.root / "user_ids.parquet").column("raw_id").to_numpy()[:users]
     item_raw = pq.read_table(dataset.root / "item_ids.parquet").column("raw_id").to_numpy()[keep_items]
@@ -377,7 +381,7 @@ def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 
         items_table = items_table.set_column(0, "id", pa.array(np.arange(len(keep_items), dtype=np.int64)))
         pq.write_table(items_table, out / "item_features.parquet")
     total = sum(counts.values())
-    stats = dict(dataset.stats, users=users, items=int(len(keep_items)), interactions=total,
+    stats = dict(dataset.stats, users=users, items=int(len(keep_items)), interactions=total, user_bounds=user_bounds,
                  density=total / (users * len(keep_items)), splits=counts,
                  source=f"sample of {users} users from {dataset.root}")
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")

@@ -24,6 +24,7 @@ from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
 from core.run_folder import check_resume
 from core.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
+from core.synth import SynthOptions, synthesize
 from core.sequences import build_reference, load_sequences, require_leave_one_out
 from trainers.retrieval import ApproximateIndex, ExactIndex, recall_at_k
 from core.run_args import (
@@ -63,6 +64,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("source")
     sample.add_argument("--users", type=int, required=True)
     sample.add_argument("--out", required=True)
+    synth = data.add_parser("synth", help="generate a synthetic prepared dataset of any size (power-law popularity)")
+    synth.add_argument("--users", type=_count, required=True)
+    synth.add_argument("--items", type=_count, required=True)
+    synth.add_argument("--interactions", type=_count, required=True, help="target count (the exact one goes in stats.json)")
+    synth.add_argument("--out", required=True, help="output folder (new or empty)")
+    synth.add_argument("--shards", type=int, default=0, help="Parquet files per split (default: one per 2M interactions)")
+    synth.add_argument("--split", choices=["random", "loo"], default="random")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--item-exponent", type=float, default=1.1, help="Zipf exponent of item popularity")
+    synth.add_argument("--user-exponent", type=float, default=2.0, help="Pareto shape of user activity (> 1)")
+    synth.add_argument("--min-per-user", type=int, default=3)
+    synth.add_argument("--features", action="store_true", help="also write random side features (two-tower)")
+    synth.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
     sequences = data.add_parser(
         "sequences", help="build per-user ordered histories of a leave-one-out dataset with Ray Data"
     )
@@ -153,6 +167,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return _cmd_sequences(args)
     if args.data_command == "sample":
         stats = sample_dataset(args.source, args.out, args.users)
+    elif args.data_command == "synth":
+        stats = _cmd_synth(args)
     else:
         options = PrepareOptions(split=args.split, seed=args.seed, min_rating=args.min_rating, shards=args.shards)
         if args.data_command == "prepare":
@@ -168,6 +184,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"warning: {stats['tied_last_timestamps']} of {stats['users']} users' last two interactions share a "
               "timestamp: their test item was chosen by input order (file order breaks ties)", file=sys.stderr)
     return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> dict:
+    options = SynthOptions(users=args.users, items=args.items, interactions=args.interactions, shards=args.shards,
+                           split=args.split, seed=args.seed, item_exponent=args.item_exponent,
+                           user_exponent=args.user_exponent, min_per_user=args.min_per_user, features=args.features)
+    started = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        elapsed = time.monotonic() - started
+        print(f"\rsynth: {done}/{total} shards, {elapsed:.0f} s", end="" if done < total else "\n",
+              file=sys.stderr, flush=True)
+
+    stats = synthesize(options, args.out, workers=args.workers, progress=progress)
+    print(f"synth: {stats['interactions']} interactions in {stats['shards']} shards, {time.monotonic() - started:.1f} s")
+    return stats
 
 
 def _cmd_sequences(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 from core.config import config_from_json, load_config
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
-from core.negatives import sampler_for
+from core.negatives import NegativeSampler
 from tests.conftest import REPO
 from tests.forked_ranks import run_ranks
 from trainers.batches import ParquetFilesSource, SequenceWindowsSource
@@ -82,7 +82,7 @@ def _step_and_evaluate(rank: int, world: int, config_json: str) -> list[str]:
         if batch_kind_of(params) == "sequence":
             source = SequenceWindowsSource(dataset, params, 16, rank, world, 0)
         else:
-            sampler = sampler_for(dataset, config.data.negatives, True, batch_kind_of(params))
+            sampler = NegativeSampler(dataset.num_items, config.data.negatives, True, batch_kind=batch_kind_of(params))
             source = ParquetFilesSource(dataset, sampler, 64, rank, world, 0)
         trainer.train_step(next(iter(source.epoch(1))))
         trainer.evaluate("valid")

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
+from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
+from trainers.batches import ParquetFilesSource
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def test_expands_each_positive_with_k_negatives():
@@ -14,11 +16,54 @@ def test_expands_each_positive_with_k_negatives():
     assert ((out["item_id"] >= 0) & (out["item_id"] < 50)).all()
 
 
-def test_rejects_known_positives():
+def test_rejects_the_batchs_own_positives():
     users = np.repeat(np.arange(10), 8)
     items = np.tile(np.arange(8), 10)  # every user has items 0..7 of 10
-    known = NegativeSampler.pair_keys(users, items, num_items=10)
-    sampler = NegativeSampler(num_items=10, negatives=20, known_pairs=known, rounds=50)
+    sampler = NegativeSampler(num_items=10, negatives=20, rounds=50)
     out = sampler({"user_id": users, "item_id": items}, np.random.default_rng(0))
     negatives = out["item_id"][out["label"] == 0]
     assert set(negatives.tolist()) <= {8, 9}
+
+
+def test_only_clashes_are_redrawn():
+    """O(batch): after the first test, later rounds look only at the negatives that clashed."""
+    users = np.repeat(np.arange(1000), 2)
+    items = np.tile([0, 1], 1000)
+    sampler = NegativeSampler(num_items=1000, negatives=4, rounds=5)
+    sampler({"user_id": users, "item_id": items}, np.random.default_rng(1))
+    # 8000 negatives, each a clash with probability 2/1000: a few dozen redraws, not thousands
+    assert 0 < sampler.clashes_redrawn < 100
+
+
+def test_rejection_against_given_positives_and_pairwise():
+    sampler = NegativeSampler(num_items=4, negatives=30, rounds=60, batch_kind="pairwise")
+    everything = {"user_id": np.array([0, 0, 0]), "item_id": np.array([0, 1, 2])}
+    out = sampler({"user_id": np.array([0]), "item_id": np.array([0])}, np.random.default_rng(0), positives=everything)
+    assert set(out["neg_item_id"].tolist()) == {3} and len(out["item_id"]) == 30
+
+
+def test_torchrun_source_never_returns_a_known_positive(ml100k):
+    """Whole user-partitioned shards hold all of a user's training positives: no sampled negative of
+    an epoch is one of them (the rare survivors of the redraw rounds aside, none on ML-100K)."""
+    dataset = PreparedDataset.open(ml100k)
+    train = dataset.read_split("train")
+    known = set((train["user_id"] * dataset.num_items + train["item_id"]).tolist())
+    for rank in range(2):
+        source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 4, rounds=20), 512, rank, 2, 0,
+                                    window_rows=10_000)  # several windows per epoch
+        negatives = positives = 0
+        for batch in source.epoch(0):
+            negative = batch["label"] == 0
+            keys = batch["user_id"][negative] * dataset.num_items + batch["item_id"][negative]
+            assert not any(key in known for key in keys.tolist())
+            negatives += int(negative.sum())
+            positives += int((~negative).sum())
+        assert positives > 0.9 * source.rows and negatives == pytest.approx(4 * positives, rel=0.01)
+
+
+def test_an_epoch_is_the_same_for_the_same_seed_and_differs_across_epochs(ml100k_small):
+    dataset = PreparedDataset.open(ml100k_small)
+    source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 2), 64, 0, 2, 5, window_rows=500)
+    first, again, other = (list(source.epoch(e)) for e in (0, 0, 1))
+    assert all((a["item_id"] == b["item_id"]).all() for a, b in zip(first, again)) and len(first) == len(again)
+    assert not all((a["item_id"] == b["item_id"]).all() for a, b in zip(first, other))

@@ -39,39 +39,76 @@ class RayShardSource:
 
 
 class ParquetFilesSource:
-    """Without Ray: this rank reads train files rank::world with pyarrow and samples negatives itself.
+    """Without Ray: this rank streams its own train shards with pyarrow and samples negatives itself.
 
-    Used under plain torchrun. Files are striped over ranks when they divide evenly, so ranks see
-    different rows; otherwise rows are striped, so no rank's share is cut short.
+    Used under plain torchrun. Shards are dealt to ranks (shard i to rank i % world) when they divide
+    evenly; otherwise every rank reads every shard and keeps rows rank::world, so no rank's share is
+    cut short. An epoch visits the rank's shards in a seeded random order, a window of whole shards
+    (about `window_rows` rows) at a time: a window is read, its negatives drawn against its own rows
+    (shards are user-partitioned, so they hold every positive of their users), shuffled and cut into
+    batches. Memory is bounded by the window, not by the dataset, and the batches of an epoch depend
+    only on (seed, rank, epoch), so a resumed epoch can skip exactly the batches already trained.
     """
 
-    def __init__(
-        self,
-        dataset: PreparedDataset,
-        sampler: NegativeSampler,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-    ) -> None:
-        files = dataset.split_files("train")
-        if len(files) % world_size == 0:
-            rows = dataset.read_split("train", files[rank::world_size])
-        else:  # whole files per rank would give ranks unequal shares, and the shortest rank ends the epoch
-            every = dataset.read_split("train")
-            rows = {name: values[rank::world_size] for name, values in every.items()}
-        self.users, self.items = rows["user_id"], rows["item_id"]
+    WINDOW_ROWS = 2_000_000
+
+    def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, rank: int,
+                 world_size: int, seed: int, window_rows: int = WINDOW_ROWS) -> None:
+        self.dataset = dataset
+        shards = np.arange(dataset.num_shards)
+        self.striped = dataset.num_shards % world_size != 0
+        self.shards = shards if self.striped else shards[rank::world_size]
+        self.shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
+        self.rank, self.world_size = rank, world_size
         self.sampler = sampler
         self.batch_size = batch_size
+        self.window_rows = window_rows
         self.seed = seed + 1000 * rank
+
+    @property
+    def rows(self) -> int:
+        """Positive rows this rank trains on per epoch."""
+        if not self.striped:
+            return int(self.shard_rows.sum())
+        return int(sum(len(range(self.rank, n, self.world_size)) for n in self.shard_rows))
+
+    def _windows(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        window: list[int] = []
+        rows = 0
+        for index in order:
+            window.append(int(index))
+            rows += int(self.shard_rows[index])
+            if rows >= self.window_rows:
+                yield np.asarray(window)
+                window, rows = [], 0
+        if window:
+            yield np.asarray(window)
+
+    def _read(self, shards: np.ndarray) -> tuple[Batch, Batch]:
+        """(every positive of these shards, the rows this rank trains on): striped shard by shard, so
+        the ranks' shares of a shard are complementary whatever order each rank reads them in."""
+        parts = [self.dataset.read_shards("train", [shard], columns=("user_id", "item_id")) for shard in shards]
+        positives = {name: np.concatenate([part[name] for part in parts]) for name in ("user_id", "item_id")}
+        if not self.striped:
+            return positives, positives
+        mine = {name: np.concatenate([part[name][self.rank :: self.world_size] for part in parts])
+                for name in ("user_id", "item_id")}
+        return positives, mine
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         rng = np.random.default_rng((self.seed, epoch))
-        expanded = self.sampler({"user_id": self.users, "item_id": self.items}, rng)
-        order = rng.permutation(len(expanded["user_id"]))
-        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
-            index = order[start : start + self.batch_size]
-            yield {name: values[index] for name, values in expanded.items()}
+        carry: Batch | None = None
+        for window in self._windows(rng.permutation(len(self.shards))):
+            positives, mine = self._read(self.shards[window])
+            expanded = self.sampler(mine, rng, positives=positives)
+            order = rng.permutation(len(expanded["user_id"]))
+            expanded = {name: values[order] for name, values in expanded.items()}
+            if carry is not None:  # the last partial batch of the previous window leads this one
+                expanded = {name: np.concatenate([carry[name], values]) for name, values in expanded.items()}
+            whole = len(expanded["user_id"]) - len(expanded["user_id"]) % self.batch_size
+            for start in range(0, whole, self.batch_size):
+                yield {name: values[start : start + self.batch_size] for name, values in expanded.items()}
+            carry = {name: values[whole:] for name, values in expanded.items()}
 
 
 class SequenceWindowsSource:

@@ -8,7 +8,7 @@ from typing import Any
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
-from core.negatives import sampler_for
+from core.negatives import NegativeSampler
 from trainers.batches import BatchSource, ParquetFilesSource, SequenceWindowsSource
 from trainers.distributed import RankContext
 from trainers.run_log import Console, quiet_rank_output
@@ -28,7 +28,8 @@ def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankC
             source = SequenceWindowsSource(dataset, params, config.trainer.batch_size, context.rank,
                                            context.world_size, config.trainer.seed)
         else:
-            sampler = sampler_for(dataset, config.data.negatives, config.data.reject_positives, batch_kind)
+            sampler = NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives,
+                                      batch_kind=batch_kind)
             source = ParquetFilesSource(
                 dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
             )
