@@ -153,12 +153,24 @@ class EvalSection:
     """Full ranking: "masked" removes the user's earlier items (train; train + valid for test) from the
     ranking, "kept" ranks them too. "auto": kept for sequence models (the usual choice for sequential
     leave-one-out), masked for the others."""
+    max_users: int = 0
+    """Evaluate a seeded sample of about this many users, the same users at every evaluation (0: all).
+    Each user is kept with probability max_users / eligible users, so the count is close to, not
+    exactly, max_users; the report gives the number ranked."""
+    score_memory_mb: int = 256
+    """Full ranking scores items in chunks so one chunk's scores (and NCF's MLP activations) take at
+    most this much: memory is user_batch x item_chunk, never user_batch x items."""
+    item_cache_mb: int = 1024
+    """Item vectors up to this size are gathered once per evaluation; above it each chunk is looked up
+    through the sharded tables when it is scored."""
 
     def validate(self) -> None:
         if self.protocol not in ("full", "sampled", "both"):
             raise UserError(f"eval.protocol must be 'full', 'sampled' or 'both', got {self.protocol!r}")
         if self.k < 1 or self.user_batch < 1 or self.sampled_negatives < 1:
             raise UserError("eval.k, eval.user_batch and eval.sampled_negatives must be >= 1")
+        if self.max_users < 0 or self.score_memory_mb < 1 or self.item_cache_mb < 0:
+            raise UserError("eval.max_users and eval.item_cache_mb must be >= 0, eval.score_memory_mb >= 1")
         if self.history not in ("auto", "masked", "kept"):
             raise UserError(f"eval.history must be auto, masked or kept, got {self.history!r}")
 

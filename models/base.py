@@ -58,6 +58,15 @@ class RecModel(nn.Module):
         """users: feature -> [U, dim]; items: feature -> [I, dim]. Returns scores [U, I] (eval mode)."""
         raise NotImplementedError
 
+    pair_floats: int = 1
+    """Floats score_all holds per (user, item) pair at its peak: the evaluator sizes its item chunks
+    so that user_batch x item_chunk x pair_floats stays within eval.score_memory_mb."""
+
+    def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        """users: feature -> [N, dim]; items: feature -> [N, C, dim], each row's own candidates.
+        Returns scores [N, C] (sampled protocols: no [N, all items] matrix)."""
+        raise NotImplementedError
+
     def init_std(self) -> float:
         """Standard deviation of the normal init applied to every embedding row."""
         raise NotImplementedError
@@ -87,3 +96,14 @@ class UserItemModel(RecModel):
     def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
         """vectors: feature -> [B, dim] for aligned (user, item) rows. Returns logits [B]."""
         raise NotImplementedError
+
+    def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows, candidates = next(iter(items.values())).shape[:2]
+        pairs = {f: v.repeat_interleave(candidates, 0) for f, v in users.items()}
+        pairs.update({f: v.reshape(rows * candidates, -1) for f, v in items.items()})
+        return self.score_pairs(pairs).reshape(rows, candidates)
+
+
+def dot_candidates(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """users [N, dim] . items [N, C, dim] -> [N, C]: the score_candidates of dot-product models."""
+    return torch.einsum("nd,ncd->nc", users, items)

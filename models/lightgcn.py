@@ -23,7 +23,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from core.model_data import ModelData
 from core.model_params import LightGCNParams
-from models.base import Batch, RecModel
+from models.base import Batch, RecModel, dot_candidates
 from models.features import padded_kjt
 from models.graph import normalized_adjacency
 from models.neighbourhood import NeighbourSampler, rows_of
@@ -144,6 +144,9 @@ class LightGCN(RecModel):
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return users["final"] @ items["final"].T
+
+    def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dot_candidates(users["final"], items["final"])
 
 
 def build_lightgcn(

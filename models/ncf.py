@@ -42,6 +42,8 @@ class NCF(UserItemModel):
             layers += [nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(params.dropout)]
         self.mlp = nn.Sequential(*layers)
         self.output = nn.Linear(params.gmf_dim + params.mlp_dims[-1], 1)
+        # score_all's [U, I, h] activations: each hidden layer's input and output live at once
+        self.pair_floats = 2 + 2 * sum(params.mlp_dims[1:])
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

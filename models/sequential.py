@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from core.model_data import ModelData
 from core.model_params import SequenceParams
 from core.sequences import SequenceTable
-from models.base import Batch, RecModel
+from models.base import Batch, RecModel, dot_candidates
 from models.features import padded_kjt
 
 # nn.TransformerEncoder asks torch.fx whether it is being traced on every call, and torch answers
@@ -132,6 +132,9 @@ class SequenceModel(RecModel):
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return users["vector"] @ items["vector"].T
+
+    def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dot_candidates(users["vector"], items["vector"])
 
 
 def pad_right(token_lists: list[np.ndarray], width: int, device: torch.device | str = "cpu"

@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.model_data import ModelData
 from core.model_params import TwoTowerParams
-from models.base import Batch, RecModel
+from models.base import Batch, RecModel, dot_candidates
 from models.features import padded_kjt
 
 USER_SIDE = ("age", "gender", "occupation", "zip")
@@ -149,6 +149,9 @@ class TwoTower(RecModel):
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return users["tower"] @ items["tower"].T
+
+    def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+        return dot_candidates(users["tower"], items["tower"])
 
 
 def user_encoder(model: TwoTower, tables: dict[str, torch.Tensor]) -> dict:

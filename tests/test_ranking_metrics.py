@@ -5,8 +5,7 @@ import pytest
 import torch
 import torchmetrics.retrieval as tm
 
-from core.interactions import UserItems
-from trainers.evaluate import mask_items, sample_unseen
+from trainers.evaluate import merge_top_k, sample_unseen, unit_hash, unseen_negatives
 from trainers.ranking_metrics import metrics_from_hits
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -51,14 +50,46 @@ def test_agrees_with_torchmetrics_on_random_rankings():
         assert ours[name].mean().item() == pytest.approx(expected, abs=1e-6), name
 
 
-def test_masking_and_unseen_sampling():
-    masked = UserItems.build(np.array([0, 0, 1]), np.array([2, 3, 0]), num_users=2)
-    scores = mask_items(torch.zeros(2, 4), np.array([1, 0]), masked)
-    assert torch.isinf(scores[0, 0]) and torch.isinf(scores[1, 2]) and torch.isinf(scores[1, 3])
-    assert torch.isfinite(scores).sum() == 5
+def test_unseen_sampling_exact_fallback():
     rng = np.random.default_rng(1)
     seen = np.array([1, 5, 7])
     draw = sample_unseen(rng, 20, seen, 17)
     assert sorted(draw.tolist()) == sorted(set(range(20)) - {1, 5, 7})
     with pytest.raises(ValueError):
         sample_unseen(rng, 20, seen, 18)
+
+
+def test_hashed_negatives_are_distinct_unseen_and_depend_only_on_the_case():
+    num_items, count = 30, 20
+    users = np.array([3, 3, 8])
+    targets = np.array([1, 2, 4])
+    seen = {3: [1, 2, 5, 6, 7], 8: [4, 9]}
+    seen_keys = np.sort(np.array([u * num_items + i for u, items in seen.items() for i in items]))
+    counts = np.array([5, 5, 2])
+    draws = unseen_negatives(users, targets, seen_keys, counts, num_items, count, seed=7)
+    for row, user in enumerate(users):
+        assert len(set(draws[row].tolist())) == count and not set(draws[row].tolist()) & set(seen[user])
+    # the same case alone, in another batch, gets the same negatives
+    alone = unseen_negatives(users[2:], targets[2:], seen_keys, counts[2:], num_items, count, seed=7)
+    assert (alone[0] == draws[2]).all()
+    with pytest.raises(ValueError, match="unseen items"):
+        unseen_negatives(users, targets, seen_keys, counts, num_items, 26, seed=7)
+
+
+def test_chunked_top_k_equals_the_unchunked_one():
+    scores = torch.randn(7, 1000, generator=torch.Generator().manual_seed(0))
+    scores[2, 10:20] = 5.0  # ties across a chunk border are still resolved to the top values
+    expected = torch.topk(scores, 10, dim=1).values
+    for chunk in (1, 3, 64, 999, 1000):
+        best = (torch.empty(7, 0), torch.empty(7, 0, dtype=torch.int64))
+        for offset in range(0, 1000, chunk):
+            best = merge_top_k(best, scores[:, offset : offset + chunk], offset, 10)
+        assert torch.equal(best[0], expected)
+        assert torch.equal(torch.gather(scores, 1, best[1]), expected)
+
+
+def test_user_sample_is_seeded_and_stable():
+    users = np.arange(100_000)
+    kept = unit_hash(3, users) < 0.01
+    assert (kept == (unit_hash(3, users) < 0.01)).all() and 850 < kept.sum() < 1150
+    assert (kept != (unit_hash(4, users) < 0.01)).any()

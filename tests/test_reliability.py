@@ -170,10 +170,9 @@ def test_metrics_keep_each_step_once_after_a_restart(tmp_path):
 
 
 def test_ties_and_nan_count_against_the_target():
-    negatives = torch.tensor([0.5, 0.5, 0.1])
-    assert rank_against(torch.tensor(0.5), negatives) == 2  # both ties rank above the target
-    assert rank_against(torch.tensor(float("nan")), negatives) == 3
-    assert rank_against(torch.tensor(0.9), torch.tensor([float("nan"), 0.1])) == 1
+    negatives = torch.tensor([[0.5, 0.5, 0.1], [0.5, 0.5, 0.1], [float("nan"), 0.1, 0.0]])
+    # both ties rank above the target; a NaN target is last; a NaN negative beats the target
+    assert rank_against(torch.tensor([0.5, float("nan"), 0.9]), negatives).tolist() == [2, 3, 1]
 
 
 @pytest.mark.parametrize("score", [0.0, float("nan")])

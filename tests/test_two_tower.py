@@ -116,13 +116,8 @@ def _train_save_and_rank(rank: int, world: int, config_json: str, run_dir: str) 
         sharded.optimizer.step()
     checkpoint.save({"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()},
                     Path(run_dir) / "checkpoints" / "epoch-0001", {"epoch": 1, "step": 5})
-    evaluator = Evaluator(dataset, config.eval, rank, world)
-    model = sharded.model.eval()
-    with torch.no_grad():
-        users = evaluator._lookup_padded(model, "user_id", np.arange(dataset.num_users), dataset.num_users)
-        items = evaluator._all_item_vectors(model)
-        scores = model.score_all(users, items)
-    return evaluator.top_k(scores, np.arange(dataset.num_users), "test")
+    evaluator = Evaluator(dataset, config.eval, rank, world, all_users=True)
+    return evaluator.recommend(sharded.model.eval(), np.arange(dataset.num_users), "test")
 
 
 @pytest.mark.distributed

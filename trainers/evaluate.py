@@ -1,8 +1,16 @@
-"""Distributed ranking evaluation over sharded tables.
+"""Distributed ranking evaluation over sharded tables, with per-rank cost that does not grow with the data.
 
-Every embedding row is looked up once per pass (items split over ranks, then all-gathered; users
-split over ranks), and each rank scores its own users against every item locally. Per-user metric
-sums are added across ranks, so the result equals a single process scoring every user.
+- Users: rank r evaluates the users of shards r, r + world, ... Shards are user-partitioned, so it
+  reads only those shards, and holds only those users' items. With eval.max_users it keeps a seeded
+  sample of them (a hash of the user id, the same users at every evaluation).
+- Items: full ranking scores item chunks against a batch of users and merges a running top-K, so
+  memory is user_batch x item_chunk (times the model's pair_floats), never user_batch x items. Item
+  vectors are gathered once when they fit eval.item_cache_mb, else looked up chunk by chunk through the
+  sharded tables.
+- Masks, hits and sampled metrics are vectorised over the batch: no Python loop per user.
+- Sampled protocols score each case's own candidates (model.score_candidates), never a full row.
+
+Per-user metric sums are added across ranks, so the result equals a single process scoring every user.
 
 Protocols:
 - full: rank all items. With history masking (the default for non-sequence models) the user's
@@ -13,20 +21,141 @@ Protocols:
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from core.config import EvalSection
-from core.dataset_format import PreparedDataset
-from core.interactions import UserItems, read_user_items
+from core.dataset_format import SPLITS, PreparedDataset
+from core.interactions import UserItems
 from models.base import RecModel
 from trainers.distributed import all_max, all_sum, collective_device
 from trainers.ranking_metrics import metrics_from_hits
 
 LOOKUP_CHUNK = 4096
+NEGATIVE_ROUNDS = 32
+
+
+@dataclass(frozen=True)
+class UserRows:
+    """The items of some users in every split: CSRs over a local index into `users` (sorted ids)."""
+
+    users: np.ndarray
+    splits: dict[str, UserItems]
+
+    @classmethod
+    def read(cls, dataset: PreparedDataset, shards: list[int]) -> "UserRows":
+        rows = {split: dataset.read_shards(split, shards, columns=("user_id", "item_id")) for split in SPLITS}
+        users = np.unique(np.concatenate([r["user_id"] for r in rows.values()]))
+        return cls(users, {split: UserItems.build(np.searchsorted(users, r["user_id"]), r["item_id"], len(users))
+                           for split, r in rows.items()})
+
+    def local(self, users: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.users, users)
+
+    def pairs(self, local: np.ndarray, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(row, item) for the given local users over several splits; row indexes `local`."""
+        parts = [self.splits[split].of_users(local) for split in splits]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def mix64(values: np.ndarray) -> np.ndarray:
+    """A stateless 64-bit hash (the splitmix64 finaliser), vectorised: seeded draws that depend on
+    the user alone, whatever batch or rank the user lands in."""
+    x = np.asarray(values).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def unit_hash(seed: int, values: np.ndarray) -> np.ndarray:
+    """Uniform floats in [0, 1) from (seed, value)."""
+    return (mix64(mix64(np.uint64(seed & 0xFFFFFFFF)) ^ np.asarray(values).astype(np.uint64)) >> np.uint64(11)) / float(1 << 53)
+
+
+def first_occurrences(draws: np.ndarray) -> np.ndarray:
+    """Bool [N, C]: True where the value already appeared earlier (in sorted order) in its row."""
+    order = np.argsort(draws, axis=1, kind="stable")
+    ordered = np.take_along_axis(draws, order, axis=1)
+    repeated = np.zeros(draws.shape, dtype=bool)
+    repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    out = np.zeros(draws.shape, dtype=bool)
+    np.put_along_axis(out, order, repeated, axis=1)
+    return out
+
+
+def unseen_negatives(users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarray, seen_counts: np.ndarray,
+                     num_items: int, count: int, seed: int) -> np.ndarray:
+    """[N, count] distinct items that user[n] never interacted with, for the case (user, target):
+    a function of (seed, user, target) only. seen_keys: sorted user * num_items + item of every
+    interaction of these users; seen_counts: interactions per case's user. Clashes are redrawn;
+    the rare row still short after NEGATIVE_ROUNDS rounds is drawn exactly."""
+    short = num_items - seen_counts < count
+    if short.any():
+        raise ValueError(f"only {int(num_items - seen_counts[short].max())} unseen items for user "
+                         f"{int(users[short][0])}, cannot sample {count} negatives")
+    base = mix64(mix64(mix64(np.uint64(seed)) ^ users.astype(np.uint64)) ^ targets.astype(np.uint64))[:, None]
+    counters = np.broadcast_to(np.arange(count, dtype=np.uint64), (len(users), count)).copy()
+    draws = (mix64(base ^ mix64(counters)) % np.uint64(num_items)).astype(np.int64)
+    keys_of = users.astype(np.int64)[:, None] * num_items
+    for round_ in range(1, NEGATIVE_ROUNDS + 1):
+        keys = keys_of + draws
+        position = np.minimum(np.searchsorted(seen_keys, keys), max(len(seen_keys) - 1, 0))
+        bad = first_occurrences(draws) | (seen_keys[position] == keys if len(seen_keys) else False)
+        if not bad.any():
+            return draws
+        counters[bad] += np.uint64(count)
+        draws[bad] = (mix64(np.broadcast_to(base, draws.shape)[bad] ^ mix64(counters[bad])) % np.uint64(num_items)).astype(np.int64)
+    for row in np.flatnonzero(bad.any(1)):  # tiny catalogues only: finish these rows exactly
+        seen = seen_keys[(seen_keys >= keys_of[row, 0]) & (seen_keys < keys_of[row, 0] + num_items)] - keys_of[row, 0]
+        rng = np.random.default_rng((seed, int(users[row]), int(targets[row])))
+        draws[row] = sample_unseen(rng, num_items, seen, count)
+    return draws
+
+
+def sample_unseen(rng: np.random.Generator, num_items: int, seen: np.ndarray, count: int) -> np.ndarray:
+    """`count` distinct items not in `seen` (sorted or not). Raises if the catalogue is too small."""
+    available = num_items - len(np.unique(seen))
+    if available < count:
+        raise ValueError(f"only {available} unseen items, cannot sample {count} negatives")
+    chosen: np.ndarray = np.empty(0, dtype=np.int64)
+    while len(chosen) < count:
+        draw = rng.integers(0, num_items, size=2 * count)
+        draw = draw[~np.isin(draw, seen)]
+        chosen = np.unique(np.r_[chosen, draw])
+    return rng.permutation(chosen)[:count]
+
+
+def rank_against(target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among its sampled negatives: target [N], negatives [N, C] -> [N].
+    Ties count against the target and a NaN score loses, so a constant or diverged model scores at
+    chance or worse, never perfectly."""
+    above = ((negatives >= target[:, None]) | torch.isnan(negatives)).sum(1)
+    return torch.where(torch.isnan(target), torch.full_like(above, negatives.shape[1]), above)
+
+
+def merge_top_k(best: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor, offset: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-K: merge the best (scores, items) so far [U, <=K] with a chunk's scores [U, c]
+    whose item ids start at `offset`."""
+    chunk_scores, chunk_items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    merged_scores = torch.cat([best[0], chunk_scores], 1)
+    merged_items = torch.cat([best[1], chunk_items + offset], 1)
+    top_scores, where = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+    return top_scores, torch.gather(merged_items, 1, where)
+
+
+ChunkScores = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+"""Yields (first item id, scores [U, chunk]) for the current user batch, over all items."""
+CandidateScores = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+"""(rows into the user batch [N], candidate items [N, C]) -> scores [N, C]."""
 
 
 class Evaluator:
@@ -38,15 +167,30 @@ class Evaluator:
         world_size: int,
         seed: int = 0,
         sequence_model: bool = False,
+        all_users: bool = False,
     ):
+        """all_users: hold every user's items (single-process baselines and tests), not only the
+        users of this rank's shards."""
         self.config = config
         self.mask_history = config.masks_history(sequence_model)
         self.rank, self.world_size = rank, world_size
         self.num_users, self.num_items = dataset.num_users, dataset.num_items
         self.seed = seed
-        self.by_split = {split: read_user_items(dataset, (split,)) for split in ("train", "valid", "test")}
-        self.masks = {"valid": self.by_split["train"], "test": self.by_split["train"].merged(self.by_split["valid"])}
-        self.everything = self.masks["test"].merged(self.by_split["test"])
+        shards = list(range(dataset.num_shards)) if all_users else list(range(rank, dataset.num_shards, world_size))
+        self.rows = UserRows.read(dataset, shards)
+
+    # --- what is evaluated -------------------------------------------------------------------------
+
+    def eligible_users(self, split: str) -> np.ndarray:
+        """This rank's users with at least one held-out item in `split` (global ids)."""
+        return self.rows.users[self.rows.splits[split].counts() > 0]
+
+    def users_to_rank(self, split: str, eligible_total: int) -> np.ndarray:
+        """The eligible users this rank ranks: all, or the seeded max_users sample."""
+        eligible = self.eligible_users(split)
+        if not self.config.max_users or self.config.max_users >= eligible_total:
+            return eligible
+        return eligible[unit_hash(self.seed, eligible) < self.config.max_users / eligible_total]
 
     def protocol_name(self, split: str, protocol: str | None = None) -> str:
         protocol = protocol or self.config.protocol
@@ -61,6 +205,8 @@ class Evaluator:
     def _protocols(self) -> list[str]:
         return ["full", "sampled"] if self.config.protocol == "both" else [self.config.protocol]
 
+    # --- entry points ------------------------------------------------------------------------------
+
     @torch.no_grad()
     def evaluate(self, model: RecModel, split: str, on_batch: Callable[[int], None] | None = None
                  ) -> dict[str, float | str | int]:
@@ -70,45 +216,147 @@ class Evaluator:
         model.eval()
         try:
             model.begin_ranking(split)
-            items = self._all_item_vectors(model)
-            targets = self.by_split[split]
-            eval_users = np.flatnonzero(targets.counts() > 0)
-            mine = eval_users[self.rank :: self.world_size]
-            sums = self._score_users(model, mine, items, split, on_batch)
+            eligible_total = int(all_sum([float(len(self.eligible_users(split)))])[0])
+            users = self.users_to_rank(split, eligible_total)
+            sums = self._score_with_model(model, users, split, on_batch)
         finally:
             model.end_ranking()
             model.train(was_training)
-        return self._result(all_sum(sums), split)
+        return self._result(all_sum(sums.tolist()), split, eligible_total)
 
     @torch.no_grad()
     def evaluate_item_scores(self, item_scores: torch.Tensor, split: str) -> dict[str, float | str | int]:
         """Single process, no collectives: every user gets the same `item_scores` [I] (e.g. popularity).
         The same masks, protocols and metric code as `evaluate`."""
-        users = np.flatnonzero(self.by_split[split].counts() > 0)
+        eligible_total = len(self.eligible_users(split))
+        users = self.users_to_rank(split, eligible_total)
+        chunk = self._item_chunk(1)
         sums = self._empty_sums()
         for start in range(0, len(users), self.config.user_batch):
-            chunk = users[start : start + self.config.user_batch]
-            sums += self._sums(item_scores[None, :].expand(len(chunk), -1).clone(), chunk, split)
-        return self._result(sums.tolist(), split)
+            batch = users[start : start + self.config.user_batch]
+
+            def chunk_scores() -> Iterator[tuple[int, torch.Tensor]]:
+                for first in range(0, self.num_items, chunk):
+                    yield first, item_scores[None, first : first + chunk].expand(len(batch), -1)
+
+            sums += self._batch_sums(batch, split, chunk_scores, lambda rows, candidates: item_scores[torch.as_tensor(candidates)])
+        return self._result(sums.tolist(), split, eligible_total)
+
+    @torch.no_grad()
+    def recommend(self, model: RecModel, users: np.ndarray, split: str) -> np.ndarray:
+        """Collective: the top-K items [U, K] of the full-ranking protocol for `users` (each held by
+        this evaluator), best first, seen items masked when the evaluator masks history. Every
+        rank must call it with the same number of users."""
+        items = _ItemVectors(self, model)
+        tops = []
+        for start in range(0, len(users), self.config.user_batch):
+            batch = users[start : start + self.config.user_batch]
+            vectors = self._lookup_padded(model, "user_id", batch, len(batch))
+            tops.append(self._top_k(batch, split, lambda: items.scores(model, vectors)).cpu().numpy())
+        return np.concatenate(tops) if tops else np.zeros((0, self.config.k), dtype=np.int64)
+
+    # --- scoring -----------------------------------------------------------------------------------
+
+    def _item_chunk(self, pair_floats: int) -> int:
+        """Items scored at once so that user_batch x chunk x pair_floats floats fit score_memory_mb."""
+        budget = self.config.score_memory_mb * 2**20 // (4 * self.config.user_batch * max(pair_floats, 1))
+        return int(max(1, min(self.num_items, budget)))
+
+    def _score_with_model(self, model: RecModel, users: np.ndarray, split: str,
+                          on_batch: Callable[[int], None] | None) -> np.ndarray:
+        batch = self.config.user_batch
+        n_batches = -(-all_max(len(users), collective_device()) // batch)
+        items = _ItemVectors(self, model) if "full" in self._protocols() else None
+        sums = self._empty_sums()
+        if on_batch is not None:
+            on_batch(n_batches)
+        for index in range(n_batches):
+            chunk = users[index * batch : (index + 1) * batch]
+            # Lookups are collective: a rank with no users left still joins with padding rows.
+            vectors = self._lookup_padded(model, "user_id", chunk, batch)
+            vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
+
+            def candidate_scores(rows: np.ndarray, candidates: np.ndarray) -> torch.Tensor:
+                length = all_max(candidates.size, collective_device())
+                found = self._lookup_padded(model, "item_id", candidates.ravel(), length)
+                index_rows = torch.as_tensor(rows, device=model.device)
+                return model.score_candidates({f: v[index_rows] for f, v in vectors.items()},
+                                              {f: v.reshape(*candidates.shape, -1) for f, v in found.items()})
+
+            sums += self._batch_sums(chunk, split, lambda: items.scores(model, vectors) if items else iter(()),
+                                     candidate_scores)
+            if on_batch is not None:
+                on_batch(n_batches)
+        return sums
+
+    def _batch_sums(self, users: np.ndarray, split: str, chunk_scores: ChunkScores,
+                    candidate_scores: CandidateScores) -> np.ndarray:
+        parts = []
+        for protocol in self._protocols():
+            if protocol == "full":
+                parts.append(self._full_ranking_sums(users, split, chunk_scores))
+            else:
+                parts.append(self._sampled_sums(users, split, candidate_scores))
+        return np.concatenate(parts + [np.array([len(users)], dtype=np.float64)])
+
+    def _top_k(self, users: np.ndarray, split: str, chunk_scores: ChunkScores) -> torch.Tensor:
+        """Recommended items [U, K] over all item chunks (NaN scores never recommended)."""
+        k = min(self.config.k, self.num_items)
+        masked_splits = ("train",) if split == "valid" else ("train", "valid")
+        rows, cols = (self.rows.pairs(self.rows.local(users), masked_splits) if self.mask_history
+                      else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+        best: tuple[torch.Tensor, torch.Tensor] | None = None
+        for offset, scores in chunk_scores():
+            scores = torch.nan_to_num(scores, nan=float("-inf"))
+            inside = (cols >= offset) & (cols < offset + scores.shape[1])
+            if inside.any():
+                scores = scores.clone()
+                scores[torch.as_tensor(rows[inside], device=scores.device),
+                       torch.as_tensor(cols[inside] - offset, device=scores.device)] = float("-inf")
+            if best is None:
+                best = (scores.new_empty((len(users), 0)), torch.zeros((len(users), 0), dtype=torch.int64, device=scores.device))
+            best = merge_top_k(best, scores, offset, k)
+        assert best is not None, "no item chunks"
+        return best[1]
+
+    def _full_ranking_sums(self, users: np.ndarray, split: str, chunk_scores: ChunkScores) -> np.ndarray:
+        top = self._top_k(users, split, chunk_scores).cpu().numpy()
+        local = self.rows.local(users)
+        rows, targets = self.rows.splits[split].of_users(local)
+        target_keys = rows * self.num_items + targets
+        top_keys = np.arange(len(users))[:, None] * self.num_items + top
+        hits = np.isin(top_keys, target_keys)
+        num_relevant = torch.as_tensor(self.rows.splits[split].counts()[local], device="cpu")
+        metrics = metrics_from_hits(torch.as_tensor(hits, device="cpu"), num_relevant)
+        return np.array([metrics[m].sum().item() for m in ("recall", "ndcg", "hit", "mrr")] + [len(users)])
+
+    def _sampled_sums(self, users: np.ndarray, split: str, candidate_scores: CandidateScores) -> np.ndarray:
+        local = self.rows.local(users)
+        rows, targets = self.rows.splits[split].of_users(local)
+        seen_rows, seen_items = self.rows.pairs(local, SPLITS)
+        seen_keys = np.sort(users[seen_rows] * self.num_items + seen_items)
+        seen_counts = np.bincount(seen_rows, minlength=len(users))[rows]
+        negatives = unseen_negatives(users[rows], targets, seen_keys, seen_counts, self.num_items,
+                                     self.config.sampled_negatives, self.seed)
+        scores = candidate_scores(rows, np.concatenate([targets[:, None], negatives], 1)).float().cpu()
+        rank = rank_against(scores[:, 0], scores[:, 1:]).double()
+        hit = rank < self.config.k
+        ndcg = torch.where(hit, 1.0 / torch.log2(rank + 2), torch.zeros_like(rank))
+        mrr = torch.where(hit, 1.0 / (rank + 1), torch.zeros_like(rank))
+        return np.array([hit.sum().item(), ndcg.sum().item(), mrr.sum().item(), len(rows)])
+
+    # --- bookkeeping -------------------------------------------------------------------------------
 
     METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
 
     def _empty_sums(self) -> np.ndarray:
-        """Per protocol: its metric sums, then its number of cases."""
-        return np.zeros(sum(len(self.METRICS[p]) + 1 for p in self._protocols()))
+        """Per protocol: its metric sums, then its number of cases; last, the users ranked."""
+        return np.zeros(sum(len(self.METRICS[p]) + 1 for p in self._protocols()) + 1)
 
-    def _sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        parts = []
-        for protocol in self._protocols():
-            if protocol == "full":
-                parts.append(self._full_ranking_sums(scores, users, split))
-            else:
-                parts.append(self._sampled_sums(scores, users, split))
-        return np.concatenate(parts)
-
-    def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
+    def _result(self, total: list[float], split: str, eligible_total: int) -> dict[str, float | str | int]:
         k = self.config.k
-        result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split)}
+        result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split),
+                                                "users": int(total[-1]), "eligible_users": eligible_total}
         offset = 0
         for index, protocol in enumerate(self._protocols()):
             names = self.METRICS[protocol]
@@ -131,97 +379,44 @@ class Evaluator:
                 parts.setdefault(feature, []).append(values)
         return {f: torch.cat(v)[: len(ids)] for f, v in parts.items()}
 
-    def _all_item_vectors(self, model: RecModel) -> dict[str, torch.Tensor]:
-        per_rank = -(-self.num_items // self.world_size)
-        start = self.rank * per_rank
-        mine = np.arange(start, min(start + per_rank, self.num_items), dtype=np.int64)
-        local = self._lookup_padded(model, "item_id", mine, per_rank)
+
+class _ItemVectors:
+    """Every item's vectors for one evaluation, chunk by chunk. Gathered once (items split over ranks,
+    each looked up once, then all-gathered) when they fit eval.item_cache_mb; otherwise each chunk is
+    looked up through the sharded tables when it is scored (the same ids on every rank: collective)."""
+
+    def __init__(self, evaluator: Evaluator, model: RecModel) -> None:
+        self.evaluator = evaluator
+        self.chunk = evaluator._item_chunk(model.pair_floats)
+        probe = evaluator._lookup_padded(model, "item_id", np.zeros(1, dtype=np.int64), 1)
+        width = sum(v.shape[1] * v.element_size() for v in probe.values())
+        self.cached = (self._gather(model) if evaluator.num_items * width <= evaluator.config.item_cache_mb * 2**20
+                       else None)
+
+    def _gather(self, model: RecModel) -> dict[str, torch.Tensor]:
+        evaluator = self.evaluator
+        per_rank = -(-evaluator.num_items // evaluator.world_size)
+        start = evaluator.rank * per_rank
+        mine = np.arange(start, min(start + per_rank, evaluator.num_items), dtype=np.int64)
+        local = evaluator._lookup_padded(model, "item_id", mine, per_rank)
         gathered = {}
         for feature, values in local.items():
             padded = torch.zeros(per_rank, values.shape[1], dtype=values.dtype, device=values.device)
             padded[: len(values)] = values
-            pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
+            pieces = [torch.empty_like(padded) for _ in range(evaluator.world_size)]
             dist.all_gather(pieces, padded)
-            gathered[feature] = torch.cat(pieces)[: self.num_items]
+            gathered[feature] = torch.cat(pieces)[: evaluator.num_items]
         return gathered
 
-    def _score_users(self, model: RecModel, users: np.ndarray, items: dict[str, torch.Tensor], split: str,
-                     on_batch: Callable[[int], None] | None = None) -> list[float]:
-        batch = self.config.user_batch
-        n_batches = -(-all_max(len(users), collective_device()) // batch)
-        sums = self._empty_sums()
-        if on_batch is not None:
-            on_batch(n_batches)
-        for index in range(n_batches):
-            chunk = users[index * batch : (index + 1) * batch]
-            # Lookups are collective: a rank with no users left still joins with padding rows.
-            vectors = self._lookup_padded(model, "user_id", chunk, batch)
-            if len(chunk):
-                vectors = {f: v[: len(chunk)] for f, v in vectors.items()}
-                sums += self._sums(model.score_all(vectors, items), chunk, split)
-            if on_batch is not None:
-                on_batch(n_batches)
-        return sums.tolist()
+    def chunks(self, model: RecModel) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        for start in range(0, self.evaluator.num_items, self.chunk):
+            stop = min(start + self.chunk, self.evaluator.num_items)
+            if self.cached is not None:
+                yield start, {f: v[start:stop] for f, v in self.cached.items()}
+            else:
+                ids = np.arange(start, stop, dtype=np.int64)
+                yield start, self.evaluator._lookup_padded(model, "item_id", ids, len(ids))
 
-    def top_k(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        """The recommended items [U, K] of the full-ranking protocol, best first (seen items masked
-        when the evaluator masks history)."""
-        scores = torch.nan_to_num(scores, nan=float("-inf"))  # a NaN score is never recommended
-        if self.mask_history:
-            scores = mask_items(scores, users, self.masks[split])
-        return torch.topk(scores, min(self.config.k, self.num_items), dim=1).indices.cpu().numpy()
-
-    def _full_ranking_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        top = self.top_k(scores, users, split)
-        targets = self.by_split[split]
-        hits = np.zeros(top.shape, dtype=bool)
-        for row, user in enumerate(users):
-            hits[row] = np.isin(top[row], targets.of(user))
-        num_relevant = torch.as_tensor(targets.counts()[users], device="cpu")
-        metrics = metrics_from_hits(torch.as_tensor(hits, device="cpu"), num_relevant)
-        return np.array([metrics[m].sum().item() for m in ("recall", "ndcg", "hit", "mrr")] + [len(users)])
-
-    def _sampled_sums(self, scores: torch.Tensor, users: np.ndarray, split: str) -> np.ndarray:
-        k = self.config.k
-        hit_sum = ndcg_sum = mrr_sum = cases = 0.0
-        for row, user in enumerate(users):
-            rng = np.random.default_rng((self.seed, int(user)))
-            seen = self.everything.of(user)
-            for target in self.by_split[split].of(user):
-                negatives = sample_unseen(rng, self.num_items, seen, self.config.sampled_negatives)
-                rank = rank_against(scores[row, target], scores[row, negatives])
-                if rank < k:
-                    hit_sum += 1.0
-                    ndcg_sum += 1.0 / np.log2(rank + 2)
-                    mrr_sum += 1.0 / (rank + 1)
-                cases += 1
-        return np.array([hit_sum, ndcg_sum, mrr_sum, cases])
-
-
-def rank_against(target: torch.Tensor, negatives: torch.Tensor) -> int:
-    """0-based rank of the target among sampled negatives. Ties count against the target and a NaN
-    score loses, so a constant or diverged model scores at chance or worse, never perfectly."""
-    if torch.isnan(target):
-        return len(negatives)
-    return int(((negatives >= target) | torch.isnan(negatives)).sum())
-
-
-def mask_items(scores: torch.Tensor, users: np.ndarray, masked: UserItems) -> torch.Tensor:
-    """Set each user's masked items to -inf so they cannot be recommended. scores: [U, I]."""
-    rows, cols = masked.of_users(users)
-    scores = scores.clone()
-    scores[torch.as_tensor(rows, device=scores.device), torch.as_tensor(cols, dtype=torch.int64, device=scores.device)] = float("-inf")
-    return scores
-
-
-def sample_unseen(rng: np.random.Generator, num_items: int, seen: np.ndarray, count: int) -> np.ndarray:
-    """`count` distinct items not in `seen` (sorted or not). Raises if the catalogue is too small."""
-    available = num_items - len(np.unique(seen))
-    if available < count:
-        raise ValueError(f"only {available} unseen items, cannot sample {count} negatives")
-    chosen: np.ndarray = np.empty(0, dtype=np.int64)
-    while len(chosen) < count:
-        draw = rng.integers(0, num_items, size=2 * count)
-        draw = draw[~np.isin(draw, seen)]
-        chosen = np.unique(np.r_[chosen, draw])
-    return rng.permutation(chosen)[:count]
+    def scores(self, model: RecModel, users: dict[str, torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, items in self.chunks(model):
+            yield start, model.score_all(users, items)

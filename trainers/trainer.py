@@ -198,13 +198,15 @@ class Trainer:
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 record["valid"] = self.evaluate("valid", log.bar_callback("valid"))
-                record["test"] = self.evaluate("test", log.bar_callback("test"))
+                # The test split is ranked only when validation improves: the reported test result is
+                # the one at the best validation epoch, and the others would cost a full pass each.
                 if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
+                    record["test"] = self.evaluate("test", log.bar_callback("test"))
                     self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"]}
             log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
-            if "valid" in record:
-                log.record("eval", self.step, {f"valid_{m}": v for m, v in record["valid"].items()})
-                log.record("eval", self.step, {f"test_{m}": v for m, v in record["test"].items()})
+            for split in ("valid", "test"):
+                if split in record:
+                    log.record("eval", self.step, {f"{split}_{m}": v for m, v in record[split].items()})
             log.info(epoch_line(record, k))
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last:
@@ -274,11 +276,15 @@ def epoch_line(record: dict[str, Any], k: int) -> str:
         f"{record['samples_per_s']:,.0f} samples/s, data wait {record.get('data_wait_frac', 0.0):.0%}"
     )
     if "valid" in record:
-        v, t = record["valid"], record["test"]
-        line += f" | valid NDCG@{k} {v[f'ndcg@{k}']:.4f} | test"
+        line += f" | valid NDCG@{k} {record['valid'][f'ndcg@{k}']:.4f}"
+    if "test" in record:
+        t = record["test"]
+        line += " | test"
         for name, label in EPOCH_LINE_METRICS.items():
             if f"{name}@{k}" in t:
                 line += f" {label}@{k} {t[f'{name}@{k}']:.4f}"
+    elif "valid" in record:
+        line += " | test not run (validation did not improve)"
     return line
 
 
@@ -291,6 +297,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if best:
         test = best["test"]
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in test.items() if "@" in name)
-        lines.append(f"test at best validation epoch {best['epoch']} ({test['protocol']}; {test['cases']} cases): {metrics}")
+        ranked = (f"{test['users']} of {test['eligible_users']} users" if "users" in test and test["users"] != test.get("eligible_users")
+                  else f"{test['cases']} cases")
+        lines.append(f"test at best validation epoch {best['epoch']} ({test['protocol']}; {ranked}): {metrics}")
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Scale benchmark: what a rank holds and how long it takes to start, against the dataset size.
+
+    python -m bench.scale --sizes 1M,10M,100M --model ncf
+
+For each size N: a synthetic dataset (`shardrec data synth`: N interactions, N/10 users, N/100
+items, power-law popularity) is generated once under --data-root and reused; then the model trains
+under torchrun on --ranks ranks for --steps steps and runs one bounded evaluation (--eval-users
+users; NCF with the sampled protocol, whose cost does not carry the MLP over every item). One row per
+size: interactions, users, items, generate s, the worst rank's peak RSS, its RSS beyond its table
+shards and optimizer state, seconds from launch to the first step, steps/s, users ranked, eval s.
+
+The last two lines are `rss_growth <x>` and `first_step_growth <x>`: largest over smallest size, for
+the worst rank's RSS beyond tables and for the time to the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"ncf": "ncf_ml100k.toml", "two_tower": "two_tower_ml100k.toml", "lightgcn": "lightgcn_ml100k.toml"}
+SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    if text and text[-1] in SUFFIXES:
+        return int(float(text[:-1]) * SUFFIXES[text[-1]])
+    return int(text)
+
+
+def dataset_for(size: int, root: Path, features: bool) -> tuple[Path, float]:
+    """The synthetic dataset of `size` interactions (generated unless already there) and the seconds
+    generating it took (0 when reused)."""
+    users, items = max(size // 10, 10), max(size // 100, 20)
+    path = root / f"synth-{size}{'-features' if features else ''}"
+    if (path / "stats.json").is_file():
+        return path, 0.0
+    shutil.rmtree(path, ignore_errors=True)
+    command = [sys.executable, "-m", "launcher", "data", "synth", "--users", str(users), "--items", str(items),
+               "--interactions", str(size), "--out", str(path)]
+    if features:
+        command.append("--features")
+    started = time.monotonic()
+    subprocess.run(command, check=True, cwd=REPO)
+    return path, time.monotonic() - started
+
+
+def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, run_root: Path) -> dict:
+    """torchrun on `ranks` ranks, one epoch of `steps` steps and one evaluation; returns the summary
+    plus `launch_at` (wall clock of the launch)."""
+    protocol = "sampled" if model == "ncf" else "full"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
+        "--master-port", "0", "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
+        "--data.path", str(data), "--trainer.epochs", "1", "--trainer.max_steps_per_epoch", str(steps),
+        "--trainer.run_root", str(run_root), "--trainer.run_name", data.name, "--trainer.log_every", "10",
+        "--eval.max_users", str(eval_users), "--eval.protocol", protocol,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch_at = time.time()
+    subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    summary = json.loads((run_root / data.name / "summary.json").read_text())
+    summary["launch_at"] = launch_at
+    return summary
+
+
+def row_of(size: int, generate_s: float, data: Path, summary: dict) -> dict:
+    stats = json.loads((data / "stats.json").read_text())
+    ranks = summary["ranks"]
+    worst = max(ranks, key=lambda r: r["peak_rss_mb"] - r["state_mb"])
+    record = summary["history"][-1]
+    return {
+        "interactions": stats["interactions"], "users": stats["users"], "items": stats["items"],
+        "generate_s": generate_s,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "rss_beyond_tables_mb": worst["peak_rss_mb"] - worst["state_mb"],
+        "first_step_s": max(r["first_step_at"] for r in ranks) - summary["launch_at"],
+        "steps_per_s": record["steps"] / record["epoch_s"],
+        "eval_users": record["valid"]["users"],
+        "eval_s": record["eval_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="1M,10M,100M", help="interaction counts, e.g. 1M,10M,100M")
+    parser.add_argument("--model", choices=sorted(CONFIGS), default="ncf")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--eval-users", type=int, default=10_000)
+    parser.add_argument("--data-root", default=str(REPO / "runs" / "data"), help="where synthetic datasets are kept")
+    args = parser.parse_args()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    rows = []
+    header = (f"{'interactions':>13} {'users':>10} {'items':>9} {'gen s':>7} {'peak RSS MB':>11} "
+              f"{'RSS-tables MB':>13} {'1st step s':>10} {'steps/s':>8} {'eval users':>10} {'eval s':>7}")
+    print(header, flush=True)
+    with tempfile.TemporaryDirectory(prefix="shardrec-scale-") as scratch:
+        for size in sizes:
+            data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower")
+            summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch))
+            row = row_of(size, generate_s, data, summary)
+            rows.append(row)
+            print(f"{row['interactions']:>13,} {row['users']:>10,} {row['items']:>9,} {row['generate_s']:>7.1f} "
+                  f"{row['peak_rss_mb']:>11,.0f} {row['rss_beyond_tables_mb']:>13,.0f} {row['first_step_s']:>10.1f} "
+                  f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f}", flush=True)
+    print(f"rss_growth {rows[-1]['rss_beyond_tables_mb'] / rows[0]['rss_beyond_tables_mb']:.2f}")
+    print(f"first_step_growth {rows[-1]['first_step_s'] / rows[0]['first_step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
