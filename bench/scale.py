@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainers.distributed import free_loopback_port
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"ncf": "ncf_ml100k.toml", "two_tower": "two_tower_ml100k.toml", "lightgcn": "lightgcn_ml100k.toml"}
 SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9}
@@ -60,14 +62,18 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
     protocol = "sampled" if model == "ncf" else "full"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
-        "--master-port", "0", "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
+        "--master-port", str(free_loopback_port()), "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
         "--data.path", str(data), "--trainer.epochs", "1", "--trainer.max_steps_per_epoch", str(steps),
         "--trainer.run_root", str(run_root), "--trainer.run_name", data.name, "--trainer.log_every", "10",
         "--eval.max_users", str(eval_users), "--eval.protocol", protocol,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch_at = time.time()
-    subprocess.run(command, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        logs = sorted((run_root / data.name / "logs").glob("rank-*.log"))
+        tails = "".join(f"--- {log.name}\n" + "".join(log.read_text().splitlines(True)[-15:]) for log in logs)
+        sys.exit(f"torchrun failed ({done.returncode}) on {data}:\n{done.stderr[-3000:]}\n{tails}")
     summary = json.loads((run_root / data.name / "summary.json").read_text())
     summary["launch_at"] = launch_at
     return summary

@@ -52,10 +52,16 @@ class NegativeSampler:
             self.clashes_redrawn += len(suspects)
             negatives[suspects] = rng.integers(0, self.num_items, size=len(suspects), dtype=np.int64)
 
+    def known_keys(self, positives: dict[str, np.ndarray]) -> np.ndarray:
+        """Sorted pair keys (user * num_items + item) of `positives`, for __call__'s known_keys."""
+        users = np.asarray(positives["user_id"], dtype=np.int64)
+        # sorted is enough for the membership test; duplicates do no harm
+        return np.sort(users * self.num_items + np.asarray(positives["item_id"], dtype=np.int64))
+
     def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator | None = None,
-                 positives: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """Expand `batch`; with reject_positives, negatives avoid the pairs of `positives` (default:
-        the batch itself), which must hold every positive of the batch's users."""
+                 known_keys: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Expand `batch`; with reject_positives, negatives avoid `known_keys` (see known_keys();
+        default: the batch's own pairs), which must hold every positive of the batch's users."""
         rng = rng or np.random.default_rng()
         users = np.asarray(batch["user_id"], dtype=np.int64)
         items = np.asarray(batch["item_id"], dtype=np.int64)
@@ -65,9 +71,8 @@ class NegativeSampler:
         neg_users = np.repeat(users, k)
         neg_items = rng.integers(0, self.num_items, size=len(neg_users), dtype=np.int64)
         if self.reject_positives:
-            known = batch if positives is None else positives
-            keys = np.asarray(known["user_id"], dtype=np.int64) * self.num_items + np.asarray(known["item_id"], dtype=np.int64)
-            self._redraw_clashes(neg_users, neg_items, np.unique(keys), rng)
+            known = self.known_keys(batch) if known_keys is None else known_keys
+            self._redraw_clashes(neg_users, neg_items, known, rng)
         if self.batch_kind == "pairwise":
             return {"user_id": neg_users, "item_id": np.repeat(items, k), "neg_item_id": neg_items}
         return {

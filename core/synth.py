@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import FORMAT, SPLITS, write_user_shards
 from core.errors import UserError
+from core.interactions import sorted_unique
 from core.prepare import split_leave_one_out, split_random  # the same splits as `data prepare`
 
 REDRAW_ROUNDS = 4
@@ -48,7 +49,8 @@ class SynthOptions:
     items: int
     interactions: int
     shards: int = 0
-    """0: one shard per about 2M interactions (at least 2)."""
+    """0: one shard per about 2M interactions, rounded up to a multiple of 4 (so 1, 2 or 4 ranks
+    each get whole shards)."""
     split: str = "random"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 0
@@ -58,14 +60,14 @@ class SynthOptions:
     features: bool = False
 
     def resolved_shards(self) -> int:
-        return self.shards or max(2, -(-self.interactions // 2_000_000))
+        return self.shards or 4 * -(-self.interactions // 8_000_000)
 
     def validate(self) -> None:
         for name in ("users", "items", "interactions"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1")
         if self.shards < 0:
-            raise UserError("--shards must be >= 0 (0 picks one shard per 2M interactions)")
+            raise UserError("--shards must be >= 0 (0 picks one shard per 2M interactions, a multiple of 4)")
         if self.split not in ("random", "loo"):
             raise UserError(f"unknown split {self.split!r}; use random or loo")
         if self.item_exponent <= 0 or self.user_exponent <= 1:
@@ -117,7 +119,7 @@ def _distinct_items(rng: np.random.Generator, counts: np.ndarray, options: Synth
     """(local user, item) pairs, `counts[u]` distinct items per user (a few fewer when redraws run out)."""
     owners = np.repeat(np.arange(len(counts)), counts)
     items = rank_to_item(zipf_ranks(rng.random(len(owners)), options.items, options.item_exponent), options.items)
-    keys = np.unique(owners * options.items + items)
+    keys = sorted_unique(owners * options.items + items)
     for _ in range(REDRAW_ROUNDS):
         have = np.bincount(keys // options.items, minlength=len(counts))
         short = counts - have
@@ -127,7 +129,7 @@ def _distinct_items(rng: np.random.Generator, counts: np.ndarray, options: Synth
         # Redraws are uniform: a heavy user's clashes are with the head, so a popularity draw would
         # clash again; the bias this adds is confined to the few redrawn rows.
         items = rng.integers(0, options.items, size=len(owners))
-        keys = np.unique(np.r_[keys, owners * options.items + items])
+        keys = sorted_unique(np.r_[keys, owners * options.items + items])
     return keys // options.items, keys % options.items
 
 

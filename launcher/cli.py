@@ -69,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--items", type=_count, required=True)
     synth.add_argument("--interactions", type=_count, required=True, help="target count (the exact one goes in stats.json)")
     synth.add_argument("--out", required=True, help="output folder (new or empty)")
-    synth.add_argument("--shards", type=int, default=0, help="Parquet files per split (default: one per 2M interactions)")
+    synth.add_argument("--shards", type=int, default=0, help="Parquet files per split (default: one per 2M interactions, a multiple of 4)")
     synth.add_argument("--split", choices=["random", "loo"], default="random")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--item-exponent", type=float, default=1.1, help="Zipf exponent of item popularity")

@@ -100,7 +100,7 @@ class UserItemModel(RecModel):
     def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         rows, candidates = next(iter(items.values())).shape[:2]
         pairs = {f: v.repeat_interleave(candidates, 0) for f, v in users.items()}
-        pairs.update({f: v.reshape(rows * candidates, -1) for f, v in items.items()})
+        pairs.update({f: v.reshape(rows * candidates, v.shape[-1]) for f, v in items.items()})
         return self.score_pairs(pairs).reshape(rows, candidates)
 
 

@@ -37,8 +37,8 @@ def test_only_clashes_are_redrawn():
 
 def test_rejection_against_given_positives_and_pairwise():
     sampler = NegativeSampler(num_items=4, negatives=30, rounds=60, batch_kind="pairwise")
-    everything = {"user_id": np.array([0, 0, 0]), "item_id": np.array([0, 1, 2])}
-    out = sampler({"user_id": np.array([0]), "item_id": np.array([0])}, np.random.default_rng(0), positives=everything)
+    known = sampler.known_keys({"user_id": np.array([0, 0, 0]), "item_id": np.array([0, 1, 2])})
+    out = sampler({"user_id": np.array([0]), "item_id": np.array([0])}, np.random.default_rng(0), known)
     assert set(out["neg_item_id"].tolist()) == {3} and len(out["item_id"]) == 30
 
 

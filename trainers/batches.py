@@ -44,13 +44,17 @@ class ParquetFilesSource:
     Used under plain torchrun. Shards are dealt to ranks (shard i to rank i % world) when they divide
     evenly; otherwise every rank reads every shard and keeps rows rank::world, so no rank's share is
     cut short. An epoch visits the rank's shards in a seeded random order, a window of whole shards
-    (about `window_rows` rows) at a time: a window is read, its negatives drawn against its own rows
-    (shards are user-partitioned, so they hold every positive of their users), shuffled and cut into
-    batches. Memory is bounded by the window, not by the dataset, and the batches of an epoch depend
+    (about `window_rows` rows) at a time: a window is read and shuffled, and slice by slice its
+    positives get negatives drawn against the window's own pairs (shards are user-partitioned, so they
+    hold every positive of their users), are shuffled again and cut into batches. Memory is bounded
+    by the window's positives (about 40 bytes a row), not by the dataset, and the batches of an epoch depend
     only on (seed, rank, epoch), so a resumed epoch can skip exactly the batches already trained.
     """
 
-    WINDOW_ROWS = 2_000_000
+    WINDOW_ROWS = 1_000_000
+    """Positives read and shuffled together (whole shards, so at least one shard): about 60 MB."""
+    SLICE_ROWS = 65_536
+    """Positives expanded with their negatives at a time."""
 
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, rank: int,
                  world_size: int, seed: int, window_rows: int = WINDOW_ROWS) -> None:
@@ -100,15 +104,21 @@ class ParquetFilesSource:
         carry: Batch | None = None
         for window in self._windows(rng.permutation(len(self.shards))):
             positives, mine = self._read(self.shards[window])
-            expanded = self.sampler(mine, rng, positives=positives)
-            order = rng.permutation(len(expanded["user_id"]))
-            expanded = {name: values[order] for name, values in expanded.items()}
-            if carry is not None:  # the last partial batch of the previous window leads this one
-                expanded = {name: np.concatenate([carry[name], values]) for name, values in expanded.items()}
-            whole = len(expanded["user_id"]) - len(expanded["user_id"]) % self.batch_size
-            for start in range(0, whole, self.batch_size):
-                yield {name: values[start : start + self.batch_size] for name, values in expanded.items()}
-            carry = {name: values[whole:] for name, values in expanded.items()}
+            known = self.sampler.known_keys(positives) if self.sampler.reject_positives else None
+            order = rng.permutation(len(mine["user_id"]))
+            # Negatives are drawn a slice of the shuffled positives at a time, so the expanded rows
+            # never exist for the whole window at once.
+            for first in range(0, len(order), self.SLICE_ROWS):
+                index = order[first : first + self.SLICE_ROWS]
+                expanded = self.sampler({name: values[index] for name, values in mine.items()}, rng, known)
+                shuffle = rng.permutation(len(expanded["user_id"]))
+                expanded = {name: values[shuffle] for name, values in expanded.items()}
+                if carry is not None:  # the last partial batch of the previous slice leads this one
+                    expanded = {name: np.concatenate([carry[name], values]) for name, values in expanded.items()}
+                whole = len(expanded["user_id"]) - len(expanded["user_id"]) % self.batch_size
+                for start in range(0, whole, self.batch_size):
+                    yield {name: values[start : start + self.batch_size] for name, values in expanded.items()}
+                carry = {name: values[whole:] for name, values in expanded.items()}
 
 
 class SequenceWindowsSource:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from core.config import EvalSection
 from core.dataset_format import SPLITS, PreparedDataset
-from core.interactions import UserItems
+from core.interactions import UserItems, sorted_unique
 from models.base import RecModel
 from trainers.distributed import all_max, all_sum, collective_device
 from trainers.ranking_metrics import metrics_from_hits
@@ -47,9 +47,21 @@ class UserRows:
     splits: dict[str, UserItems]
 
     @classmethod
-    def read(cls, dataset: PreparedDataset, shards: list[int]) -> "UserRows":
-        rows = {split: dataset.read_shards(split, shards, columns=("user_id", "item_id")) for split in SPLITS}
-        users = np.unique(np.concatenate([r["user_id"] for r in rows.values()]))
+    def read(cls, dataset: PreparedDataset, shards: list[int], keep: np.ndarray | None = None) -> "UserRows":
+        """The rows of these shards, shard by shard, keeping only the users in `keep` (sorted) if given."""
+        rows = {}
+        for split in SPLITS:
+            parts = []
+            for shard in shards:
+                part = dataset.read_shards(split, [shard], columns=("user_id", "item_id"))
+                if keep is not None:
+                    position = np.minimum(np.searchsorted(keep, part["user_id"]), max(len(keep) - 1, 0))
+                    wanted = keep[position] == part["user_id"] if len(keep) else np.zeros(len(position), bool)
+                    part = {name: values[wanted] for name, values in part.items()}
+                parts.append(part)
+            rows[split] = {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, np.int64)
+                           for name in ("user_id", "item_id")}
+        users = sorted_unique(np.concatenate([r["user_id"] for r in rows.values()]))
         return cls(users, {split: UserItems.build(np.searchsorted(users, r["user_id"]), r["item_id"], len(users))
                            for split, r in rows.items()})
 
@@ -176,18 +188,44 @@ class Evaluator:
         self.rank, self.world_size = rank, world_size
         self.num_users, self.num_items = dataset.num_users, dataset.num_items
         self.seed = seed
-        shards = list(range(dataset.num_shards)) if all_users else list(range(rank, dataset.num_shards, world_size))
-        self.rows = UserRows.read(dataset, shards)
+        self.dataset = dataset
+        self.shards = list(range(dataset.num_shards)) if all_users else list(range(rank, dataset.num_shards, world_size))
+        self.all_users = all_users
+        self._rows: UserRows | None = None
+        self.eligible_total: dict[str, int] = {}
+        self.ranked: dict[str, np.ndarray] = {}
+
+    @property
+    def rows(self) -> UserRows:
+        return self._ensure_read()
+
+    def _ensure_read(self) -> UserRows:
+        """The items of the users this rank ranks, read at the first evaluation rather than at
+        start-up (it reads the rank's shards of every split). Collective unless single-process."""
+        if self._rows is None:
+            self._read_users()
+        assert self._rows is not None
+        return self._rows
+
+    def _read_users(self) -> None:
+        dataset, shards, world_size, config = self.dataset, self.shards, self.world_size, self.config
+        # Who is ranked is decided from the held-out users alone (a user-id column of the small
+        # splits); then only the ranked users' rows are kept, so a sampled evaluation holds
+        # max_users users' items whatever the dataset size.
+        eligible = {split: sorted_unique(dataset.read_shards(split, shards, columns=("user_id",))["user_id"])
+                    for split in ("valid", "test")}
+        counts = [float(len(eligible[split])) for split in ("valid", "test")]
+        totals = all_sum(counts) if world_size > 1 and not self.all_users else counts
+        self.eligible_total = {"valid": int(totals[0]), "test": int(totals[1])}
+        self.ranked = {split: self._sample(users, self.eligible_total[split]) for split, users in eligible.items()}
+        keep = np.union1d(self.ranked["valid"], self.ranked["test"]) if config.max_users else None
+        self._rows = UserRows.read(dataset, shards, keep)
 
     # --- what is evaluated -------------------------------------------------------------------------
 
-    def eligible_users(self, split: str) -> np.ndarray:
-        """This rank's users with at least one held-out item in `split` (global ids)."""
-        return self.rows.users[self.rows.splits[split].counts() > 0]
-
-    def users_to_rank(self, split: str, eligible_total: int) -> np.ndarray:
-        """The eligible users this rank ranks: all, or the seeded max_users sample."""
-        eligible = self.eligible_users(split)
+    def _sample(self, eligible: np.ndarray, eligible_total: int) -> np.ndarray:
+        """All eligible users, or the seeded max_users sample of them (a hash of the id: the same users
+        at every evaluation, whichever rank holds them)."""
         if not self.config.max_users or self.config.max_users >= eligible_total:
             return eligible
         return eligible[unit_hash(self.seed, eligible) < self.config.max_users / eligible_total]
@@ -216,20 +254,19 @@ class Evaluator:
         model.eval()
         try:
             model.begin_ranking(split)
-            eligible_total = int(all_sum([float(len(self.eligible_users(split)))])[0])
-            users = self.users_to_rank(split, eligible_total)
-            sums = self._score_with_model(model, users, split, on_batch)
+            self._ensure_read()  # collective, at the first evaluation
+            sums = self._score_with_model(model, self.ranked[split], split, on_batch)
         finally:
             model.end_ranking()
             model.train(was_training)
-        return self._result(all_sum(sums.tolist()), split, eligible_total)
+        return self._result(all_sum(sums.tolist()), split)
 
     @torch.no_grad()
     def evaluate_item_scores(self, item_scores: torch.Tensor, split: str) -> dict[str, float | str | int]:
         """Single process, no collectives: every user gets the same `item_scores` [I] (e.g. popularity).
         The same masks, protocols and metric code as `evaluate`."""
-        eligible_total = len(self.eligible_users(split))
-        users = self.users_to_rank(split, eligible_total)
+        self._ensure_read()
+        users = self.ranked[split]
         chunk = self._item_chunk(1)
         sums = self._empty_sums()
         for start in range(0, len(users), self.config.user_batch):
@@ -240,7 +277,7 @@ class Evaluator:
                     yield first, item_scores[None, first : first + chunk].expand(len(batch), -1)
 
             sums += self._batch_sums(batch, split, chunk_scores, lambda rows, candidates: item_scores[torch.as_tensor(candidates)])
-        return self._result(sums.tolist(), split, eligible_total)
+        return self._result(sums.tolist(), split)
 
     @torch.no_grad()
     def recommend(self, model: RecModel, users: np.ndarray, split: str) -> np.ndarray:
@@ -281,7 +318,7 @@ class Evaluator:
                 found = self._lookup_padded(model, "item_id", candidates.ravel(), length)
                 index_rows = torch.as_tensor(rows, device=model.device)
                 return model.score_candidates({f: v[index_rows] for f, v in vectors.items()},
-                                              {f: v.reshape(*candidates.shape, -1) for f, v in found.items()})
+                                              {f: v.reshape(*candidates.shape, v.shape[-1]) for f, v in found.items()})
 
             sums += self._batch_sums(chunk, split, lambda: items.scores(model, vectors) if items else iter(()),
                                      candidate_scores)
@@ -353,10 +390,10 @@ class Evaluator:
         """Per protocol: its metric sums, then its number of cases; last, the users ranked."""
         return np.zeros(sum(len(self.METRICS[p]) + 1 for p in self._protocols()) + 1)
 
-    def _result(self, total: list[float], split: str, eligible_total: int) -> dict[str, float | str | int]:
+    def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
         k = self.config.k
         result: dict[str, float | str | int] = {"split": split, "protocol": self.protocol_name(split),
-                                                "users": int(total[-1]), "eligible_users": eligible_total}
+                                                "users": int(total[-1]), "eligible_users": self.eligible_total[split]}
         offset = 0
         for index, protocol in enumerate(self._protocols()):
             names = self.METRICS[protocol]

@@ -70,8 +70,10 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     owns_group = not dist.is_initialized()
     if owns_group:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_loopback_port()))
+        # A group of its own on a fresh loopback port: an inherited MASTER_PORT may belong to a
+        # group that still holds it.
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_loopback_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
@@ -29,6 +30,7 @@ from trainers import checkpoint
 from trainers.batches import Batch, BatchSource, check_ids, lockstep, to_tensors
 from trainers.distributed import RankContext, all_sum
 from trainers.evaluate import Evaluator
+from trainers.memory import local_bytes, peak_rss_mb
 from trainers.run_log import Console, RunLog
 from trainers.sharded_model import ShardedModel, build_sharded_model
 
@@ -49,6 +51,8 @@ class Trainer:
         self.step = 0
         """Optimizer steps taken, all epochs."""
         self.epoch_batches = 0
+        self.first_step_at: float | None = None
+        """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
@@ -122,6 +126,18 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
 
+    def rank_resources(self) -> list[dict[str, Any]]:
+        """Collective: per rank, its peak RSS, the MiB of its table shards and optimizer state, and
+        when its first step ended (what the scale benchmark compares across dataset sizes)."""
+        state = local_bytes(self.sharded.dmp.state_dict()) + local_bytes(self.sharded.optimizer.state_dict())
+        mine = {"rank": self.context.rank, "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
+                "first_step_at": self.first_step_at}
+        if self.context.world_size == 1:
+            return [mine]
+        every: list[Any] = [None] * self.context.world_size
+        dist.all_gather_object(every, mine)
+        return every
+
     def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None) -> dict[str, Any]:
         """Collective. One epoch over `batches` (after the `epoch_batches` a resumed checkpoint had
         trained); returns its record (loss, steps, samples/s, data wait)."""
@@ -148,6 +164,8 @@ class Trainer:
             if batch is None:
                 break
             loss = self.train_step(batch)
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
             self.epoch_batches += 1
             if recorder is not None:
                 recorder.record(self.step, batch)
@@ -197,12 +215,14 @@ class Trainer:
             record = self.train_epoch(source.epoch(self.epoch + 1), log, run_dir)
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
+                eval_started = time.perf_counter()
                 record["valid"] = self.evaluate("valid", log.bar_callback("valid"))
                 # The test split is ranked only when validation improves: the reported test result is
                 # the one at the best validation epoch, and the others would cost a full pass each.
                 if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
                     record["test"] = self.evaluate("test", log.bar_callback("test"))
                     self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"]}
+                record["eval_s"] = time.perf_counter() - eval_started
             log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
             for split in ("valid", "test"):
                 if split in record:
@@ -220,6 +240,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "final": self.history[-1] if self.history else {},
+            "ranks": self.rank_resources(),
         }
         if self.context.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
