@@ -212,12 +212,16 @@ class Evaluator:
         # Who is ranked is decided from the held-out users alone (a user-id column of the small
         # splits); then only the ranked users' rows are kept, so a sampled evaluation holds
         # max_users users' items whatever the dataset size.
-        eligible = {split: sorted_unique(dataset.read_shards(split, shards, columns=("user_id",))["user_id"])
-                    for split in ("valid", "test")}
-        counts = [float(len(eligible[split])) for split in ("valid", "test")]
+        def held_out_users(split: str, shard: int) -> np.ndarray:
+            return sorted_unique(dataset.read_shards(split, [shard], columns=("user_id",))["user_id"])
+
+        # Shard by shard, twice (count, then sample) so that no list of every eligible user is held.
+        counts = [float(sum(len(held_out_users(split, shard)) for shard in shards)) for split in ("valid", "test")]
         totals = all_sum(counts) if world_size > 1 and not self.all_users else counts
         self.eligible_total = {"valid": int(totals[0]), "test": int(totals[1])}
-        self.ranked = {split: self._sample(users, self.eligible_total[split]) for split, users in eligible.items()}
+        self.ranked = {split: np.concatenate([self._sample(held_out_users(split, shard), self.eligible_total[split])
+                                              for shard in shards] or [np.zeros(0, np.int64)])
+                       for split in ("valid", "test")}
         keep = np.union1d(self.ranked["valid"], self.ranked["test"]) if config.max_users else None
         self._rows = UserRows.read(dataset, shards, keep)
 

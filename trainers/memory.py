@@ -18,14 +18,15 @@ def peak_rss_mb() -> float:
 
 def local_bytes(state: Any) -> int:
     """Bytes of the tensors this rank holds in a (nested) state dict: the local shards of sharded
-    tensors, whole plain tensors. Shared storages are counted once."""
-    seen: set[int] = set()
+    tensors, whole plain tensors. The same view met twice counts once (FBGEMM keeps a group's tables
+    in one flat buffer, so distinct views of one storage are distinct tables)."""
+    seen: set[tuple[int, int]] = set()
 
     def tensor_bytes(tensor: torch.Tensor) -> int:
-        if tensor.device.type == "meta":
+        if tensor.device.type == "meta" or tensor.numel() == 0:
             return 0
-        key = tensor.untyped_storage().data_ptr()
-        if key in seen and key != 0:
+        key = (tensor.data_ptr(), tensor.numel())
+        if key in seen:
             return 0
         seen.add(key)
         return tensor.numel() * tensor.element_size()

@@ -51,6 +51,9 @@ class Trainer:
         self.step = 0
         """Optimizer steps taken, all epochs."""
         self.epoch_batches = 0
+        self.peak_rss_before_checkpoint_mb: float | None = None
+        """Peak RSS before the first checkpoint: DCP copies each table shard while saving it (views
+        of FBGEMM's flat weight buffer are cloned), so the peak after it carries one shard more."""
         self.first_step_at: float | None = None
         """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
@@ -95,6 +98,8 @@ class Trainer:
         step was blocked (`checkpoint_block_s`) and applies trainer.keep_checkpoints."""
         inside = self.epoch_batches > 0
         path = checkpoint_dir(run_dir, self.epoch, self.step if inside else None)
+        if self.peak_rss_before_checkpoint_mb is None:
+            self.peak_rss_before_checkpoint_mb = peak_rss_mb()
         started = time.perf_counter()
         checkpoint.save(self.state_dict(), path, self.progress())
         blocked = time.perf_counter() - started
@@ -131,6 +136,7 @@ class Trainer:
         when its first step ended (what the scale benchmark compares across dataset sizes)."""
         state = local_bytes(self.sharded.dmp.state_dict()) + local_bytes(self.sharded.optimizer.state_dict())
         mine = {"rank": self.context.rank, "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
+                "peak_rss_before_checkpoint_mb": self.peak_rss_before_checkpoint_mb or peak_rss_mb(),
                 "first_step_at": self.first_step_at}
         if self.context.world_size == 1:
             return [mine]
