@@ -30,7 +30,15 @@ from pathlib import Path
 from trainers.distributed import free_loopback_port
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"ncf": "ncf_ml100k.toml", "two_tower": "two_tower_ml100k.toml", "lightgcn": "lightgcn_ml100k.toml"}
+CONFIGS = {"ncf": "ncf_ml100k.toml", "two_tower": "two_tower_ml100k.toml", "lightgcn": "lightgcn_ml100k.toml",
+           "sasrec": "sasrec_ml100k.toml"}
+EXTRA = {
+    "ncf": ["--eval.protocol", "sampled"],  # full ranking would carry the MLP over every item
+    "lightgcn": ["--model.propagation", "sampled"],  # full-graph mode refuses graphs this size
+    "sasrec": ["--model.loss", "auto", "--eval.protocol", "full"],  # sampled softmax above 50k items
+    "two_tower": [],
+}
+SPLIT = {"sasrec": "loo"}
 SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9}
 
 
@@ -41,11 +49,11 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def dataset_for(size: int, root: Path, features: bool) -> tuple[Path, float]:
+def dataset_for(size: int, root: Path, features: bool, split: str = "random") -> tuple[Path, float]:
     """The synthetic dataset of `size` interactions (generated unless already there) and the seconds
     generating it took (0 when reused)."""
     users, items = max(size // 10, 10), max(size // 100, 20)
-    path = root / f"synth-{size}{'-features' if features else ''}"
+    path = root / f"synth-{size}{'-features' if features else ''}{'-loo' if split == 'loo' else ''}"
     if (path / "stats.json").is_file():
         return path, 0.0
     shutil.rmtree(path, ignore_errors=True)
@@ -53,6 +61,7 @@ def dataset_for(size: int, root: Path, features: bool) -> tuple[Path, float]:
                "--interactions", str(size), "--out", str(path)]
     if features:
         command.append("--features")
+    command += ["--split", split]
     started = time.monotonic()
     subprocess.run(command, check=True, cwd=REPO)
     return path, time.monotonic() - started
@@ -61,13 +70,12 @@ def dataset_for(size: int, root: Path, features: bool) -> tuple[Path, float]:
 def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, run_root: Path) -> dict:
     """torchrun on `ranks` ranks, one epoch of `steps` steps and one evaluation; returns the summary
     plus `launch_at` (wall clock of the launch)."""
-    protocol = "sampled" if model == "ncf" else "full"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
         "--master-port", str(free_loopback_port()), "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
         "--data.path", str(data), "--trainer.epochs", "1", "--trainer.max_steps_per_epoch", str(steps),
         "--trainer.run_root", str(run_root), "--trainer.run_name", data.name, "--trainer.log_every", "10",
-        "--eval.max_users", str(eval_users), "--eval.protocol", protocol,
+        "--eval.max_users", str(eval_users), *EXTRA[model],
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch_at = time.time()
@@ -119,7 +127,8 @@ def main() -> None:
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="shardrec-scale-") as scratch:
         for size in sizes:
-            data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower")
+            data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower",
+                                           split=SPLIT.get(args.model, "random"))
             summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch))
             row = row_of(size, generate_s, data, summary)
             rows.append(row)

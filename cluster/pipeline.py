@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
@@ -16,7 +17,7 @@ from core.config import DataSection
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler
-from core.sequences import list_rows, sequence_files, training_windows
+from core.sequences import sequence_files, windows_from_csr
 
 
 def training_dataset(dataset: PreparedDataset, data: DataSection, params: Any) -> ray.data.Dataset:
@@ -67,5 +68,7 @@ def _sequence_windows(dataset: PreparedDataset, window: int, step: int, min_leng
 
 
 def _windows_of_batch(batch: pa.Table, window: int, step: int, min_length: int) -> dict[str, Any]:
-    histories = list_rows(batch.column("train").combine_chunks())
-    return training_windows(batch.column("user_id").to_numpy(), histories, window, step, min_length)
+    lists = batch.column("train").combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    return windows_from_csr(batch.column("user_id").to_numpy(), offsets - offsets[0],
+                            lists.flatten().to_numpy().astype(np.int64), window, step, min_length)

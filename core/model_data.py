@@ -3,10 +3,11 @@
 Models never open files: each declares what it needs (`RecModel.data_needs`), the trainer reads just
 that with `load_model_data` and hands it over in one `ModelData`.
 
-    "train_pairs"   every training (user, item) pair: LightGCN's graph
+    "graph"         LightGCN's normalised user-item graph (core/graph.py), memory-mapped
     "item_counts"   training interactions per item: two-tower's log-Q correction
     "features"      side-feature codes per user and per item (user_features.parquet, item_features.parquet)
-    "sequences"     every user's ordered history and held-out items: the sequence models' ranking input
+    "sequences"     users' ordered histories and held-out items: the sequence models' ranking input
+                    (a rank reads only the users of its own shards, the ones it evaluates)
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
+from core.graph import GraphCSR, graph_of
 from core.interactions import item_counts
 from core.sequences import SequenceTable, load_sequences
 
-NEEDS = ("train_pairs", "item_counts", "features", "sequences")
+NEEDS = ("graph", "item_counts", "features", "sequences")
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,7 @@ class CategoricalBags:
 class ModelData:
     num_users: int
     num_items: int
-    train_users: np.ndarray | None = None
-    train_items: np.ndarray | None = None
+    graph: GraphCSR | None = None
     item_counts: np.ndarray | None = None
     user_features: dict[str, np.ndarray] = field(default_factory=dict)
     """feature name -> one code per user (0 = unknown)."""
@@ -48,27 +49,28 @@ class ModelData:
 
     def require(self, what: str, owner: str) -> None:
         """Raise a clear error when a model is used without the data it declared."""
-        missing = {"train_pairs": self.train_users, "item_counts": self.item_counts, "sequences": self.sequences}
+        missing = {"graph": self.graph, "item_counts": self.item_counts, "sequences": self.sequences}
         if missing.get(what, True) is None:
             raise RuntimeError(f"{owner} needs {what!r}: build it with load_model_data(dataset, {{{what!r}}})")
 
 
-def load_model_data(dataset: PreparedDataset, needs: frozenset[str] | set[str]) -> ModelData:
-    """Read exactly what `needs` names (see the module docstring) from a prepared dataset."""
+def load_model_data(dataset: PreparedDataset, needs: frozenset[str] | set[str],
+                    shards: list[int] | None = None) -> ModelData:
+    """Read exactly what `needs` names (see the module docstring) from a prepared dataset. Per-user
+    data ("sequences") is read for the users of `shards` only (default: all)."""
     unknown = set(needs) - set(NEEDS)
     if unknown:
         raise ValueError(f"unknown model data {sorted(unknown)}; known: {NEEDS}")
     data = ModelData(dataset.num_users, dataset.num_items)
-    if "train_pairs" in needs:
-        train = dataset.read_split("train")
-        data.train_users, data.train_items = train["user_id"], train["item_id"]
+    if "graph" in needs:
+        data.graph = graph_of(dataset)
     if "item_counts" in needs:
         data.item_counts = item_counts(dataset)
     if "features" in needs:
         data.user_features, _ = _read_features(dataset, "user_features.parquet", dataset.num_users)
         data.item_features, data.item_bags = _read_features(dataset, "item_features.parquet", dataset.num_items)
     if "sequences" in needs:
-        data.sequences = load_sequences(dataset)
+        data.sequences = load_sequences(dataset, shards)
     return data
 
 

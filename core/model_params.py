@@ -91,6 +91,10 @@ class TwoTowerParams:
             raise UserError("model.temperature must be > 0 and model.dropout in [0, 1)")
 
 
+SOFTMAX_MAX_ITEMS = 50_000
+"""Above this many items the sequence models' default loss is the sampled softmax."""
+
+
 @dataclass
 class SequenceParams:
     """What the three sequence models share. The item table is a sharded TorchRec table of
@@ -101,9 +105,10 @@ class SequenceParams:
     """Items of history the model reads (the most recent ones)."""
     embed_dim: int = 64
     dropout: float = 0.2
-    loss: str = "softmax"
+    loss: str = "auto"
     """"softmax": cross-entropy over every item; "sampled": against `negatives` uniform items shared
-    by the batch (for catalogues too large to score in full each step)."""
+    by the batch (for catalogues too large to score in full each step). "auto": softmax up to
+    SOFTMAX_MAX_ITEMS items, sampled above (a full softmax over 1M items costs batch x 1M x dim a step)."""
     negatives: int = 100
     tie_output: bool = True
     """Score with the item table itself (dot product), so the output layer is the sharded table. False
@@ -136,8 +141,14 @@ class SequenceParams:
             raise UserError("model.dropout must be in [0, 1)")
         if self.window_step < 0:
             raise UserError("model.window_step must be >= 0 (0: the model's default)")
-        if self.loss not in ("softmax", "sampled") or self.negatives < 1:
-            raise UserError(f"model.loss must be softmax or sampled (got {self.loss!r}) and model.negatives >= 1")
+        if self.loss not in ("auto", "softmax", "sampled") or self.negatives < 1:
+            raise UserError(f"model.loss must be auto, softmax or sampled (got {self.loss!r}) and model.negatives >= 1")
+
+    def resolved_loss(self, num_items: int) -> str:
+        """The loss for a catalogue of num_items: `loss`, with "auto" decided by the catalogue size."""
+        if self.loss != "auto":
+            return self.loss
+        return "softmax" if num_items <= SOFTMAX_MAX_ITEMS else "sampled"
 
 
 @dataclass

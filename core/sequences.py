@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import SPLITS, PreparedDataset
 from core.errors import UserError
-from core.interactions import UserItems
+from core.interactions import UserItems, sorted_unique
 
 SEQUENCE_DIR = "sequences"
 SEQUENCE_SCHEMA = pa.schema(
@@ -35,8 +35,10 @@ NO_ITEM = -1
 
 @dataclass(frozen=True)
 class SequenceTable:
-    """Every user's ordered train history (CSR) and held-out items, indexed by user id."""
+    """Some users' ordered train histories (CSR) and held-out items. `users` (sorted ids) says whose:
+    a rank holds only the users of its own shards; row r of the arrays is users[r]."""
 
+    users: np.ndarray
     indptr: np.ndarray
     train: np.ndarray
     valid: np.ndarray
@@ -44,46 +46,66 @@ class SequenceTable:
 
     @property
     def num_users(self) -> int:
-        return len(self.valid)
+        return len(self.users)
+
+    def rows_of(self, users: np.ndarray) -> np.ndarray:
+        """Row of each user in this table, -1 for users it does not hold."""
+        users = np.asarray(users, dtype=np.int64)
+        row = np.minimum(np.searchsorted(self.users, users), max(len(self.users) - 1, 0))
+        return np.where((len(self.users) > 0) & (self.users[row] == users), row, -1) if len(self.users) else np.full(len(users), -1)
+
+    def _row(self, user: int) -> int:
+        row = int(self.rows_of(np.array([user]))[0])
+        if row < 0:
+            raise KeyError(f"user {user} is not in this sequence table (another rank's shard?)")
+        return row
 
     def train_of(self, user: int) -> np.ndarray:
-        return self.train[self.indptr[user] : self.indptr[user + 1]]
+        row = self._row(user)
+        return self.train[self.indptr[row] : self.indptr[row + 1]]
 
     def history(self, user: int, upto: str) -> np.ndarray:
         """Items a model sees before predicting `upto`'s item: "valid" -> train; "test" -> train +
         valid; "next" -> everything (what to recommend after the last known interaction)."""
         if upto not in ("valid", "test", "next"):
             raise ValueError(f"unknown history cut {upto!r}")
-        parts = [self.train_of(user)]
-        if upto in ("test", "next") and self.valid[user] != NO_ITEM:
-            parts.append(self.valid[user : user + 1])
-        if upto == "next" and self.test[user] != NO_ITEM:
-            parts.append(self.test[user : user + 1])
+        row = self._row(user)
+        parts = [self.train[self.indptr[row] : self.indptr[row + 1]]]
+        if upto in ("test", "next") and self.valid[row] != NO_ITEM:
+            parts.append(self.valid[row : row + 1])
+        if upto == "next" and self.test[row] != NO_ITEM:
+            parts.append(self.test[row : row + 1])
         return np.concatenate(parts)
 
     def to_arrow(self) -> pa.Table:
-        lists = pa.ListArray.from_arrays(pa.array(self.indptr, pa.int32()), pa.array(self.train, pa.int64()))
-        return pa.table(
-            {"user_id": np.arange(self.num_users, dtype=np.int64), "train": lists, "valid": self.valid, "test": self.test},
-            schema=SEQUENCE_SCHEMA,
-        )
+        lists = pa.ListArray.from_arrays(pa.array(self.indptr, pa.int64()), pa.array(self.train, pa.int64()))
+        return pa.table({"user_id": self.users, "train": lists, "valid": self.valid, "test": self.test},
+                        schema=SEQUENCE_SCHEMA)
 
     @classmethod
-    def from_arrow(cls, table: pa.Table, num_users: int) -> "SequenceTable":
-        """Rows in any order and users possibly absent (no interactions): reindexed by user id."""
+    def from_arrow(cls, table: pa.Table) -> "SequenceTable":
+        """Rows in any order; users with no row are simply not held."""
+        table = table.sort_by("user_id")
         users = table.column("user_id").to_numpy()
-        if len(users) and (users.min() < 0 or users.max() >= num_users or len(np.unique(users)) != len(users)):
-            raise UserError("sequence files hold out-of-range or repeated user ids; rebuild them")
-        histories = [np.empty(0, dtype=np.int64)] * num_users
-        for user, history in zip(users, list_rows(table.column("train").combine_chunks())):
-            histories[user] = history
-        indptr = np.r_[0, np.cumsum([len(history) for history in histories], dtype=np.int64)]
-        train = np.concatenate(histories).astype(np.int64) if num_users else np.empty(0, dtype=np.int64)
-        valid = np.full(num_users, NO_ITEM, dtype=np.int64)
-        test = np.full(num_users, NO_ITEM, dtype=np.int64)
-        valid[users] = table.column("valid").to_numpy()
-        test[users] = table.column("test").to_numpy()
-        return cls(indptr, train, valid, test)
+        if len(users) and (users.min() < 0 or (np.diff(users) == 0).any()):
+            raise UserError("sequence files hold negative or repeated user ids; rebuild them")
+        lists = table.column("train").combine_chunks()
+        offsets = lists.offsets.to_numpy().astype(np.int64)
+        train = lists.flatten().to_numpy().astype(np.int64)
+        return cls(users.astype(np.int64), offsets - offsets[0] if len(offsets) else np.zeros(1, np.int64), train,
+                   table.column("valid").to_numpy().astype(np.int64), table.column("test").to_numpy().astype(np.int64))
+
+    @classmethod
+    def concat(cls, parts: list["SequenceTable"]) -> "SequenceTable":
+        """Tables of disjoint, ascending user ranges (shards in order) as one."""
+        if not parts:
+            empty = np.zeros(0, np.int64)
+            return cls(empty, np.zeros(1, np.int64), empty, empty, empty)
+        shifts = np.cumsum([0] + [len(p.train) for p in parts[:-1]])
+        return cls(np.concatenate([p.users for p in parts]),
+                   np.concatenate([parts[0].indptr[:1]] + [p.indptr[1:] + shift for p, shift in zip(parts, shifts)]),
+                   np.concatenate([p.train for p in parts]), np.concatenate([p.valid for p in parts]),
+                   np.concatenate([p.test for p in parts]))
 
 
 def require_leave_one_out(dataset: PreparedDataset) -> None:
@@ -94,80 +116,106 @@ def require_leave_one_out(dataset: PreparedDataset) -> None:
         )
 
 
-def build_reference(dataset: PreparedDataset) -> SequenceTable:
-    """In memory with numpy: every split read at once, train items ordered by (user, position)."""
-    require_leave_one_out(dataset)
-    splits = {split: dataset.read_split(split) for split in SPLITS}
+def build_shard(dataset: PreparedDataset, shard: int) -> SequenceTable:
+    """One user-partitioned shard's sequences, from that shard of every split alone."""
+    splits = {split: dataset.read_shards(split, [shard], columns=("user_id", "item_id", "position"))
+              for split in SPLITS}
+    users = sorted_unique(np.concatenate([rows["user_id"] for rows in splits.values()]))
     train = splits["train"]
-    ordered = UserItems.build(train["user_id"], train["item_id"], dataset.num_users, order_within_user=train["position"])
+    ordered = UserItems.build(np.searchsorted(users, train["user_id"]), train["item_id"], len(users),
+                              order_within_user=train["position"])
     held_out = {}
     for split in ("valid", "test"):
-        column = np.full(dataset.num_users, NO_ITEM, dtype=np.int64)
-        column[splits[split]["user_id"]] = splits[split]["item_id"]
+        column = np.full(len(users), NO_ITEM, dtype=np.int64)
+        column[np.searchsorted(users, splits[split]["user_id"])] = splits[split]["item_id"]
         held_out[split] = column
-    return SequenceTable(ordered.indptr, ordered.items, held_out["valid"], held_out["test"])
+    return SequenceTable(users, ordered.indptr, ordered.items.astype(np.int64), held_out["valid"], held_out["test"])
 
 
-def list_rows(lists: pa.ListArray) -> list[np.ndarray]:
-    """A list column's rows as numpy views of one flat buffer."""
-    offsets = lists.offsets.to_numpy()
-    flat = lists.flatten().to_numpy()
-    return [flat[offsets[row] : offsets[row + 1]] for row in range(len(lists))]
+def build_reference(dataset: PreparedDataset, shards: list[int] | None = None) -> SequenceTable:
+    """In memory with numpy, shard by shard (all shards by default): train items ordered by
+    (user, position). No global shuffle: a user's rows are all in one shard index."""
+    require_leave_one_out(dataset)
+    chosen = range(dataset.num_shards) if shards is None else shards
+    return SequenceTable.concat([build_shard(dataset, shard) for shard in sorted(chosen)])
 
 
 def sequence_files(dataset: PreparedDataset) -> list[Path]:
-    return sorted((dataset.root / SEQUENCE_DIR).glob("*.parquet"))
+    return sorted((dataset.root / SEQUENCE_DIR).glob("part-*.parquet"))
+
+
+def sequence_file(dataset: PreparedDataset, shard: int) -> Path:
+    """Shard i's users' sequences (the same user range as the split shards)."""
+    return dataset.root / SEQUENCE_DIR / f"part-{shard:05d}.parquet"
 
 
 _loaded: dict[tuple, SequenceTable] = {}
 """Tables already read in this process: a rank's model (for ranking) and its torchrun batch source
 both need them, and reading or building them twice is wasted start-up. Keyed by the folder, the
-time stats.json was written and the sequence files, so a re-prepared or rebuilt dataset is re-read."""
+time stats.json was written, the sequence files and the shards, so a re-prepared or rebuilt dataset
+is re-read."""
 
 
-def load_sequences(dataset: PreparedDataset) -> SequenceTable:
-    """The stored sequences if `shardrec data sequences` (or a Ray training run) wrote them, else the
-    in-memory reference; both give the same table. Read once per process and dataset."""
+def load_sequences(dataset: PreparedDataset, shards: list[int] | None = None) -> SequenceTable:
+    """The sequences of the users of `shards` (default: all): the stored ones if `shardrec data
+    sequences` (or a Ray training run) wrote them, else built in memory from those shards; both give
+    the same table. Read once per process, dataset and shard set."""
+    require_leave_one_out(dataset)
+    chosen = tuple(sorted(range(dataset.num_shards) if shards is None else shards))
     files = sequence_files(dataset)
-    key = (dataset.root.resolve(), (dataset.root / "stats.json").stat().st_mtime_ns, tuple(f.name for f in files))
+    key = (dataset.root.resolve(), (dataset.root / "stats.json").stat().st_mtime_ns, tuple(f.name for f in files), chosen)
     if key not in _loaded:
-        _loaded[key] = _read_sequences(dataset, files)
+        _loaded[key] = _read_sequences(dataset, list(chosen), bool(files))
     return _loaded[key]
 
 
-def _read_sequences(dataset: PreparedDataset, files: list[Path]) -> SequenceTable:
-    if not files:
-        return build_reference(dataset)
-    try:
-        table = pa.concat_tables([pq.read_table(path, schema=SEQUENCE_SCHEMA) for path in files])
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{dataset.root / SEQUENCE_DIR}: cannot read sequences ({exc}); rebuild them") from None
-    return SequenceTable.from_arrow(table, dataset.num_users)
+def _read_sequences(dataset: PreparedDataset, shards: list[int], stored: bool) -> SequenceTable:
+    if not stored:
+        return build_reference(dataset, shards)
+    parts = []
+    for shard in shards:
+        path = sequence_file(dataset, shard)
+        try:
+            parts.append(SequenceTable.from_arrow(pq.read_table(path, schema=SEQUENCE_SCHEMA)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise UserError(f"{path}: cannot read sequences ({exc}); rebuild them (`shardrec data sequences`)") from None
+    return SequenceTable.concat(parts)
 
 
 def training_windows(
     users: np.ndarray, lists: list[np.ndarray], window: int, step: int, min_length: int = 2
 ) -> dict[str, np.ndarray]:
-    """Cut ordered histories into model inputs: windows of at most `window` items taken from the end
-    of each history, `step` items apart (step = window - 1 makes every item but the first a next-item
-    target exactly once; step = window gives disjoint windows). Histories shorter than `min_length`
-    give no window. Items become tokens item + 1, 0 is padding on the right.
+    """`windows_from_csr` for a list of histories."""
+    lengths = np.array([len(history) for history in lists], dtype=np.int64)
+    flat = np.concatenate(lists).astype(np.int64) if len(lists) else np.zeros(0, np.int64)
+    return windows_from_csr(np.asarray(users), np.r_[0, np.cumsum(lengths)], flat, window, step, min_length)
+
+
+def windows_from_csr(users: np.ndarray, indptr: np.ndarray, items: np.ndarray, window: int, step: int,
+                     min_length: int = 2) -> dict[str, np.ndarray]:
+    """Cut ordered histories (CSR: user r's items are items[indptr[r]:indptr[r+1]]) into model inputs:
+    windows of at most `window` items taken from the end of each history, `step` items apart (step =
+    window - 1 makes every item but the first a next-item target exactly once; step = window gives
+    disjoint windows). Histories shorter than `min_length` give no window. Items become tokens
+    item + 1, 0 is padding on the right. Vectorised: no loop over users or windows.
 
     Returns user_id [n], sequence [n, window] int64 tokens, length [n]."""
-    starts: list[tuple[int, int, int]] = []  # (row, start, stop) into the row's history
-    for row, history in enumerate(lists):
-        stop = len(history)
-        while stop >= min_length:
-            start = max(0, stop - window)
-            starts.append((row, start, stop))
-            if start == 0:
-                break
-            stop -= step
-    sequence = np.zeros((len(starts), window), dtype=np.int64)
-    length = np.zeros(len(starts), dtype=np.int64)
-    owner = np.zeros(len(starts), dtype=np.int64)
-    for index, (row, start, stop) in enumerate(starts):
-        sequence[index, : stop - start] = lists[row][start:stop] + 1
-        length[index] = stop - start
-        owner[index] = users[row]
-    return {"user_id": owner, "sequence": sequence, "length": length}
+    lengths = np.diff(indptr).astype(np.int64)
+    # Window j of a history of n items ends at n - j*step; windows continue while the previous one
+    # did not reach the start (its end > window) and the end keeps min_length items.
+    reach_start = np.maximum(0, -(-(lengths - window) // step))
+    keep_length = np.where(lengths >= min_length, (lengths - min_length) // step, -1)
+    counts = np.minimum(reach_start, keep_length) + 1
+    counts = np.maximum(counts, 0)
+    owner = np.repeat(np.arange(len(lengths)), counts)
+    j = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    stop = lengths[owner] - j * step
+    start = np.maximum(0, stop - window)
+    width = stop - start
+    columns = np.arange(window)
+    inside = columns[None, :] < width[:, None]
+    position = indptr[owner][:, None] + start[:, None] + np.where(inside, columns[None, :], 0)
+    sequence = np.where(inside, items[np.minimum(position, max(len(items) - 1, 0))] + 1, 0) if len(items) else \
+        np.zeros((0, window), dtype=np.int64)
+    return {"user_id": np.asarray(users, dtype=np.int64)[owner], "sequence": sequence.astype(np.int64),
+            "length": width.astype(np.int64)}

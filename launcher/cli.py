@@ -216,7 +216,8 @@ def _cmd_sequences(args: argparse.Namespace) -> int:
           f"max {lengths.max()}; {int((table.valid >= 0).sum())} valid and {int((table.test >= 0).sum())} test items")
     if args.check:
         reference = build_reference(dataset)
-        same = all(np.array_equal(getattr(table, f), getattr(reference, f)) for f in ("indptr", "train", "valid", "test"))
+        same = all(np.array_equal(getattr(table, f), getattr(reference, f))
+                   for f in ("users", "indptr", "train", "valid", "test"))
         print("check against the in-memory reference: " + ("identical" if same else "DIFFERENT"))
         return 0 if same else 1
     return 0

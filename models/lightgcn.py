@@ -25,13 +25,13 @@ from core.model_data import ModelData
 from core.model_params import LightGCNParams
 from models.base import Batch, RecModel, dot_candidates
 from models.features import padded_kjt
-from models.graph import normalized_adjacency
+from models.graph import adjacency_tensor
 from models.neighbourhood import NeighbourSampler, rows_of
 
 
 class LightGCN(RecModel):
     retrieval_key = "final"
-    data_needs = frozenset({"train_pairs"})
+    data_needs = frozenset({"graph"})
 
     def __init__(self, params: LightGCNParams, num_users: int, num_items: int, device: str = "meta") -> None:
         super().__init__()
@@ -55,11 +55,13 @@ class LightGCN(RecModel):
         return self.params.init_std
 
     def bind_data(self, data: ModelData) -> None:
-        """The graph, from the training pairs."""
-        data.require("train_pairs", "LightGCN")
-        adjacency = normalized_adjacency(data.train_users, data.train_items, self.num_users, self.num_items)
-        self.sampler = NeighbourSampler(adjacency, self.params.fanout)  # numpy, on the host
-        self.adjacency = adjacency.to(self.device)
+        """The graph (memory-mapped, shared by the ranks of a node). Sampled mode reads it in place;
+        full mode also needs it as a torch sparse matrix, a copy per rank."""
+        data.require("graph", "LightGCN")
+        assert data.graph is not None
+        self.sampler = NeighbourSampler(data.graph, self.params.fanout)  # numpy, on the host
+        if self.params.propagation == "full":
+            self.adjacency = adjacency_tensor(data.graph).to(self.device)
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
@@ -70,9 +72,10 @@ class LightGCN(RecModel):
 
     def propagate(self, layer0: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of layers 0..K, where layer k = A @ layer k-1 (A: the graph, or a sampled part of it)."""
-        if self.adjacency is None:
-            raise RuntimeError("LightGCN needs its graph: call bind_data() first")
-        matrix = self.adjacency if matrix is None else matrix
+        if matrix is None:
+            if self.adjacency is None:
+                raise RuntimeError("LightGCN full propagation needs its graph: bind_data() with propagation = full")
+            matrix = self.adjacency
         layers = [layer0]
         for _ in range(self.params.n_layers):
             layers.append(torch.sparse.mm(matrix, layers[-1]))

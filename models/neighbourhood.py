@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from core.graph import GraphCSR
+
 
 class NeighbourSampler:
     """Samples, for every node within K-1 hops of the targets, at most `fanout` neighbours.
@@ -15,10 +17,9 @@ class NeighbourSampler:
     on the targets.
     """
 
-    def __init__(self, adjacency_csr: torch.Tensor, fanout: int) -> None:
-        self.indptr = adjacency_csr.crow_indices().numpy()
-        self.indices = adjacency_csr.col_indices().numpy()
-        self.weights = adjacency_csr.values().numpy()
+    def __init__(self, graph: GraphCSR, fanout: int) -> None:
+        # numpy views of the (memory-mapped) graph: nothing is copied
+        self.indptr, self.indices, self.weights = graph.indptr, graph.indices, graph.weights
         self.fanout = fanout
         self._position: np.ndarray | None = None  # node -> row in the current sample, -1 elsewhere
 

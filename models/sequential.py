@@ -52,7 +52,8 @@ class SequenceModel(RecModel):
             tables.append(EmbeddingConfig(name="item_output", num_embeddings=num_items + 1, embedding_dim=d,
                                           feature_names=["candidates"]))
         self.tables = EmbeddingCollection(tables=tables, device=torch.device(device))
-        self.histories = None  # cluster.sequences.SequenceTable, from bind_data
+        self.histories = None  # core.sequences.SequenceTable, from bind_data
+        self.loss_kind = params.resolved_loss(num_items)
         self._ranking_split = "next"
 
     # --- what each model defines -------------------------------------------------------------
@@ -98,7 +99,7 @@ class SequenceModel(RecModel):
         device = inputs.device
         target_mask = targets != 0
         wanted = targets[target_mask]
-        if self.params.loss == "softmax":
+        if self.loss_kind == "softmax":
             candidates = torch.arange(1, self.num_items + 1, device=device)
         else:
             negatives = torch.randint(1, self.num_items + 1, (self.params.negatives,), device=device)
@@ -107,7 +108,7 @@ class SequenceModel(RecModel):
         states = self.encode(embedded, inputs, lengths)[target_mask]  # [T, d]
         if len(wanted) == 0:  # nothing to predict in this rank's batch: a zero that keeps the graph
             return states.sum() * 0.0 + candidate_vectors.sum() * 0.0
-        if self.params.loss == "softmax":
+        if self.loss_kind == "softmax":
             return F.cross_entropy(states @ candidate_vectors.T, wanted - 1)
         positive = (states * candidate_vectors[: len(wanted)]).sum(-1, keepdim=True)
         negative = states @ candidate_vectors[len(wanted) :].T
@@ -124,7 +125,10 @@ class SequenceModel(RecModel):
             return {"vector": items}
         if self.histories is None:
             raise RuntimeError("sequence models rank from user histories: call bind_data() first")
-        histories = [self.histories.history(int(user), self._ranking_split) for user in ids]
+        # Users this rank does not hold are the padding of collective lookups: no history.
+        held = self.histories.rows_of(ids.cpu().numpy()) >= 0
+        histories = [self.histories.history(int(user), self._ranking_split) if keep else np.zeros(0, np.int64)
+                     for user, keep in zip(ids.tolist(), held)]
         tokens, lengths, at = (t.to(ids.device) for t in self.ranking_inputs(histories))
         embedded, _ = self.lookup(tokens, torch.zeros(0, dtype=torch.long, device=ids.device))
         states = self.encode(embedded, tokens, lengths)

@@ -286,15 +286,16 @@ def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_pat
 def test_model_config_trains_end_to_end(ml100k_small, ml100k_loo_small, tmp_path, config):
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
     sequential = config.startswith(("bert4rec", "gru4rec"))
-    args = _small_run_args(ml100k_loo_small if sequential else ml100k_small, tmp_path, "m", epochs=2)
+    # Sequence models on 60 users: masked-item losses are noisy over 13 steps, so three epochs
+    args = _small_run_args(ml100k_loo_small if sequential else ml100k_small, tmp_path, "m", epochs=3 if sequential else 2)
     args[1] = str(REPO / "launcher/configs" / config)
-    if sequential:  # 60 users give about 150 windows: small batches so each rank takes steps
+    if sequential:  # 60 users give about 400 windows: small batches so each rank takes steps
         args += ["--trainer.batch_size", "16"]
     result = _run([*torchrun, *args, "--trainer.eval_every", "1"], 180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
-    # Two epochs on 60 users: full ranking over ~1,000 items may not hit yet for a sequence model;
+    # A few epochs on 60 users: full ranking over ~1,000 items may not hit yet for a sequence model;
     # among 101 sampled candidates even chance misses all 60 users with probability 0.9^60.
     assert summary["best"]["test"]["sampled_hit@10" if sequential else "ndcg@10"] > 0
 
@@ -310,9 +311,9 @@ def test_sasrec_through_ray_builds_sequences_with_ray_data(ml100k_loo_small, tmp
                    "--trainer.eval_every", "1"], 360)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     dataset = PreparedDataset.open(data)
-    assert sequence_files(dataset)  # written by the Ray Data job (grouped by user)
+    assert len(sequence_files(dataset)) == dataset.num_shards  # written by the Ray Data job, one file per shard
     from_ray, reference = load_sequences(dataset), build_reference(dataset)
-    for field in ("indptr", "train", "valid", "test"):
+    for field in ("users", "indptr", "train", "valid", "test"):
         assert (getattr(from_ray, field) == getattr(reference, field)).all(), field
     summary = json.loads((tmp_path / "sas" / "summary.json").read_text())
     test = summary["best"]["test"]

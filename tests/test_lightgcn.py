@@ -11,6 +11,7 @@ import torch
 
 from core.dataset_format import PreparedDataset
 from core.config import config_from_json, load_config
+from core.graph import build_graph, graph_of
 from models.graph import normalized_adjacency
 from tests.forked_ranks import mean_over_ranks, run_ranks, train_step
 from trainers.distributed import setup
@@ -18,6 +19,30 @@ from trainers.sharded_model import build_sharded_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 CONFIG = str(Path(__file__).resolve().parents[1] / "launcher/configs/lightgcn_ml100k.toml")
+
+
+@pytest.mark.unit
+def test_the_graph_file_is_built_once_and_mapped_equal_to_the_in_memory_graph(ml100k_small, tmp_path):
+    import shutil
+    data = tmp_path / "d"
+    shutil.copytree(ml100k_small, data)
+    dataset = PreparedDataset.open(data)
+    first = graph_of(dataset)
+    assert (data / "graph" / "graph.json").is_file()
+    again = graph_of(dataset)
+    assert isinstance(again.indices, np.memmap) and isinstance(again.weights, np.memmap)
+    train = dataset.read_split("train")
+    memory = build_graph(train["user_id"][::-1], train["item_id"][::-1], dataset.num_users, dataset.num_items)
+    for name in ("indptr", "indices", "weights"):
+        assert np.array_equal(getattr(first, name), getattr(memory, name))  # input order does not matter
+        assert np.array_equal(getattr(again, name), getattr(memory, name))
+    # the CSR is torch's own coalesced normalised adjacency
+    reference = torch.sparse_coo_tensor(
+        torch.as_tensor(np.stack([np.r_[train["user_id"], dataset.num_users + train["item_id"]],
+                                  np.r_[dataset.num_users + train["item_id"], train["user_id"]]])),
+        torch.ones(2 * len(train["user_id"])), (first.num_nodes, first.num_nodes)).coalesce().to_sparse_csr()
+    assert np.array_equal(reference.col_indices().numpy(), first.indices)
+    assert np.array_equal(reference.crow_indices().numpy(), first.indptr)
 
 
 @pytest.mark.unit
@@ -122,3 +147,15 @@ def test_sampled_mode_trains(ml100k_small):
                                   ("model.propagation", "sampled"), ("model.fanout", "5")]).to_json()
     losses = mean_over_ranks(run_ranks(_train_losses, 2, config, 8))
     assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.unit
+def test_full_graph_mode_refuses_a_graph_that_would_not_fit():
+    from core.errors import UserError
+    from core.model_params import LightGCNParams
+    from trainers.preflight import check_full_graph_fits
+    params = LightGCNParams()  # 64 dims, 3 layers: 9 copies of N x 64 floats
+    check_full_graph_fits(params, nodes=2_000, ranks_per_host=2, memory_bytes=2**30)
+    with pytest.raises(UserError, match=r"11,000,000 nodes x 64 dims x 9 copies = 23.6 GiB per rank.*propagation sampled"):
+        check_full_graph_fits(params, nodes=11_000_000, ranks_per_host=2, memory_bytes=24 * 2**30)
+    check_full_graph_fits(LightGCNParams(propagation="sampled"), nodes=11_000_000, ranks_per_host=2, memory_bytes=2**30)

@@ -43,8 +43,9 @@ def test_reference_sequences_follow_time_then_input_order(tmp_path):
     assert table.history(0, "valid").tolist() == [0, 3, 1]
     assert table.history(0, "test").tolist() == [0, 3, 1, 2]
     assert table.history(0, "next").tolist() == [0, 3, 1, 2, 4]
-    round_trip = SequenceTable.from_arrow(table.to_arrow().take([1, 0]), 2)  # row order does not matter
-    assert all(np.array_equal(getattr(round_trip, f), getattr(table, f)) for f in ("indptr", "train", "valid", "test"))
+    round_trip = SequenceTable.from_arrow(table.to_arrow().take([1, 0]))  # row order does not matter
+    assert all(np.array_equal(getattr(round_trip, f), getattr(table, f))
+               for f in ("users", "indptr", "train", "valid", "test"))
 
 
 @pytest.mark.unit
@@ -204,3 +205,18 @@ def test_plan_experiments_see_the_sequence_item_table():
     assert [(s.name, s.rows, s.dim) for s in specs["sasrec"]] == [("item", 31, 64)]  # padding row
     assert [(s.name, s.rows) for s in specs["bert4rec"]] == [("item", 32)]  # padding and MASK rows
     assert [(s.name, s.rows) for s in specs["gru4rec"]] == [("item", 31), ("item_output", 31)]
+
+
+@pytest.mark.unit
+def test_a_rank_loads_only_its_own_shards_users(ml100k_loo):
+    dataset = PreparedDataset.open(ml100k_loo)
+    everyone = load_sequences(dataset)
+    mine = load_sequences(dataset, [1, 3])
+    bounds = dataset.user_bounds
+    expected = np.r_[np.arange(bounds[1], bounds[2]), np.arange(bounds[3], bounds[4])]
+    assert np.array_equal(mine.users, expected) and len(mine.train) < len(everyone.train)
+    user = int(expected[5])
+    assert np.array_equal(mine.history(user, "test"), everyone.history(user, "test"))
+    assert (mine.rows_of(np.array([int(bounds[0]), user])) == [-1, 5]).all()
+    with pytest.raises(KeyError, match="not in this sequence table"):
+        mine.train_of(int(bounds[0]))

@@ -11,7 +11,7 @@ import torch
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from core.sequences import load_sequences, training_windows
+from core.sequences import load_sequences, windows_from_csr
 from trainers.distributed import all_agree
 
 Batch = dict[str, np.ndarray]
@@ -122,21 +122,26 @@ class ParquetFilesSource:
 
 
 class SequenceWindowsSource:
-    """Without Ray, for sequence models: every rank cuts the same windows from the users' histories
-    (core/sequences.py), shuffles them with the shared seed, and takes every world-th one."""
+    """Without Ray, for sequence models: a rank cuts windows from the histories of its own shards'
+    users only (shards dealt i % world as for interactions; every shard, windows striped, when they
+    do not divide), and shuffles them each epoch with (seed, rank, epoch)."""
 
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:
-        table = load_sequences(dataset)
-        histories = [table.train_of(user) for user in range(table.num_users)]
-        self.windows = training_windows(np.arange(table.num_users), histories, params.window, params.resolved_window_step,
-                                        params.min_window)
+        self.striped = dataset.num_shards % world_size != 0
+        shards = list(range(dataset.num_shards)) if self.striped else list(range(rank, dataset.num_shards, world_size))
+        table = load_sequences(dataset, shards)
+        self.windows = windows_from_csr(table.users, table.indptr, table.train, params.window,
+                                        params.resolved_window_step, params.min_window)
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.windows["user_id"]))
-        mine = order[self.rank :: self.world_size]
+        if self.striped:  # every rank holds every window: a shared order, every world-th one
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.windows["user_id"]))
+            mine = order[self.rank :: self.world_size]
+        else:
+            mine = np.random.default_rng((self.seed, self.rank, epoch)).permutation(len(self.windows["user_id"]))
         for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
             index = mine[start : start + self.batch_size]
             yield {name: values[index] for name, values in self.windows.items()}

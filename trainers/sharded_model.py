@@ -18,6 +18,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
+from core.graph import graph_of
 from core.errors import UserError
 from core.model_data import load_model_data
 from models.base import RecModel
@@ -74,7 +75,15 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
     model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"))
     model.device = context.device  # before bind_data: what the model builds goes there
-    model.bind_data(load_model_data(dataset, model.data_needs))
+    if "graph" in model.data_needs:
+        # One rank per node builds the graph file; the others wait, then map the same file.
+        if context.local_rank == 0:
+            graph_of(dataset)
+        if dist.is_initialized():
+            dist.barrier()
+    # Per-user data only for the users this rank evaluates (the Evaluator's shards).
+    own_shards = list(range(context.rank, dataset.num_shards, context.world_size))
+    model.bind_data(load_model_data(dataset, model.data_needs, own_shards))
     if config.sharding.plan:
         plan = retarget(load_plan_file(config.sharding.plan), context.device.type, context.world_size,
                         table_shapes(model))

@@ -1,0 +1,92 @@
+"""Jobs across hosts: two network-namespace hosts on this machine (tests/hosts.py), a Ray cluster with
+its head on host A and a worker node on host B, token authentication on, and `shardrec train` placing
+one Ray Train worker on each host (gloo across hosts over the test subnet)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.hosts import Host, hosts_unavailable, namespaced_hosts
+
+pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+GCS_PORT = 6379  # each host has its own port space: fixed ports cannot clash with the machine's
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # these hosts have a real interface to use
+    return env
+
+
+@pytest.fixture
+def two_hosts() -> Iterator[list[Host]]:
+    reason = hosts_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with namespaced_hosts(2) as hosts:
+        yield hosts
+
+
+def _ray_start(host: Host, temp_dir: Path, head: Host | None) -> None:
+    """`ray start` on `host` (as head when `head` is None), waited for."""
+    command = [str(VENV_BIN / "ray"), "start", "--node-ip-address", host.address, "--num-cpus", "2",
+               "--object-store-memory", str(300 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats"]
+    if head is None:
+        command += ["--head", "--port", str(GCS_PORT), "--dashboard-host", host.address, "--include-dashboard", "true"]
+    else:
+        command += ["--address", f"{head.address}:{GCS_PORT}"]
+    done = subprocess.run(host.command(command), env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@contextlib.contextmanager
+def _ray_cluster(hosts: list[Host], tmp_path: Path) -> Iterator[str]:
+    """Head on hosts[0], a worker node on each other host. Stopped with the namespaces (every process
+    in them is killed at teardown); `ray stop` is not used, as it would reach other users' clusters."""
+    for index, host in enumerate(hosts):
+        _ray_start(host, tmp_path / f"ray{index}", None if index == 0 else hosts[0])
+    address = f"{hosts[0].address}:{GCS_PORT}"
+    deadline = time.monotonic() + 120
+    probe = [sys.executable, "-c", "import ray; ray.init(address='%s', logging_level='ERROR'); "
+             "print(sum(1 for n in ray.nodes() if n['Alive']))" % address]
+    while True:
+        done = subprocess.run(hosts[0].command(probe), env=_env(), capture_output=True, text=True, timeout=120)
+        if done.stdout.strip().endswith(str(len(hosts))):
+            break
+        assert time.monotonic() < deadline, f"the worker node did not join: {done.stdout[-500:]} {done.stderr[-1500:]}"
+        time.sleep(2)
+    yield address
+
+
+def test_ray_train_workers_one_per_host_train_ncf_across_hosts(two_hosts, ml100k_small, tmp_path):
+    with _ray_cluster(two_hosts, tmp_path) as address:
+        started = time.monotonic()
+        command = [str(VENV_BIN / "shardrec"), "train", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"),
+                   "--data.path", str(ml100k_small), "--cluster.address", address, "--cluster.num_workers", "2",
+                   "--cluster.placement", "STRICT_SPREAD", "--cluster.interface", "eth0",
+                   "--trainer.epochs", "2", "--trainer.run_root", str(tmp_path / "runs"), "--trainer.run_name", "mh"]
+        done = subprocess.run(two_hosts[0].command(command), env=_env(), capture_output=True, text=True,
+                              timeout=600, cwd=REPO)
+        took = time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "mh" / "summary.json").read_text())
+    hosts = {rank["node_ip"] for rank in summary["ranks"]}
+    assert hosts == {host.address for host in two_hosts}, summary["ranks"]  # one rank per host
+    # rows of one table on both hosts: gmf_user is row-wise over the two ranks
+    gmf_user = next(row for row in summary["plan"] if row["table"] == "gmf_user")
+    assert {shard["rank"] for shard in gmf_user["shards"]} == {0, 1}
+    assert summary["history"][-1]["loss"] < summary["history"][0]["loss"]
+    assert (tmp_path / "runs" / "mh" / "checkpoints").is_dir()
+    print(f"two namespaced hosts: start to end {took:.0f} s, "
+          f"{summary['history'][-1]['samples_per_s']:,.0f} samples/s in the last epoch")
