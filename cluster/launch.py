@@ -76,6 +76,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 num_workers=section.num_workers,
                 use_gpu=section.use_gpu,
                 resources_per_worker={"CPU": section.cpus_per_worker},
+                placement_strategy=section.placement,
             ),
             run_config=RayRunConfig(
                 name="ray-train",

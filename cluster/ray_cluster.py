@@ -24,7 +24,8 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     # Our own log lines report progress; Ray Data's live bars flood captured logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if section.address:
-        ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING)
+        ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **section.worker_env()}})
         try:
             yield f"attached to Ray cluster at {section.address}"
         finally:
@@ -37,7 +38,7 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
             log_to_driver=log,
             logging_level=logging.INFO if log else logging.WARNING,
             # Ray Train otherwise routes worker print() through its logger as well: every line twice.
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **section.worker_env()}},
         )
         try:
             yield (f"embedded local Ray cluster ({cpus} CPUs, {section.object_store_mb} MB object store, "

@@ -178,6 +178,9 @@ class EvalSection:
         return self.history == "masked" or (self.history == "auto" and not sequence_model)
 
 
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ClusterSection:
     address: str = ""
@@ -193,6 +196,13 @@ class ClusterSection:
     """Object store cap of the embedded local cluster."""
     max_failures: int = 0
     """Times Ray Train restarts a failed worker group (from the last checkpoint)."""
+    placement: str = "PACK"
+    """Ray placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK (one node) or
+    STRICT_SPREAD (one worker per node: e.g. one rank per host)."""
+    interface: str = ""
+    """Network interface the ranks' collectives use between hosts (gloo and NCCL), e.g. "eth0". Empty:
+    the libraries' default, right on one machine; set it for multi-host jobs whose hostname does not
+    resolve to the interface the hosts share."""
 
     def validate(self) -> None:
         if self.num_workers < 1:
@@ -203,6 +213,16 @@ class ClusterSection:
             raise UserError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
         if self.max_failures < 0:
             raise UserError("cluster.max_failures must be >= 0")
+        if self.placement not in PLACEMENTS:
+            raise UserError(f"cluster.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.interface and not self.interface.replace("-", "").replace(".", "").replace("_", "").isalnum():
+            raise UserError(f"cluster.interface {self.interface!r} is not an interface name")
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment the training workers need (the collectives' interface, when set)."""
+        if not self.interface:
+            return {}
+        return {"GLOO_SOCKET_IFNAME": self.interface, "NCCL_SOCKET_IFNAME": self.interface}
 
 
 @dataclass

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -51,11 +53,20 @@ def _ray_start(host: Host, temp_dir: Path, head: Host | None) -> None:
 
 
 @contextlib.contextmanager
-def _ray_cluster(hosts: list[Host], tmp_path: Path) -> Iterator[str]:
+def _ray_cluster(hosts: list[Host]) -> Iterator[str]:
     """Head on hosts[0], a worker node on each other host. Stopped with the namespaces (every process
-    in them is killed at teardown); `ray stop` is not used, as it would reach other users' clusters."""
-    for index, host in enumerate(hosts):
-        _ray_start(host, tmp_path / f"ray{index}", None if index == 0 else hosts[0])
+    in them is killed at teardown); `ray stop` is not used, as it would reach other users' clusters.
+    Temp dirs are short: Ray's socket paths must fit in 107 bytes."""
+    scratch = Path(tempfile.mkdtemp(prefix="srmh-", dir="/tmp"))
+    try:
+        for index, host in enumerate(hosts):
+            _ray_start(host, scratch / f"n{index}", None if index == 0 else hosts[0])
+        yield from _joined(hosts)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _joined(hosts: list[Host]) -> Iterator[str]:
     address = f"{hosts[0].address}:{GCS_PORT}"
     deadline = time.monotonic() + 120
     probe = [sys.executable, "-c", "import ray; ray.init(address='%s', logging_level='ERROR'); "
@@ -70,7 +81,7 @@ def _ray_cluster(hosts: list[Host], tmp_path: Path) -> Iterator[str]:
 
 
 def test_ray_train_workers_one_per_host_train_ncf_across_hosts(two_hosts, ml100k_small, tmp_path):
-    with _ray_cluster(two_hosts, tmp_path) as address:
+    with _ray_cluster(two_hosts) as address:
         started = time.monotonic()
         command = [str(VENV_BIN / "shardrec"), "train", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"),
                    "--data.path", str(ml100k_small), "--cluster.address", address, "--cluster.num_workers", "2",

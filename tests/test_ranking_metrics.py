@@ -80,12 +80,16 @@ def test_chunked_top_k_equals_the_unchunked_one():
     scores = torch.randn(7, 1000, generator=torch.Generator().manual_seed(0))
     scores[2, 10:20] = 5.0  # ties across a chunk border are still resolved to the top values
     expected = torch.topk(scores, 10, dim=1).values
+    nan_row = scores[5].clone()
+    scores[5, 100:900] = float("nan")  # a diverged row: NaN is never recommended
+    expected[5] = torch.topk(torch.cat([nan_row[:100], nan_row[900:]]), 10).values
     for chunk in (1, 3, 64, 999, 1000):
         best = (torch.empty(7, 0), torch.empty(7, 0, dtype=torch.int64))
         for offset in range(0, 1000, chunk):
-            best = merge_top_k(best, scores[:, offset : offset + chunk], offset, 10)
+            best = merge_top_k(best, scores[:, offset : offset + chunk].clone(), offset, 10)
         assert torch.equal(best[0], expected)
         assert torch.equal(torch.gather(scores, 1, best[1]), expected)
+        assert not ((best[1][5] >= 100) & (best[1][5] < 900)).any()
 
 
 def test_user_sample_is_seeded_and_stable():

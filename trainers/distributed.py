@@ -84,6 +84,18 @@ def all_max(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
+def node_address() -> str:
+    """This rank's address as the job's other hosts reach it: the local end of a route to
+    MASTER_ADDR (a UDP connect sends nothing). 127.0.0.1 on a loopback-only job."""
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((master, int(os.environ.get("MASTER_PORT", "1"))))
+            return probe.getsockname()[0]
+        except OSError:
+            return "unknown"
+
+
 def free_loopback_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous on this machine)."""
     with socket.socket() as sock:

@@ -156,8 +156,13 @@ def rank_against(target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
 def merge_top_k(best: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor, offset: int, k: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Running top-K: merge the best (scores, items) so far [U, <=K] with a chunk's scores [U, c]
-    whose item ids start at `offset`."""
+    whose item ids start at `offset`. A NaN score is never chosen (topk ranks NaN first, so only the
+    rows whose top holds one are cleaned and ranked again: no extra pass over a healthy chunk)."""
     chunk_scores, chunk_items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    broken = torch.isnan(chunk_scores).any(1)
+    if broken.any():
+        cleaned = torch.nan_to_num(scores[broken], nan=float("-inf"))
+        chunk_scores[broken], chunk_items[broken] = torch.topk(cleaned, chunk_scores.shape[1], dim=1)
     merged_scores = torch.cat([best[0], chunk_scores], 1)
     merged_items = torch.cat([best[1], chunk_items + offset], 1)
     top_scores, where = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
@@ -165,7 +170,8 @@ def merge_top_k(best: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor, o
 
 
 ChunkScores = Callable[[], Iterator[tuple[int, torch.Tensor]]]
-"""Yields (first item id, scores [U, chunk]) for the current user batch, over all items."""
+"""Yields (first item id, scores [U, chunk]) for the current user batch, over all items: fresh
+tensors, which the evaluator changes in place (masks)."""
 CandidateScores = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 """(rows into the user batch [N], candidate items [N, C]) -> scores [N, C]."""
 
@@ -278,7 +284,7 @@ class Evaluator:
 
             def chunk_scores() -> Iterator[tuple[int, torch.Tensor]]:
                 for first in range(0, self.num_items, chunk):
-                    yield first, item_scores[None, first : first + chunk].expand(len(batch), -1)
+                    yield first, item_scores[None, first : first + chunk].expand(len(batch), -1).clone()
 
             sums += self._batch_sums(batch, split, chunk_scores, lambda rows, candidates: item_scores[torch.as_tensor(candidates)])
         return self._result(sums.tolist(), split)
@@ -347,11 +353,9 @@ class Evaluator:
         rows, cols = (self.rows.pairs(self.rows.local(users), masked_splits) if self.mask_history
                       else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         best: tuple[torch.Tensor, torch.Tensor] | None = None
-        for offset, scores in chunk_scores():
-            scores = torch.nan_to_num(scores, nan=float("-inf"))
+        for offset, scores in chunk_scores():  # fresh tensors: changed in place, no copy of a chunk
             inside = (cols >= offset) & (cols < offset + scores.shape[1])
             if inside.any():
-                scores = scores.clone()
                 scores[torch.as_tensor(rows[inside], device=scores.device),
                        torch.as_tensor(cols[inside] - offset, device=scores.device)] = float("-inf")
             if best is None:

@@ -28,7 +28,7 @@ from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
 from trainers.batches import Batch, BatchSource, check_ids, lockstep, to_tensors
-from trainers.distributed import RankContext, all_sum
+from trainers.distributed import RankContext, all_sum, node_address
 from trainers.evaluate import Evaluator
 from trainers.memory import local_bytes, peak_rss_mb
 from trainers.run_log import Console, RunLog
@@ -135,7 +135,7 @@ class Trainer:
         """Collective: per rank, its peak RSS, the MiB of its table shards and optimizer state, and
         when its first step ended (what the scale benchmark compares across dataset sizes)."""
         state = local_bytes(self.sharded.dmp.state_dict()) + local_bytes(self.sharded.optimizer.state_dict())
-        mine = {"rank": self.context.rank, "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
+        mine = {"rank": self.context.rank, "node_ip": node_address(), "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
                 "peak_rss_before_checkpoint_mb": self.peak_rss_before_checkpoint_mb or peak_rss_mb(),
                 "first_step_at": self.first_step_at}
         if self.context.world_size == 1:
