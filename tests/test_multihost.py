@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from tests.hosts import Host, hosts_unavailable, namespaced_hosts
+from tests.hosts import Host, cut_off, hosts_unavailable, namespaced_hosts
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
@@ -101,3 +101,33 @@ def test_ray_train_workers_one_per_host_train_ncf_across_hosts(two_hosts, ml100k
     assert (tmp_path / "runs" / "mh" / "checkpoints").is_dir()
     print(f"two namespaced hosts: start to end {took:.0f} s, "
           f"{summary['history'][-1]['samples_per_s']:,.0f} samples/s in the last epoch")
+
+
+def test_a_host_cut_off_mid_run_ends_the_job_non_zero(two_hosts, ml100k_small, tmp_path):
+    """Host B's interface goes down in the middle of training: Ray declares its node dead and the job
+    ends non-zero (max_failures 0) instead of waiting in a collective for the peer."""
+    with _ray_cluster(two_hosts) as address:
+        run = tmp_path / "runs" / "cut"
+        command = [str(VENV_BIN / "shardrec"), "train", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"),
+                   "--data.path", str(ml100k_small), "--cluster.address", address, "--cluster.num_workers", "2",
+                   "--cluster.placement", "STRICT_SPREAD", "--cluster.interface", "eth0",
+                   "--trainer.epochs", "200", "--trainer.run_root", str(tmp_path / "runs"), "--trainer.run_name", "cut"]
+        job = subprocess.Popen(two_hosts[0].command(command), env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run / "metrics.jsonl").exists() or '"epoch"' not in (run / "metrics.jsonl").read_text():
+                assert job.poll() is None, job.stdout.read()[-3000:] if job.stdout else ""
+                assert time.monotonic() < deadline, "no epoch finished"
+                time.sleep(1)
+            cut_off(two_hosts[1])
+            cut_at = time.monotonic()
+            output, _ = job.communicate(timeout=240)
+            ended_after = time.monotonic() - cut_at
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    assert job.returncode != 0, output[-3000:]
+    print(f"host cut off: the job ended (exit {job.returncode}) {ended_after:.0f} s later")
+    assert ended_after < 120, f"the job took {ended_after:.0f} s to end after its host was cut off"
