@@ -131,3 +131,26 @@ def test_a_host_cut_off_mid_run_ends_the_job_non_zero(two_hosts, ml100k_small, t
     assert job.returncode != 0, output[-3000:]
     print(f"host cut off: the job ended (exit {job.returncode}) {ended_after:.0f} s later")
     assert ended_after < 120, f"the job took {ended_after:.0f} s to end after its host was cut off"
+
+
+def test_ray_job_submit_from_a_third_host(ml100k_small, tmp_path):
+    """A client that is neither Ray node submits `shardrec train` to the head's job API; the run
+    folder lands on the storage the hosts share and the job's exit code comes back to the client."""
+    reason = hosts_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with namespaced_hosts(3) as hosts:
+        head, worker, client = hosts
+        with _ray_cluster([head, worker]) as address:
+            submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://{head.address}:8265",
+                      "--working-dir", str(REPO), "--", "shardrec", "train", "--config",
+                      "launcher/configs/ncf_ml100k.toml", "--data.path", str(ml100k_small), "--cluster.address", "auto",
+                      "--cluster.num_workers", "2", "--cluster.placement", "STRICT_SPREAD", "--cluster.interface", "eth0",
+                      "--trainer.epochs", "1", "--trainer.run_root", str(tmp_path / "runs"), "--trainer.run_name", "job"]
+            good = subprocess.run(client.command(submit), env=_env(), capture_output=True, text=True, timeout=600)
+            bad = subprocess.run(client.command([*submit[:-1], "bad", "--data.path", str(tmp_path / "missing")]),
+                                 env=_env(), capture_output=True, text=True, timeout=600)
+    assert address and good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
+    assert {rank["node_ip"] for rank in summary["ranks"]} == {head.address, worker.address}
+    assert bad.returncode != 0 and "not a prepared dataset" in bad.stdout + bad.stderr
