@@ -196,6 +196,11 @@ class ClusterSection:
     """Object store cap of the embedded local cluster."""
     max_failures: int = 0
     """Times Ray Train restarts a failed worker group (from the last checkpoint)."""
+    launcher: str = "ray_train"
+    """How ranks start: "ray_train" (Ray Train workers fed by Ray Data) or "torchrun" (one Ray actor
+    per node runs torchrun there; ranks read their own Parquet shards, as under plain torchrun)."""
+    num_nodes: int = 1
+    """torchrun launcher: nodes to spread the num_workers ranks over (num_workers / num_nodes each)."""
     placement: str = "PACK"
     """Ray placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK (one node) or
     STRICT_SPREAD (one worker per node: e.g. one rank per host)."""
@@ -213,6 +218,11 @@ class ClusterSection:
             raise UserError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
         if self.max_failures < 0:
             raise UserError("cluster.max_failures must be >= 0")
+        if self.launcher not in ("ray_train", "torchrun"):
+            raise UserError(f"cluster.launcher must be ray_train or torchrun, got {self.launcher!r}")
+        if self.num_nodes < 1 or self.num_workers % self.num_nodes:
+            raise UserError(f"cluster.num_nodes ({self.num_nodes}) must be >= 1 and divide cluster.num_workers "
+                            f"({self.num_workers})")
         if self.placement not in PLACEMENTS:
             raise UserError(f"cluster.placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.interface and not self.interface.replace("-", "").replace(".", "").replace("_", "").isalnum():
@@ -332,8 +342,15 @@ def parse_override_value(text: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> RunConfig:
-    """Defaults < TOML file < overrides; validated. Raises UserError with a one-line reason."""
-    raw = read_toml(path, "config file") if path is not None else {}
+    """Defaults < TOML file (or a resolved config as JSON, e.g. a run's config.json) < overrides;
+    validated. Raises UserError with a one-line reason."""
+    if path is not None and str(path).endswith(".json"):
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"config file {path}: cannot read it as JSON ({exc})") from None
+    else:
+        raw = read_toml(path, "config file") if path is not None else {}
     config = RunConfig.from_dict(raw)
     for dotted, text in overrides:
         config.set(dotted, parse_override_value(text))

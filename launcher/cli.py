@@ -244,7 +244,12 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     run_dir = resolve_run_dir(config, resume_dir)
     print(f"[shardrec] run folder {run_dir}", flush=True)
     try:
-        summary = train_on_ray(config, run_dir, resume=resume_dir is not None, verbose=args.verbose)
+        if config.cluster.launcher == "torchrun":
+            from cluster.torchrun_launch import train_with_torchrun  # heavy (Ray)
+
+            summary = train_with_torchrun(config, run_dir, resume=resume_dir is not None)
+        else:
+            summary = train_on_ray(config, run_dir, resume=resume_dir is not None, verbose=args.verbose)
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -154,3 +154,33 @@ def test_ray_job_submit_from_a_third_host(ml100k_small, tmp_path):
     summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
     assert {rank["node_ip"] for rank in summary["ranks"]} == {head.address, worker.address}
     assert bad.returncode != 0 and "not a prepared dataset" in bad.stdout + bad.stderr
+
+
+def test_ray_launches_torchrun_on_each_host_and_a_failing_node_ends_the_job(two_hosts, ml100k_small, tmp_path):
+    """`--cluster.launcher torchrun`: one Ray actor per host runs torchrun (rendezvous at host A),
+    the ranks read their own Parquet shards; then a copy with a damaged shard that only host B's rank
+    reads: host B's torchrun exits non-zero and the driver ends host A's, and the job fails."""
+    from tests.test_end_to_end import _corrupt_copy
+
+    broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "train/part-00001.parquet")  # rank 1's shard
+    with _ray_cluster(two_hosts) as address:
+        def train(data: Path, name: str) -> tuple[subprocess.CompletedProcess, float]:
+            command = [str(VENV_BIN / "shardrec"), "train", "--config",
+                       str(REPO / "launcher/configs/ncf_ml100k.toml"), "--data.path", str(data),
+                       "--cluster.address", address, "--cluster.launcher", "torchrun", "--cluster.num_nodes", "2",
+                       "--cluster.num_workers", "2", "--cluster.interface", "eth0", "--trainer.epochs", "2",
+                       "--trainer.run_root", str(tmp_path / "runs"), "--trainer.run_name", name]
+            started = time.monotonic()
+            done = subprocess.run(two_hosts[0].command(command), env=_env(), capture_output=True, text=True,
+                                  timeout=600, cwd=REPO)
+            return done, time.monotonic() - started
+
+        good, good_s = train(ml100k_small, "tr")
+        bad, bad_s = train(broken, "bad")
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tr" / "summary.json").read_text())
+    assert {rank["node_ip"] for rank in summary["ranks"]} == {host.address for host in two_hosts}
+    assert f"[node 0 {two_hosts[0].address}] shardrec run: ncf on 2 rank(s)" in good.stdout + good.stderr  # relayed
+    assert bad.returncode != 0, bad.stdout[-3000:]
+    assert f"torchrun on node 1 ({two_hosts[1].address}) exited" in bad.stdout + bad.stderr, bad.stdout[-3000:]
+    print(f"torchrun launcher across two hosts: good run {good_s:.0f} s, failing run ended in {bad_s:.0f} s")
