@@ -4,9 +4,9 @@ shards, no Ray Data.
 
 A placement group reserves one bundle per node (STRICT_SPREAD across nodes), an actor in each bundle
 runs `torchrun --nnodes N --node-rank i --nproc-per-node G` with its rendezvous at node 0's address
-(static: node 0 hosts the store), and streams
-its output, prefixed by node, to the driver. The first node to exit non-zero ends the others (their
-torchrun is terminated, which stops its ranks); with cluster.max_failures the whole group is started
+(static: node 0 hosts the store), and writes its output to RUN_DIR/logs/node-i.log and, prefixed by
+node, to the driver. The first node to exit non-zero ends the others (their torchrun is terminated,
+which stops its ranks); with cluster.max_failures the whole group is started
 again and resumes from the last complete checkpoint, as torchrun's own restarts across agents did
 not work (see the notes on the dependency stack).
 """
@@ -52,12 +52,17 @@ class NodeLauncher:
             probe.bind((self.address(), 0))
             return probe.getsockname()[1]
 
-    def run(self, argv: list[str], env: dict[str, str], cwd: str, prefix: str) -> int:
+    def run(self, argv: list[str], env: dict[str, str], cwd: str, prefix: str, log_file: str) -> int:
+        """Run torchrun; its output goes to `log_file` (on the run folder's shared storage: complete
+        whatever happens to the relay) and, prefixed, to the driver through Ray's log forwarding."""
         self.process = subprocess.Popen(argv, env={**os.environ, **env}, cwd=cwd, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            print(f"{prefix} {line}", end="", flush=True)
+        with open(log_file, "a") as log:
+            for line in self.process.stdout:
+                log.write(line)
+                log.flush()
+                print(f"{prefix} {line}", end="", flush=True)
         return self.process.wait()
 
     def stop(self) -> None:
@@ -126,8 +131,9 @@ def _run_group(config: RunConfig, run_dir: Path, config_file: Path, resume: bool
         endpoint = f"{addresses[0]}:{ray.get(launchers[0].free_port.remote())}"
         say(f"torchrun rendezvous at {endpoint}; nodes {', '.join(addresses)}")
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **section.worker_env()}
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         runs = {launcher.run.remote(torchrun_command(config, run_dir, config_file, resume, i, endpoint), env,
-                                    str(run_dir), f"[node {i} {addresses[i]}]"): i
+                                    str(run_dir), f"[node {i} {addresses[i]}]", str(run_dir / "logs" / f"node-{i}.log")): i
                 for i, launcher in enumerate(launchers)}
         pending = list(runs)
         while pending:
@@ -140,6 +146,7 @@ def _run_group(config: RunConfig, run_dir: Path, config_file: Path, resume: bool
             else:
                 why = f"torchrun on node {node} ({addresses[node]}) exited {code}"
             if code != 0:
+                why += f" (its output: {run_dir / 'logs' / f'node-{node}.log'})"
                 stopping = time.monotonic()
                 for other in (i for i in runs.values() if i != node):
                     try:

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torchmetrics.retrieval as tm
 
-from trainers.evaluate import merge_top_k, sample_unseen, unit_hash, unseen_negatives
+from trainers.eval_sampling import sample_unseen, unit_hash, unseen_negatives
+from trainers.ranking_metrics import merge_top_k
 from trainers.ranking_metrics import metrics_from_hits
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

@@ -22,7 +22,8 @@ from launcher.cli import main
 from tests.conftest import REPO
 from trainers import checkpoint
 from trainers.batches import ParquetFilesSource, check_ids
-from trainers.evaluate import Evaluator, rank_against
+from trainers.evaluate import Evaluator
+from trainers.ranking_metrics import rank_against
 from trainers.preflight import check_job
 from trainers.retrieval import ApproximateIndex, ExactIndex
 from trainers.trainer import prune_metrics

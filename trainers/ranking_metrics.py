@@ -1,5 +1,7 @@
-"""Top-K ranking metrics from hit matrices. Pure torch, no process group: the evaluator sums these
-per-user values across ranks, and the tests check them against hand-computed values and torchmetrics."""
+"""Top-K ranking metrics from hit matrices, the running top-K merge of chunked full ranking and the
+rank of a held-out item among sampled negatives. Pure torch, no process group: the evaluator sums
+these per-user values across ranks, and the tests check them against hand-computed values and
+torchmetrics."""
 
 from __future__ import annotations
 
@@ -45,3 +47,27 @@ def metrics_from_hits(hits: torch.Tensor, num_relevant: torch.Tensor) -> dict[st
         "hit": hit_at_k(hits),
         "mrr": mrr_at_k(hits),
     }
+
+
+def rank_against(target: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among its sampled negatives: target [N], negatives [N, C] -> [N].
+    Ties count against the target and a NaN score loses, so a constant or diverged model scores at
+    chance or worse, never perfectly."""
+    above = ((negatives >= target[:, None]) | torch.isnan(negatives)).sum(1)
+    return torch.where(torch.isnan(target), torch.full_like(above, negatives.shape[1]), above)
+
+
+def merge_top_k(best: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor, offset: int, k: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running top-K: merge the best (scores, items) so far [U, <=K] with a chunk's scores [U, c]
+    whose item ids start at `offset`. A NaN score is never chosen (topk ranks NaN first, so only the
+    rows whose top holds one are cleaned and ranked again: no extra pass over a healthy chunk)."""
+    chunk_scores, chunk_items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+    broken = torch.isnan(chunk_scores).any(1)
+    if broken.any():
+        cleaned = torch.nan_to_num(scores[broken], nan=float("-inf"))
+        chunk_scores[broken], chunk_items[broken] = torch.topk(cleaned, chunk_scores.shape[1], dim=1)
+    merged_scores = torch.cat([best[0], chunk_scores], 1)
+    merged_items = torch.cat([best[1], chunk_items + offset], 1)
+    top_scores, where = torch.topk(merged_scores, min(k, merged_scores.shape[1]), dim=1)
+    return top_scores, torch.gather(merged_items, 1, where)
