@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,9 +158,9 @@ def test_ray_job_submit_from_a_third_host(ml100k_small, tmp_path):
 
 
 def test_ray_launches_torchrun_on_each_host_and_a_failing_node_ends_the_job(two_hosts, ml100k_small, tmp_path):
-    """`--cluster.launcher torchrun`: one Ray actor per host runs torchrun (rendezvous at host A),
-    the ranks read their own Parquet shards; then a copy with a damaged shard that only host B's rank
-    reads: host B's torchrun exits non-zero and the driver ends host A's, and the job fails."""
+    """`--cluster.launcher torchrun`: one Ray actor per host runs torchrun (rendezvous at node 0), the
+    ranks read their own Parquet shards; then a copy with a damaged shard that only rank 1 reads:
+    that node's torchrun exits non-zero, the driver ends the other's, and the job fails."""
     from tests.test_end_to_end import _corrupt_copy
 
     broken = _corrupt_copy(ml100k_small, tmp_path / "broken", "train/part-00001.parquet")  # rank 1's shard
@@ -184,5 +185,7 @@ def test_ray_launches_torchrun_on_each_host_and_a_failing_node_ends_the_job(two_
     assert "shardrec run: ncf on 2 rank(s)" in (node_logs / "node-0.log").read_text()  # node 0's torchrun output
     assert (node_logs / "node-1.log").is_file()
     assert bad.returncode != 0, bad.stdout[-3000:]
-    assert f"torchrun on node 1 ({two_hosts[1].address}) exited" in bad.stdout + bad.stderr, bad.stdout[-3000:]
+    # Ray decides which host holds bundle 0, and once rank 1 fails rank 0 fails too: either node may
+    # be the first to exit, and the error names it.
+    assert re.search(r"torchrun on node [01] \(10\.213\.\d+\.[12]\) exited", bad.stdout + bad.stderr), bad.stdout[-3000:]
     print(f"torchrun launcher across two hosts: good run {good_s:.0f} s, failing run ended in {bad_s:.0f} s")
