@@ -17,6 +17,16 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
     return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
 
 
+def sorted_positions(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(position, found): where each of `values` (any shape) sits in the sorted array, and whether it
+    is there. Vectorised membership for arrays too large for Python sets."""
+    values = np.asarray(values)
+    if not len(sorted_values):
+        return np.zeros(values.shape, dtype=np.int64), np.zeros(values.shape, dtype=bool)
+    position = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return position, sorted_values[position] == values
+
+
 @dataclass(frozen=True)
 class UserItems:
     """Items of each user in CSR form: items[indptr[u]:indptr[u+1]]."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.interactions import sorted_positions
+
 
 class NegativeSampler:
     """Draws k uniform negative items per positive (user, item) row.
@@ -44,9 +46,8 @@ class NegativeSampler:
             return
         suspects = np.arange(len(negatives))
         for _ in range(self.rounds):
-            keys = users[suspects] * self.num_items + negatives[suspects]
-            position = np.minimum(np.searchsorted(positives, keys), len(positives) - 1)
-            suspects = suspects[positives[position] == keys]
+            _, clash = sorted_positions(positives, users[suspects] * self.num_items + negatives[suspects])
+            suspects = suspects[clash]
             if not len(suspects):
                 return
             self.clashes_redrawn += len(suspects)

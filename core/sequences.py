@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import SPLITS, PreparedDataset
 from core.errors import UserError
-from core.interactions import UserItems, sorted_unique
+from core.interactions import UserItems, sorted_positions, sorted_unique
 
 SEQUENCE_DIR = "sequences"
 SEQUENCE_SCHEMA = pa.schema(
@@ -50,9 +50,8 @@ class SequenceTable:
 
     def rows_of(self, users: np.ndarray) -> np.ndarray:
         """Row of each user in this table, -1 for users it does not hold."""
-        users = np.asarray(users, dtype=np.int64)
-        row = np.minimum(np.searchsorted(self.users, users), max(len(self.users) - 1, 0))
-        return np.where((len(self.users) > 0) & (self.users[row] == users), row, -1) if len(self.users) else np.full(len(users), -1)
+        row, held = sorted_positions(self.users, np.asarray(users, dtype=np.int64))
+        return np.where(held, row, -1)
 
     def _row(self, user: int) -> int:
         row = int(self.rows_of(np.array([user]))[0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.interactions import sorted_positions
+
 NEGATIVE_ROUNDS = 32
 
 
@@ -51,10 +53,8 @@ def unseen_negatives(users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarr
     counters = np.broadcast_to(np.arange(count, dtype=np.uint64), (len(users), count)).copy()
     draws = (mix64(base ^ mix64(counters)) % np.uint64(num_items)).astype(np.int64)
     keys_of = users.astype(np.int64)[:, None] * num_items
-    for round_ in range(1, NEGATIVE_ROUNDS + 1):
-        keys = keys_of + draws
-        position = np.minimum(np.searchsorted(seen_keys, keys), max(len(seen_keys) - 1, 0))
-        bad = repeated_in_row(draws) | (seen_keys[position] == keys if len(seen_keys) else False)
+    for _ in range(NEGATIVE_ROUNDS):
+        bad = repeated_in_row(draws) | sorted_positions(seen_keys, keys_of + draws)[1]
         if not bad.any():
             return draws
         counters[bad] += np.uint64(count)

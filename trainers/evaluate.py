@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from core.config import EvalSection
 from core.dataset_format import SPLITS, PreparedDataset
-from core.interactions import UserItems, sorted_unique
+from core.interactions import UserItems, sorted_positions, sorted_unique
 from models.base import RecModel
 from trainers.distributed import all_max, all_sum, collective_device
 from trainers.eval_sampling import unit_hash, unseen_negatives
@@ -55,8 +55,7 @@ class UserRows:
             for shard in shards:
                 part = dataset.read_shards(split, [shard], columns=("user_id", "item_id"))
                 if keep is not None:
-                    position = np.minimum(np.searchsorted(keep, part["user_id"]), max(len(keep) - 1, 0))
-                    wanted = keep[position] == part["user_id"] if len(keep) else np.zeros(len(position), bool)
+                    _, wanted = sorted_positions(keep, part["user_id"])
                     part = {name: values[wanted] for name, values in part.items()}
                 parts.append(part)
             rows[split] = {name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, np.int64)

@@ -9,6 +9,7 @@ import os
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
+from core.model_params import LightGCNParams
 from sharding.plan_io import load_plan_file, retarget
 from sharding.planner import make_constraints, table_names, table_shapes
 from trainers.sharded_model import model_for_sharding
@@ -30,24 +31,24 @@ def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int) -> N
         retarget(load_plan_file(config.sharding.plan), device, world_size, table_shapes(model))
 
 
-def full_graph_bytes(params: object, nodes: int) -> int:
+def full_graph_bytes(params: LightGCNParams, nodes: int) -> int:
     """What LightGCN's full-graph mode holds per rank during a training step: the layer-0 rows and K
     propagated layers of every node, their stack for the mean, and as much again for autograd."""
-    layers = getattr(params, "n_layers") + 1
-    return 4 * nodes * getattr(params, "embed_dim") * (2 * layers + 1)
+    return 4 * nodes * params.embed_dim * (2 * (params.n_layers + 1) + 1)
 
 
-def check_full_graph_fits(params: object, nodes: int, ranks_per_host: int, memory_bytes: int | None = None) -> None:
+def check_full_graph_fits(params: LightGCNParams, nodes: int, ranks_per_host: int,
+                          memory_bytes: int | None = None) -> None:
     """Refuse LightGCN full-graph propagation when each rank would need more than half of its share
     of this machine's memory, naming the numbers and the sampled-mode command."""
-    if getattr(params, "propagation", "full") != "full":
+    if params.propagation != "full":
         return
     memory = memory_bytes if memory_bytes is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     needed, share = full_graph_bytes(params, nodes), memory // max(ranks_per_host, 1)
     if needed > share // 2:
         raise UserError(
             f"LightGCN full-graph propagation holds every node's rows on every rank: {nodes:,} nodes x "
-            f"{getattr(params, 'embed_dim')} dims x {2 * (getattr(params, 'n_layers') + 1) + 1} copies = "
-            f"{needed / 2**30:.1f} GiB per rank, more than half of a rank's share of this machine "
-            f"({share / 2**30:.1f} GiB); train with --model.propagation sampled --model.fanout 20"
+            f"{params.embed_dim} dims x {2 * (params.n_layers + 1) + 1} copies = {needed / 2**30:.1f} GiB per "
+            f"rank, more than half of a rank's share of this machine ({share / 2**30:.1f} GiB); train with "
+            "--model.propagation sampled --model.fanout 20"
         )
