@@ -81,7 +81,10 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
             run_config=RayRunConfig(
                 name="ray-train",
                 storage_path=str(run_dir.resolve()),
-                failure_config=FailureConfig(max_failures=section.max_failures),
+                # A restart that cannot place its workers within cluster.placement_timeout_s (set in
+                # the workers' environment, see ray_cluster.rank_env) ends the job: Ray's default
+                # retries that wait without limit, a hang when a node is gone for good.
+                failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
             ),
             datasets={"train": training_dataset(dataset, config.data, params)},
         )

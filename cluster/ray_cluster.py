@@ -14,6 +14,17 @@ from cluster.local_head import LOOPBACK_ENV, embedded_head
 from core.config import ClusterSection
 
 
+def rank_env(section: ClusterSection) -> dict[str, str]:
+    """Environment every rank (and Ray Train's controller) gets, wherever Ray places it: the
+    collectives' interface, how long a start waits for placement, and the driver's SHARDREC_*
+    testing aids (batch records, a rank that fails once), which a worker started by a remote node's
+    raylet would not otherwise see."""
+    aids = {name: value for name, value in os.environ.items() if name.startswith("SHARDREC_")}
+    # Read by Ray Train's controller, which runs with the job's environment.
+    placement = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(section.placement_timeout_s)}
+    return {**aids, **placement, **section.worker_env()}
+
+
 @contextlib.contextmanager
 def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
@@ -21,11 +32,13 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
     log=False keeps Ray's own logging and the workers' output off this console (it stays in the
     cluster's session logs; shardrec's ranks write theirs under the run folder)."""
     os.environ.update(LOOPBACK_ENV)
+    # The driver too: Ray rebuilds the controller's startup-timeout error here, reading the value again.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(section.placement_timeout_s)
     # Our own log lines report progress; Ray Data's live bars flood captured logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if section.address:
         ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **section.worker_env()}})
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}})
         try:
             yield f"attached to Ray cluster at {section.address}"
         finally:
@@ -38,7 +51,7 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
             log_to_driver=log,
             logging_level=logging.INFO if log else logging.WARNING,
             # Ray Train otherwise routes worker print() through its logger as well: every line twice.
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **section.worker_env()}},
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}},
         )
         try:
             yield (f"embedded local Ray cluster ({cpus} CPUs, {section.object_store_mb} MB object store, "

@@ -27,14 +27,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.launch import TrainingFailed
-from cluster.ray_cluster import ray_cluster
+from cluster.ray_cluster import rank_env, ray_cluster
 from core.config import RunConfig
 from core.run_folder import latest_checkpoint
 
 STOP_GRACE_S = 20
-PLACEMENT_TIMEOUT_S = 120
-
-
 
 
 @ray.remote(num_cpus=0, max_concurrency=2)  # run() blocks; stop() must still get through
@@ -121,16 +118,16 @@ def _run_group(config: RunConfig, run_dir: Path, config_file: Path, resume: bool
                for _ in range(section.num_nodes)]
     group = placement_group(bundles, strategy="STRICT_SPREAD" if section.num_nodes > 1 else "PACK")
     try:
-        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = ray.wait([group.ready()], timeout=section.placement_timeout_s)
         if not ready:
             return (f"Ray could not place {section.num_nodes} node bundle(s) of {bundles[0]} within "
-                    f"{PLACEMENT_TIMEOUT_S} s: not enough nodes or resources")
+                    f"{section.placement_timeout_s:.0f} s (cluster.placement_timeout_s): not enough nodes or resources")
         launchers = [NodeLauncher.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
                                           ).remote() for i in range(section.num_nodes)]
         addresses = ray.get([launcher.address.remote() for launcher in launchers])
         endpoint = f"{addresses[0]}:{ray.get(launchers[0].free_port.remote())}"
         say(f"torchrun rendezvous at {endpoint}; nodes {', '.join(addresses)}")
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **section.worker_env()}
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **rank_env(section)}
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         runs = {launcher.run.remote(torchrun_command(config, run_dir, config_file, resume, i, endpoint), env,
                                     str(run_dir), f"[node {i} {addresses[i]}]", str(run_dir / "logs" / f"node-{i}.log")): i

@@ -195,7 +195,11 @@ class ClusterSection:
     object_store_mb: int = 512
     """Object store cap of the embedded local cluster."""
     max_failures: int = 0
-    """Times Ray Train restarts a failed worker group (from the last checkpoint)."""
+    """Times a failed job restarts its whole group of ranks (from the last checkpoint)."""
+    placement_timeout_s: float = 60.0
+    """How long a start or restart waits for Ray to place every rank (a lost node may be replaced
+    meanwhile, by an autoscaler or by hand). Past it the job ends with an error instead of waiting
+    for ever; raise it on clusters whose replacement nodes take minutes to come."""
     launcher: str = "ray_train"
     """How ranks start: "ray_train" (Ray Train workers fed by Ray Data) or "torchrun" (one Ray actor
     per node runs torchrun there; ranks read their own Parquet shards, as under plain torchrun)."""
@@ -218,6 +222,8 @@ class ClusterSection:
             raise UserError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
         if self.max_failures < 0:
             raise UserError("cluster.max_failures must be >= 0")
+        if not self.placement_timeout_s > 0:
+            raise UserError(f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.launcher not in ("ray_train", "torchrun"):
             raise UserError(f"cluster.launcher must be ray_train or torchrun, got {self.launcher!r}")
         if self.num_nodes < 1 or self.num_workers % self.num_nodes:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cluster.local_head import NODE_HEALTH_ENV
 from launcher.cli import main
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -36,6 +37,8 @@ def test_ray_up_config_installs_the_pinned_stack_and_keeps_token_auth():
         assert "RAY_AUTH_MODE=disabled" not in command
         if command.startswith("RAY_AUTH_MODE"):
             assert command.startswith("RAY_AUTH_MODE=token ")
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert all(f"{name}={value}" in head_start for name, value in NODE_HEALTH_ENV.items())  # lost nodes found fast
     # the job command in its header comment is a valid shardrec command on a known config
     header = (DEPLOY / "ray-cluster.yaml").read_text().split("cluster_name:")[0]
     submitted = " ".join(line.lstrip("# ").rstrip("\\\\ ") for line in header.splitlines() if "shardrec train" in line
@@ -57,3 +60,5 @@ def test_kuberay_job_entrypoint_is_a_valid_train_command(capsys):
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert all("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
     assert "RAY_AUTH_MODE: token" in job["spec"]["runtimeEnvYAML"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert NODE_HEALTH_ENV.items() <= {e["name"]: e["value"] for e in head["env"]}.items()

@@ -258,7 +258,8 @@ class BatchRecorder:
     """Testing aid for exactly-once progress, off unless SHARDREC_RECORD_BATCHES names a folder: each
     rank appends, per step, the (user, item) rows of its batch's positives to
     <folder>/rank-<r>.jsonl. With SHARDREC_FAIL_AT_STEP=<rank>:<step> that rank kills itself with
-    SIGKILL right after that step (a lost host, for fault tests)."""
+    SIGKILL right after that step (a lost host, for fault tests), once: a marker file in the folder
+    stops a restarted job from failing at the same step again."""
 
     def __init__(self, path: Path, fail_at: int | None) -> None:
         self.path, self.fail_at = path, fail_at
@@ -280,7 +281,10 @@ class BatchRecorder:
         with self.path.open("a") as handle:
             handle.write(json.dumps(rows) + "\n")
         if self.fail_at is not None and step == self.fail_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            marker = self.path.with_name(f"{self.path.stem}-killed-at-{step}")
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_metrics(path: Path, last_step: int) -> None:
