@@ -8,9 +8,10 @@ from typing import Any
 
 import ray.train
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from cluster.pipeline import training_dataset
+from cluster.process_group import BoundStoreTorchConfig
 from cluster.ray_cluster import ray_cluster
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
@@ -71,7 +72,7 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
             ray_train_loop,
             train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
                                "verbose": verbose},
-            torch_config=TorchConfig(backend=section.backend),
+            torch_config=BoundStoreTorchConfig(backend=section.backend),  # rank 0's store: its node address only
             scaling_config=ScalingConfig(
                 num_workers=section.num_workers,
                 use_gpu=section.use_gpu,

@@ -78,7 +78,7 @@ def torchrun_command(config: RunConfig, run_dir: Path, config_file: Path, resume
     # rendezvous decides who hosts by matching the endpoint against the machine's hostname, which
     # misses when the hostname does not resolve to the address the hosts share.
     address, port = endpoint.rsplit(":", 1)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(section.num_nodes),
+    command = [sys.executable, "-m", "trainers.torchrun", "--nnodes", str(section.num_nodes),
                "--nproc-per-node", str(section.num_workers // section.num_nodes), "--node-rank", str(node_rank),
                "--master-addr", address, "--master-port", port, "--max-restarts", "0", "-m", "trainers"]
     if resume:

@@ -1,7 +1,9 @@
-"""Dataset preparation: raw interactions -> contiguous ids, implicit feedback, splits, Parquet shards.
+"""Dataset preparation: raw interactions -> contiguous ids, implicit feedback, splits, Parquet shards
+partitioned by user.
 
-ML-100K's size makes a single-process columnar job (pyarrow + numpy, fully vectorised) the right tool;
-the output format is what the Ray Data pipeline streams, whatever produced it.
+Three streaming passes (see prepare_stream) keep memory to the id maps plus one shard's rows, so a
+file of 10^8 interactions imports on a laptop; within a shard the work is vectorised numpy. The
+output format is what the Ray Data pipeline and the torchrun ranks stream, whatever produced it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +23,8 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, write_user_shards
 from core.errors import UserError
+from core.raw_input import BatchStream, InputColumns, RawBatch, array_batches, file_batches
+from core.splits import history_positions, latest_of_each_pair, split_leave_one_out, split_random, tied_last_timestamps
 
 
 @dataclass
@@ -30,8 +35,8 @@ class PrepareOptions:
     seed: int = 2026
     min_rating: float | None = None
     """Implicit feedback: keep interactions with rating >= min_rating; None keeps every interaction."""
-    shards: int = 4
-    """Parquet files per split."""
+    shards: int = 0
+    """Parquet files per split; 0: one per ~2M interactions, a multiple of 4 (4 up to 8M)."""
 
 
 def ml100k_source() -> Path:
@@ -45,236 +50,224 @@ def ml100k_source() -> Path:
     return path
 
 
-def read_interactions(
-    path: str | Path,
-    user_col: str,
-    item_col: str,
-    rating_col: str | None = None,
-    timestamp_col: str | None = None,
-) -> dict[str, np.ndarray]:
-    """Read a CSV/TSV/Parquet interaction file into raw columns user, item, rating, timestamp.
-
-    Ids must be integers. Missing rating -> 1.0; missing timestamp -> the row number (file order).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"input file not found: {path}")
-    table = _read_table(path)
-    duplicated = sorted({name for name in table.column_names if table.column_names.count(name) > 1})
-    if duplicated:
-        raise UserError(f"{path}: column name(s) {', '.join(duplicated)} appear more than once in the header")
-    wanted = {"user": user_col, "item": item_col, "rating": rating_col, "timestamp": timestamp_col}
-    missing = [col for col in wanted.values() if col is not None and col not in table.column_names]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; columns are: {', '.join(table.column_names)}")
-    if table.num_rows == 0:
-        raise UserError(f"{path}: no interactions (the file has no data rows)")
-    out = {
-        "user": _integer_column(table, user_col, path),
-        "item": _integer_column(table, item_col, path),
-    }
-    out["rating"] = (
-        _numeric_column(table, rating_col, path, np.float32)
-        if rating_col
-        else np.ones(table.num_rows, dtype=np.float32)
-    )
-    out["timestamp"] = (
-        _numeric_column(table, timestamp_col, path, np.int64)
-        if timestamp_col
-        else np.arange(table.num_rows, dtype=np.int64)
-    )
-    return out
+ROWS_PER_SHARD = 2_000_000
+"""Automatic shard count: about this many interactions per shard file (a multiple of 4 shards), as
+`data synth` does; the last pass holds one shard's rows at a time."""
 
 
-def _read_table(path: Path) -> pa.Table:
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(path)
-        if suffix in (".csv", ".tsv", ".inter", ".txt", ".dat"):
-            delimiter = "," if suffix == ".csv" else "\t"
-            with path.open("r", errors="replace") as handle:
-                first = handle.readline()
-            if suffix != ".csv" and "\t" not in first and "," in first:
-                delimiter = ","
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise UserError(f"{path}: cannot read as {suffix.lstrip('.')}: {str(exc).splitlines()[0]}") from None
-    raise UserError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv or .parquet")
-
-
-def _integer_column(table: pa.Table, name: str, path: Path) -> np.ndarray:
-    column = table.column(name)
-    if column.null_count:
-        raise UserError(f"{path}: column {name!r} has {column.null_count} empty value(s)")
-    int64 = np.iinfo(np.int64)
-    if pa.types.is_integer(column.type):
-        values = column.to_numpy()
-        if pa.types.is_unsigned_integer(column.type) and len(values) and values.max() > int64.max:
-            raise UserError(f"{path}: column {name!r} holds id {int(values.max())}, beyond the 64-bit signed "
-                            f"range ids must fit ({int64.max})")
-        return values.astype(np.int64)
-    if pa.types.is_floating(column.type):
-        values = column.to_numpy()
-        if np.all(np.isfinite(values)) and np.all(values == np.floor(values)):
-            if len(values) and (values.max() >= 2.0**63 or values.min() < -(2.0**63)):
-                raise UserError(f"{path}: column {name!r} holds ids beyond the 64-bit signed range")
-            return values.astype(np.int64)
-    sample = column.slice(0, 5).to_pylist()
-    raise UserError(f"{path}: column {name!r} must hold integer ids, found {column.type} values such as {sample}")
-
-
-def _numeric_column(table: pa.Table, name: str, path: Path, dtype: type) -> np.ndarray:
-    column = table.column(name)
-    if column.null_count or not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
-        sample = column.slice(0, 5).to_pylist()
-        raise UserError(f"{path}: column {name!r} must be numeric with no empty values, found e.g. {sample}")
-    values = column.to_numpy()
-    if pa.types.is_floating(column.type) and not np.all(np.isfinite(values)):
-        raise UserError(f"{path}: column {name!r} holds {int((~np.isfinite(values)).sum())} NaN or infinite value(s)")
-    return values.astype(dtype)
+def auto_shards(rows: int) -> int:
+    return 4 * max(1, -(-rows // (4 * ROWS_PER_SHARD)))
 
 
 def prepare(raw: dict[str, np.ndarray], out: str | Path, options: PrepareOptions, source: str) -> dict[str, Any]:
-    """Turn raw interactions into a prepared dataset in `out`. Returns the stats written to stats.json."""
+    """Interactions already in memory -> a prepared dataset in `out` (see prepare_stream)."""
+    return prepare_stream(array_batches(raw), out, options, source)
+
+
+def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOptions, source: str,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Raw interactions -> a prepared dataset in `out`, in memory bounded by the id maps and one shard:
+
+    1. one pass over the input finds the users (with their row counts) and the items, and so the
+       contiguous ids and the user shards' bounds;
+    2. a second pass maps the ids and appends each row to its user shard's bucket file;
+    3. each bucket alone is de-duplicated (a repeated pair is one positive, its latest occurrence),
+       ordered into histories, split and written, with its own seeded generator (seed, shard), so the
+       result does not depend on how the input was batched.
+
+    Everything is written to `OUT.partial` and moved into place at the end: a failed or interrupted
+    run leaves no half dataset. An existing prepared dataset at `out` is replaced; any other
+    non-empty folder is refused. Returns the stats written to stats.json."""
     out = Path(out)
+    say = progress or (lambda message: None)
+    _check_options(options)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if options.shards < 1:
-        raise UserError("--shards must be >= 1")
-    if options.split not in ("random", "loo"):
-        raise UserError(f"unknown split {options.split!r}; use random or loo")
-    keep = np.ones(len(raw["user"]), dtype=bool)
-    if options.min_rating is not None:
-        keep = raw["rating"] >= options.min_rating
-    if not keep.any():
-        raise UserError(f"no interaction has rating >= {options.min_rating}")
-    user_raw, item_raw = raw["user"][keep], raw["item"][keep]
-    rating, timestamp = raw["rating"][keep], raw["timestamp"][keep]
-
-    user_ids, user = np.unique(user_raw, return_inverse=True)
-    item_ids, item = np.unique(item_raw, return_inverse=True)
-    # Implicit feedback: a repeated (user, item) pair is one positive; keep its latest occurrence.
-    order = np.lexsort((np.arange(len(user)), timestamp, item, user))
-    pair = user[order] * len(item_ids) + item[order]
-    last_of_pair = np.r_[pair[1:] != pair[:-1], True]
-    rows = order[last_of_pair]
-    user, item, rating, timestamp = user[rows], item[rows], rating[rows], timestamp[rows]
-
-    position = _history_positions(user, timestamp, rows)
-    rng = np.random.default_rng(options.seed)
-    assignment = (
-        split_random(user, options.ratios, rng) if options.split == "random" else split_leave_one_out(user, position)
-    )
-
-    if out.exists():
-        if not (out / "stats.json").exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not a prepared dataset; choose an empty or new folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    split_counts = {}
-    user_bounds = balanced_user_bounds(np.bincount(user, minlength=len(user_ids)), options.shards)
-    for index, split in enumerate(SPLITS):
-        selected = np.flatnonzero(assignment == index)
-        columns = {
-            "user_id": user[selected].astype(np.int64),
-            "item_id": item[selected].astype(np.int64),
-            "rating": rating[selected].astype(np.float32),
-            "timestamp": timestamp[selected].astype(np.int64),
-            "position": position[selected],
+    if out.exists() and not (out / "stats.json").exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a prepared dataset; choose an empty or new folder")
+    started = time.monotonic()
+    user_ids, user_rows, item_ids, rows = _scan(batches, options)
+    shards = options.shards or auto_shards(rows)
+    bounds = balanced_user_bounds(user_rows, shards)
+    say(f"pass 1/3: {rows:,} rows, {len(user_ids):,} users, {len(item_ids):,} items; {shards} shards "
+        f"({time.monotonic() - started:.0f} s)")
+    staging = out.parent / f"{out.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        _bucket(batches, options, user_ids, item_ids, bounds, staging / "buckets")
+        say(f"pass 2/3: rows bucketed by user shard ({time.monotonic() - started:.0f} s)")
+        split_counts = {split: 0 for split in SPLITS}
+        tied = 0
+        for shard in range(shards):
+            counts, shard_tied = _finish_shard(staging, shard, bounds, options)
+            tied += shard_tied
+            for split, count in counts.items():
+                split_counts[split] += count
+            say(f"pass 3/3: shard {shard + 1}/{shards} written ({time.monotonic() - started:.0f} s)")
+        shutil.rmtree(staging / "buckets")
+        pq.write_table(pa.table({"raw_id": user_ids, "id": np.arange(len(user_ids))}), staging / "user_ids.parquet")
+        pq.write_table(pa.table({"raw_id": item_ids, "id": np.arange(len(item_ids))}), staging / "item_ids.parquet")
+        interactions = sum(split_counts.values())
+        stats = {
+            "format": FORMAT,
+            "source": source,
+            "users": int(len(user_ids)),
+            "items": int(len(item_ids)),
+            "interactions": int(interactions),
+            "density": float(interactions) / (len(user_ids) * len(item_ids)),
+            "splits": split_counts,
+            "split_method": options.split,
+            "ratios": list(options.ratios) if options.split == "random" else None,
+            "seed": options.seed,
+            "min_rating": options.min_rating,
+            "shards": shards,
+            "user_bounds": bounds,
+            "tied_last_timestamps": tied if options.split == "loo" else None,
         }
-        write_user_shards(columns, out / split, user_bounds, shuffle=rng if split == "train" else None)
-        split_counts[split] = int(len(selected))
-    pq.write_table(pa.table({"raw_id": user_ids, "id": np.arange(len(user_ids))}), out / "user_ids.parquet")
-    pq.write_table(pa.table({"raw_id": item_ids, "id": np.arange(len(item_ids))}), out / "item_ids.parquet")
-
-    stats = {
-        "format": FORMAT,
-        "source": source,
-        "users": int(len(user_ids)),
-        "items": int(len(item_ids)),
-        "interactions": int(len(user)),
-        "density": float(len(user)) / (len(user_ids) * len(item_ids)),
-        "splits": split_counts,
-        "split_method": options.split,
-        "ratios": list(options.ratios) if options.split == "random" else None,
-        "seed": options.seed,
-        "min_rating": options.min_rating,
-        "shards": options.shards,
-        "user_bounds": user_bounds,
-        "tied_last_timestamps": _tied_last_timestamps(user, timestamp, position) if options.split == "loo" else None,
-    }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return stats
 
 
-def _history_positions(user: np.ndarray, timestamp: np.ndarray, input_order: np.ndarray) -> np.ndarray:
-    """Each row's 0-based index in its user's history by (timestamp, input order)."""
-    order = np.lexsort((input_order, timestamp, user))
-    sorted_user = user[order]
-    starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
-    counts = np.diff(np.r_[starts, len(order)])
-    position = np.empty(len(order), dtype=np.int64)
-    position[order] = np.arange(len(order)) - np.repeat(starts, counts)
-    return position
+def _check_options(options: PrepareOptions) -> None:
+    if options.shards < 0:
+        raise UserError("--shards must be >= 1 (or 0 for one shard per ~2M interactions)")
+    if options.split not in ("random", "loo"):
+        raise UserError(f"unknown split {options.split!r}; use random or loo")
 
 
-def _tied_last_timestamps(user: np.ndarray, timestamp: np.ndarray, position: np.ndarray) -> int:
-    """Users whose last interaction shares its timestamp with the one before: leave-one-out then
-    picks the test item among them by input order, which the data does not really decide."""
-    order = np.lexsort((position, user))
-    sorted_user, sorted_time = user[order], timestamp[order]
-    last = np.r_[sorted_user[1:] != sorted_user[:-1], True]
-    previous_same_user = np.r_[False, sorted_user[1:] == sorted_user[:-1]]
-    tied = last & previous_same_user & np.r_[False, sorted_time[1:] == sorted_time[:-1]]
-    return int(tied.sum())
+def _kept(batch: RawBatch, options: PrepareOptions) -> RawBatch:
+    """Implicit feedback: only the rows with rating >= min_rating (all rows without a threshold)."""
+    if options.min_rating is None:
+        return batch
+    keep = batch["rating"] >= options.min_rating
+    return {name: values[keep] for name, values in batch.items()}
 
 
-def split_random(user: np.ndarray, ratios: tuple[float, float, float], rng: np.random.Generator) -> np.ndarray:
-    """Per-user random split: int(n*valid) valid rows, int(n*test) test rows, the rest train.
+class _UniqueCounter:
+    """Sorted distinct values of a stream of arrays, with how often each occurs. Batches are merged
+    once their pending size reaches the merged size, so the work stays O(n log n) overall and the
+    memory O(distinct values + one batch)."""
 
-    Users with at least 3 interactions get at least one valid and one test row. Returns 0/1/2 per row.
-    """
-    n_rows = len(user)
-    order = np.lexsort((rng.random(n_rows), user))  # by user, random within user
-    sorted_user = user[order]
-    starts = np.r_[0, np.flatnonzero(sorted_user[1:] != sorted_user[:-1]) + 1]
-    counts = np.diff(np.r_[starts, n_rows])
-    position = np.arange(n_rows) - np.repeat(starts, counts)
-    n_valid = np.floor(counts * ratios[1]).astype(np.int64)
-    n_test = np.floor(counts * ratios[2]).astype(np.int64)
-    enough = counts >= 3
-    n_valid = np.where(enough, np.maximum(n_valid, 1), 0)
-    n_test = np.where(enough, np.maximum(n_test, 1), 0)
-    n_train = np.repeat(counts - n_valid - n_test, counts)
-    n_valid_rows = np.repeat(n_valid, counts)
-    split_sorted = np.where(position < n_train, 0, np.where(position < n_train + n_valid_rows, 1, 2))
-    assignment = np.empty(n_rows, dtype=np.int8)
-    assignment[order] = split_sorted
-    return assignment
+    def __init__(self) -> None:
+        self.values = np.empty(0, dtype=np.int64)
+        self.counts = np.empty(0, dtype=np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending_size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        ordered = np.sort(values)
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.empty(0, np.int64)
+        self.pending.append((ordered[starts], np.diff(np.r_[starts, len(ordered)])))
+        self.pending_size += len(starts)
+        if self.pending_size >= max(len(self.values), 1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        values = np.concatenate([self.values, *(v for v, _ in self.pending)])
+        counts = np.concatenate([self.counts, *(c for _, c in self.pending)])
+        order = np.argsort(values, kind="stable")
+        values, counts = values[order], counts[order]
+        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.empty(0, np.int64)
+        self.values, self.counts = values[starts], np.add.reduceat(counts, starts) if len(starts) else counts
+        self.pending, self.pending_size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        self._merge()
+        return self.values, self.counts
 
 
-def split_leave_one_out(user: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """Last interaction of each history (see _history_positions) -> test, the one before -> valid.
-    Users with fewer than 3 interactions stay wholly in train."""
-    n_rows = len(user)
-    order = np.lexsort((position, user))
-    sorted_user = user[order]
-    ends = np.r_[np.flatnonzero(sorted_user[1:] != sorted_user[:-1]), n_rows - 1]
-    counts = np.diff(np.r_[-1, ends])
-    split_sorted = np.zeros(n_rows, dtype=np.int8)
-    has_three = counts >= 3
-    split_sorted[ends[has_three]] = 2
-    split_sorted[ends[has_three] - 1] = 1
-    assignment = np.empty(n_rows, dtype=np.int8)
-    assignment[order] = split_sorted
-    return assignment
+def _scan(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pass 1: (raw user ids sorted, rows per user, raw item ids sorted, rows)."""
+    users, items, rows = _UniqueCounter(), _UniqueCounter(), 0
+    for batch in map(lambda b: _kept(b, options), batches()):
+        users.add(batch["user"])
+        items.add(batch["item"])
+        rows += len(batch["user"])
+    if rows == 0:
+        if options.min_rating is not None:
+            raise UserError(f"no interaction has rating >= {options.min_rating}")
+        raise UserError("no interactions (the input has no data rows)")
+    user_ids, user_rows = users.result()
+    item_ids, _ = items.result()
+    return user_ids, user_rows, item_ids, rows
+
+
+BUCKET_SCHEMA = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("rating", pa.float32()),
+                           ("timestamp", pa.int64()), ("order", pa.int64())])
+
+
+def _bucket(batches: BatchStream, options: PrepareOptions, user_ids: np.ndarray, item_ids: np.ndarray,
+            bounds: list[int], folder: Path) -> None:
+    """Pass 2: contiguous ids, and each row appended to its user shard's bucket file."""
+    folder.mkdir()
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for batch in map(lambda b: _kept(b, options), batches()):
+            user = np.searchsorted(user_ids, batch["user"])
+            item = np.searchsorted(item_ids, batch["item"])
+            shard = np.searchsorted(bounds, user, side="right") - 1
+            order = np.argsort(shard, kind="stable")
+            edges = np.searchsorted(shard[order], np.arange(len(bounds)))
+            for index in np.flatnonzero(np.diff(edges)):
+                chosen = order[edges[index]:edges[index + 1]]
+                if index not in writers:
+                    writers[index] = pq.ParquetWriter(folder / f"bucket-{index:05d}.parquet", BUCKET_SCHEMA)
+                writers[index].write_table(pa.table({"user": user[chosen], "item": item[chosen],
+                                                     "rating": batch["rating"][chosen].astype(np.float32),
+                                                     "timestamp": batch["timestamp"][chosen],
+                                                     "order": batch["order"][chosen]}, schema=BUCKET_SCHEMA))
+    finally:
+        for writer in writers.values():
+            writer.close()
+
+
+def _finish_shard(staging: Path, shard: int, bounds: list[int], options: PrepareOptions) -> tuple[dict[str, int], int]:
+    """Pass 3 for one shard: returns its rows per split and its users with tied last timestamps."""
+    bucket = staging / "buckets" / f"bucket-{shard:05d}.parquet"
+    if bucket.exists():
+        table = pq.read_table(bucket)
+        rows = {name: table.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
+    else:  # no user of this range had a row
+        rows = {field.name: np.empty(0, dtype=field.type.to_pandas_dtype()) for field in BUCKET_SCHEMA}
+    kept = latest_of_each_pair(rows["user"], rows["item"], rows["timestamp"], rows["order"])
+    user, item, rating, timestamp, order = (rows[name][kept] for name in BUCKET_SCHEMA.names)
+    position = history_positions(user, timestamp, order)
+    rng = np.random.default_rng((options.seed, shard))
+    assignment = (split_random(user, options.ratios, rng) if options.split == "random"
+                  else split_leave_one_out(user, position))
+    counts = {}
+    for index, split in enumerate(SPLITS):
+        selected = np.flatnonzero(assignment == index)
+        columns = {"user_id": user[selected], "item_id": item[selected], "rating": rating[selected],
+                   "timestamp": timestamp[selected], "position": position[selected]}
+        counts[split] = write_user_shards(columns, staging / split, bounds[shard:shard + 2],
+                                          shuffle=rng if split == "train" else None, first_shard=shard)[0]
+    tied = tied_last_timestamps(user, timestamp, position) if options.split == "loo" else 0
+    return counts, tied
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished dataset into place; a prepared dataset already there is replaced only now."""
+    if out.exists():
+        retired = out.parent / f"{out.name}.replaced"
+        shutil.rmtree(retired, ignore_errors=True)
+        out.rename(retired)
+        staging.rename(out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out)
 
 
 def prepare_ml100k(out: str | Path, options: PrepareOptions) -> dict[str, Any]:
     source = ml100k_source()
-    raw = read_interactions(source, "user_id:token", "item_id:token", "rating:float", "timestamp:float")
-    stats = prepare(raw, out, options, source="ml-100k (recbole 1.2.1 package copy of u.data)")
+    columns = InputColumns("user_id:token", "item_id:token", "rating:float", "timestamp:float")
+    stats = prepare_stream(file_batches(source, columns), out, options,
+                           source="ml-100k (recbole 1.2.1 package copy of u.data)")
     stats["features"] = write_ml100k_features(source.parent, Path(out))
     (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats

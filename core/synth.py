@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from core.dataset_format import FORMAT, SPLITS, write_user_shards
 from core.errors import UserError
 from core.interactions import sorted_unique
-from core.prepare import split_leave_one_out, split_random  # the same splits as `data prepare`
+from core.splits import split_leave_one_out, split_random  # the same splits as `data prepare`
 
 REDRAW_ROUNDS = 4
 START_TIME = 1_700_000_000  # seconds; histories start within a year of it

@@ -23,7 +23,8 @@ from core.errors import UserError
 from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
 from core.run_folder import check_resume
-from core.prepare import PrepareOptions, prepare, prepare_ml100k, read_interactions, sample_dataset
+from core.prepare import PrepareOptions, prepare_ml100k, prepare_stream, sample_dataset
+from core.raw_input import InputColumns, file_batches
 from core.synth import SynthOptions, synthesize
 from core.sequences import build_reference, load_sequences, require_leave_one_out
 from trainers.retrieval import ApproximateIndex, ExactIndex, recall_at_k
@@ -59,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=2026)
         sub.add_argument("--min-rating", type=float, default=None,
                          help="keep interactions with rating >= this as positives (default: all)")
-        sub.add_argument("--shards", type=int, default=4, help="Parquet files per split")
+        sub.add_argument("--shards", type=int, default=0,
+                         help="Parquet files per split (default: one per ~2M interactions, a multiple of 4)")
     sample = data.add_parser("sample", help="keep the first N users of a prepared dataset (quick experiments)")
     sample.add_argument("source")
     sample.add_argument("--users", type=int, required=True)
@@ -174,8 +176,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
         if args.data_command == "prepare":
             stats = prepare_ml100k(args.out, options)
         else:
-            raw = read_interactions(args.file, args.user_col, args.item_col, args.rating_col, args.timestamp_col)
-            stats = prepare(raw, args.out, options, source=str(Path(args.file).resolve()))
+            columns = InputColumns(args.user_col, args.item_col, args.rating_col, args.timestamp_col)
+            stats = prepare_stream(file_batches(args.file, columns), args.out, options,
+                                   source=str(Path(args.file).resolve()),
+                                   progress=lambda message: print(f"import: {message}", flush=True))
     print(
         f"prepared {args.out}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
         f"(density {stats['density']:.4f}); splits {stats['splits']}"

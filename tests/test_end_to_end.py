@@ -22,6 +22,7 @@ from cluster.local_head import stop_job_head
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.sequences import build_reference, load_sequences, sequence_files
+from trainers.distributed import free_loopback_port, listening_addresses
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.slow]
@@ -63,9 +64,19 @@ def _corrupt_copy(data: Path, target: Path, file: str) -> Path:
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
+def _loopback_only(addresses: list[str]) -> bool:
+    return all(a.startswith(("127.", "::ffff:127.", "::1:")) for a in addresses)
+
+
 def test_shardrec_train_through_ray(ml100k_small, tmp_path):
-    result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, "ray")], 360)
+    result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, "ray")], 360,
+                  env_extra={"SHARDREC_RECORD_LISTENERS": str(tmp_path / "listeners")})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # rank 0 serves the process group's store: on the embedded cluster's 127.0.0.1 only, as every
+    # other socket the ranks listen on (Ray Train's own set-up listened on every interface)
+    listening = {f.name: json.loads(f.read_text()) for f in (tmp_path / "listeners").iterdir()}
+    assert set(listening) == {"rank-0.json", "rank-1.json"} and listening["rank-0.json"], listening
+    assert all(_loopback_only(addresses) for addresses in listening.values()), listening
     run = tmp_path / "ray"
     summary = json.loads((run / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1, 2]
@@ -343,6 +354,33 @@ def _recorded_steps(folder: Path, keep_first_attempt_upto: int | None = None) ->
             assert key not in steps, f"step {key} trained twice"
             steps[key] = list(zip(record["users"], record["items"]))
     return steps
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_wrapper_serves_its_store_on_the_rendezvous_address_only(ml100k_small, tmp_path):
+    """`python -m trainers.torchrun` (torchrun's arguments): the agent's store and every rank listen
+    on 127.0.0.1 only. Plain torchrun's agent store listens on every interface."""
+    command = [sys.executable, "-m", "trainers.torchrun", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_loopback_port()), "-m", "trainers",
+               *_small_run_args(ml100k_small, tmp_path, "bound", epochs=1)]
+    records = tmp_path / "listeners"
+    agent = subprocess.Popen(command, cwd=REPO, env={**_env(), "SHARDREC_RECORD_LISTENERS": str(records)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(records.glob("rank-*.json"))) < 2:  # written once each rank's group is up
+            assert agent.poll() is None and time.monotonic() < deadline, agent.stdout.read() if agent.stdout else ""
+            time.sleep(0.2)
+        agent_listens = listening_addresses(agent.pid)
+        output, _ = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, output[-3000:]
+    assert agent_listens and _loopback_only(agent_listens), agent_listens
+    ranks = [json.loads(f.read_text()) for f in sorted(records.glob("rank-*.json"))]
+    assert all(_loopback_only(addresses) for addresses in ranks), ranks
 
 
 @pytest.mark.timeout(500)

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.dataset_format import PreparedDataset
-from core.prepare import PrepareOptions, ml100k_source, prepare, read_interactions
+from core.prepare import PrepareOptions, ml100k_source, prepare, prepare_stream
+from core.raw_input import InputColumns, array_batches, file_batches, read_interactions
 from launcher.cli import main
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -120,3 +121,62 @@ def test_unreadable_parquet_and_not_a_dataset(tmp_path, capsys):
     config.write_text(f'[data]\npath = "{tmp_path}"\n')
     assert main(["train", "--config", str(config)]) == 2
     assert "is not a prepared dataset" in capsys.readouterr().err
+
+
+def _split_tables(root) -> dict[str, dict]:
+    """Each split's rows, in file order, per shard file: what two preparations must agree on."""
+    dataset = PreparedDataset.open(root)
+    return {split: [pq.read_table(path).to_pydict() for path in dataset.split_files(split)]
+            for split in ("train", "valid", "test")}
+
+
+@pytest.mark.parametrize("split", ["random", "loo"])
+def test_streamed_import_does_not_depend_on_how_the_input_is_batched(tmp_path, split):
+    """The three passes see the input a batch at a time: 997-row batches (pairs repeated across
+    batches included) give the same dataset as one batch."""
+    rng = np.random.default_rng(5)
+    rows = 20_000
+    raw = {"user": rng.integers(10**12, 10**12 + 700, rows), "item": rng.integers(-50, 400, rows),
+           "rating": rng.integers(1, 6, rows).astype(np.float32), "timestamp": rng.integers(0, 50, rows)}
+    options = PrepareOptions(split=split, seed=3, shards=3)
+    whole = prepare_stream(array_batches(raw, batch_rows=rows), tmp_path / "whole", options, "t")
+    batched = prepare_stream(array_batches(raw, batch_rows=997), tmp_path / "batched", options, "t")
+    assert whole == batched
+    assert _split_tables(tmp_path / "whole") == _split_tables(tmp_path / "batched")
+    # implicit feedback: one row per distinct pair, the latest occurrence (timestamp, then file order)
+    pairs = {}
+    for index, (user, item, time) in enumerate(zip(raw["user"], raw["item"], raw["timestamp"])):
+        if (user, item) not in pairs or (time, index) >= pairs[(user, item)][:2]:
+            pairs[(user, item)] = (time, index, raw["rating"][index])
+    assert whole["interactions"] == len(pairs)
+    dataset = PreparedDataset.open(tmp_path / "whole")
+    user_raw = pq.read_table(tmp_path / "whole" / "user_ids.parquet").column("raw_id").to_numpy()
+    item_raw = pq.read_table(tmp_path / "whole" / "item_ids.parquet").column("raw_id").to_numpy()
+    for name in ("train", "valid", "test"):
+        table = dataset.read_split(name)
+        for user, item, rating, time in zip(table["user_id"], table["item_id"], table["rating"], table["timestamp"]):
+            assert pairs[(user_raw[user], item_raw[item])][0::2] == (time, rating)
+    dataset.verify()  # every shard holds exactly its user range in every split
+
+
+def test_import_streams_a_parquet_file_in_batches_and_never_leaves_a_half_dataset(tmp_path, monkeypatch):
+    raw = read_interactions(ml100k_source(), "user_id:token", "item_id:token", "rating:float", "timestamp:float")
+    source = tmp_path / "ml.parquet"
+    pq.write_table(pa.table({"u": raw["user"], "i": raw["item"], "r": raw["rating"], "t": raw["timestamp"]}), source,
+                   row_group_size=7_000)
+    columns = InputColumns("u", "i", "r", "t")
+    batches = file_batches(source, columns, batch_rows=6_000)
+    assert sum(1 for _ in batches()) == 17  # 100,000 rows, 6,000 at a time: the file is never read whole
+    stats = prepare_stream(batches, tmp_path / "streamed", PrepareOptions(), "t")
+    assert (stats["interactions"], stats["users"], stats["items"], stats["shards"]) == (100_000, 943, 1682, 4)
+    prepare_stream(file_batches(source, columns), tmp_path / "one-batch", PrepareOptions(), "t")
+    assert _split_tables(tmp_path / "streamed") == _split_tables(tmp_path / "one-batch")
+
+    # A failure in the last pass leaves no dataset behind (and no staging folder).
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("core.prepare.write_user_shards", broken)
+    with pytest.raises(OSError):
+        prepare_stream(batches, tmp_path / "failed", PrepareOptions(), "t")
+    assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.partial").exists()

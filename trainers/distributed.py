@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,7 +49,42 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    return RankContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, owns)
+    context = RankContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, owns)
+    record = os.environ.get("SHARDREC_RECORD_LISTENERS")
+    if record:  # testing aid: what this rank listens on once its process group is up
+        Path(record).mkdir(parents=True, exist_ok=True)
+        (Path(record) / f"rank-{context.rank}.json").write_text(json.dumps(listening_addresses()))
+    return context
+
+
+def listening_addresses(pid: int | str = "self") -> list[str]:
+    """"address:port" of every TCP socket process `pid` listens on (from /proc; Linux only)."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        path = Path(f"/proc/{pid}/net/{table}")
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, one of this process's sockets
+                address_hex, port_hex = fields[1].split(":")
+                found.append(f"{_proc_address(address_hex, width)}:{int(port_hex, 16)}")
+    return sorted(found)
+
+
+def _proc_address(hex_address: str, width: int) -> str:
+    """/proc/net/tcp's address (host-order 32-bit words in hex) -> its printed form."""
+    raw = b"".join(int(hex_address[i:i + 8], 16).to_bytes(4, "little") for i in range(0, width, 8))
+    return socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, raw)
 
 
 def teardown(context: RankContext) -> None:

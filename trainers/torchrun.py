@@ -1,0 +1,48 @@
+"""torchrun with its rendezvous store listening on the rendezvous address only.
+
+    python -m trainers.torchrun --nproc-per-node 2 -m trainers --config launcher/configs/ncf_ml100k.toml
+
+The same arguments as `torchrun`. torchrun's agent on the first node serves a TCPStore that every
+rank and agent uses, and torch creates it listening on every interface of the machine (it takes no
+bind address): anyone who can reach the machine could write keys into the job's store. Here each
+store this process serves is handed a socket bound to the address it is served at (127.0.0.1 for
+`--master-addr 127.0.0.1` or `--standalone`; node 0's cluster address across hosts). The ranks
+themselves are unchanged (`python -m trainers`).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
+import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_rendezvous
+from torch.distributed import run
+
+_TCPStore = dist.TCPStore
+
+
+class BoundTCPStore(_TCPStore):
+    """A TCPStore whose server (is_master) listens on `host_name`'s address only."""
+
+    def __init__(self, host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
+                 *args: Any, **kwargs: Any) -> None:
+        if is_master and kwargs.get("master_listen_fd") is None:
+            listener = socket.create_server((host_name, port), backlog=512)
+            port = listener.getsockname()[1]
+            kwargs["master_listen_fd"] = listener.detach()  # the store owns the descriptor from here
+        super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Every place torch's launcher creates a store server looks TCPStore up by one of these names.
+    dist.TCPStore = BoundTCPStore
+    static_rendezvous.TCPStore = BoundTCPStore
+    c10d_backend.TCPStore = BoundTCPStore
+    run.main(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
