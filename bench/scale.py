@@ -9,7 +9,9 @@ users; NCF with the sampled protocol, whose cost does not carry the MLP over eve
 size: interactions, users, items, generate s, peak RSS over training and evaluation, the worst rank's
 table shards and optimizer state and its RSS beyond them, the peak once the final checkpoint is
 written, seconds from launch to the first step, steps/s, users ranked, eval s (the first evaluation
-reads the rank's shards of every split once, keeping only the sampled users' rows).
+reads the rank's shards of every split once, keeping only the sampled users' rows), and, with
+--checkpoint-block, how long a checkpoint at the epoch's middle step held training
+(`checkpoint_block_s`: asynchronous saves, or synchronous ones with --sync-checkpoints).
 
 The last two lines are `rss_growth <x>` and `first_step_growth <x>`: largest over smallest size, for
 the worst rank's RSS beyond tables and for the time to the first step.
@@ -68,16 +70,21 @@ def dataset_for(size: int, root: Path, features: bool, split: str = "random") ->
     return path, time.monotonic() - started
 
 
-def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, run_root: Path) -> dict:
-    """torchrun on `ranks` ranks, one epoch of `steps` steps and one evaluation; returns the summary
-    plus `launch_at` (wall clock of the launch)."""
+def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, run_root: Path,
+               mid_checkpoint: bool = False, async_checkpoints: bool = True) -> dict:
+    """torchrun on `ranks` ranks, one epoch of `steps` steps (with `mid_checkpoint`, a checkpoint at
+    its middle step) and one evaluation; returns the summary plus `launch_at` (wall clock of the
+    launch) and `checkpoint_block_s` (how long the mid-epoch checkpoint held the step; NaN without)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
         "--master-port", str(free_loopback_port()), "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
         "--data.path", str(data), "--trainer.epochs", "1", "--trainer.max_steps_per_epoch", str(steps),
         "--trainer.run_root", str(run_root), "--trainer.run_name", data.name, "--trainer.log_every", "10",
-        "--eval.max_users", str(eval_users), *EXTRA[model],
+        "--eval.max_users", str(eval_users), "--trainer.async_checkpoints", str(async_checkpoints).lower(),
+        *EXTRA[model],
     ]
+    if mid_checkpoint:  # its peak then comes before the evaluation's: the RSS columns change meaning
+        command += ["--trainer.checkpoint_every_steps", str(max(steps // 2, 1))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints its Python stack
     launch_at = time.time()
     done = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -87,6 +94,10 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
         sys.exit(f"torchrun failed ({done.returncode}) on {data}:\n{done.stderr[-3000:]}\n{tails}")
     summary = json.loads((run_root / data.name / "summary.json").read_text())
     summary["launch_at"] = launch_at
+    records = [json.loads(line) for line in (run_root / data.name / "metrics.jsonl").read_text().splitlines()]
+    inside = [r for r in records if r["kind"] == "checkpoint" and "/step-" in r["path"]]
+    summary["checkpoint_block_s"] = inside[0]["checkpoint_block_s"] if inside else float("nan")
+    shutil.rmtree(run_root / data.name, ignore_errors=True)  # checkpoints of the largest tables: GBs
     return summary
 
 
@@ -108,6 +119,7 @@ def row_of(size: int, generate_s: float, data: Path, summary: dict) -> dict:
         "steps_per_s": record["steps"] / record["epoch_s"],
         "eval_users": record["valid"]["users"],
         "eval_s": record["eval_s"],
+        "checkpoint_block_s": summary["checkpoint_block_s"],
     }
 
 
@@ -119,24 +131,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-users", type=int, default=10_000)
     parser.add_argument("--data-root", default=str(REPO / "runs" / "data"), help="where synthetic datasets are kept")
+    parser.add_argument("--checkpoint-block", action="store_true",
+                        help="also checkpoint at the epoch's middle step and report how long it held training")
+    parser.add_argument("--sync-checkpoints", action="store_true",
+                        help="write the checkpoints synchronously (default: in the background)")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     rows = []
     header = (f"{'interactions':>13} {'users':>10} {'items':>9} {'gen s':>7} {'peak RSS MB':>11} {'tables MB':>9} "
               f"{'RSS-tables MB':>13} {'ckpt peak MB':>12} {'1st step s':>10} {'steps/s':>8} {'eval users':>10} "
-              f"{'eval s':>7}")
+              f"{'eval s':>7} {'ckpt block s':>12}")
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="shardrec-scale-") as scratch:
         for size in sizes:
             data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower",
                                            split=SPLIT.get(args.model, "random"))
-            summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch))
+            summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch),
+                                 mid_checkpoint=args.checkpoint_block, async_checkpoints=not args.sync_checkpoints)
             row = row_of(size, generate_s, data, summary)
             rows.append(row)
             print(f"{row['interactions']:>13,} {row['users']:>10,} {row['items']:>9,} {row['generate_s']:>7.1f} "
                   f"{row['peak_rss_mb']:>11,.0f} {row['state_mb']:>9,.0f} {row['rss_beyond_tables_mb']:>13,.0f} "
                   f"{row['checkpoint_peak_mb']:>12,.0f} {row['first_step_s']:>10.1f} "
-                  f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f}", flush=True)
+                  f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f} "
+                  f"{row['checkpoint_block_s']:>12.2f}", flush=True)
     print(f"rss_growth {rows[-1]['rss_beyond_tables_mb'] / rows[0]['rss_beyond_tables_mb']:.2f}")
     print(f"first_step_growth {rows[-1]['first_step_s'] / rows[0]['first_step_s']:.2f}")
 

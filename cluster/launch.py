@@ -10,13 +10,15 @@ import ray.train
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.pipeline import training_dataset
+from cluster.pipeline import sequence_windows
 from cluster.process_group import BoundStoreTorchConfig
+from cluster.rank_stream import RayRankStream
 from cluster.ray_cluster import ray_cluster
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset
-from core.model_params import is_sequence_model
+from core.model_params import batch_kind_of, is_sequence_model
+from core.negatives import NegativeSampler
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
 from trainers.batches import RayShardSource
@@ -47,14 +49,26 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     context = setup(config.cluster.backend)
     try:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
-            source = RayShardSource(ray.train.get_dataset_shard("train"), config.trainer.batch_size,
-                                    config.data.shuffle_buffer)
+            dataset = PreparedDataset.open(config.data.path)
+            source = _rank_source(config, dataset, context.rank, context.world_size)
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
-            dataset = PreparedDataset.open(config.data.path)
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
     finally:
         teardown(context)
+
+
+def _rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int) -> Any:
+    """This worker's batches: its own Ray Data pipeline over its own shards for interaction models
+    (cluster/rank_stream.py: exactly-once across restarts); for sequence models, its split of the
+    shared window stream that Ray Train hands it."""
+    params = config.model.resolved_params()
+    batch_kind = batch_kind_of(params)
+    if batch_kind == "sequence":
+        return RayShardSource(ray.train.get_dataset_shard("train"), config.trainer.batch_size, config.data.shuffle_buffer)
+    sampler = NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives, batch_kind=batch_kind)
+    return RayRankStream(dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, rank, world_size,
+                         config.trainer.seed)
 
 
 def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = print, verbose: bool = False
@@ -87,7 +101,9 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 # retries that wait without limit, a hang when a node is gone for good.
                 failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
             ),
-            datasets={"train": training_dataset(dataset, config.data, params)},
+            # Sequence models' windows: one stream that Ray Train splits; interaction models: none here,
+            # each worker builds its own (_rank_source).
+            datasets={"train": sequence_windows(dataset, params)} if is_sequence_model(params) else None,
         )
         try:
             with follow_console(run_dir):

@@ -98,6 +98,9 @@ class TrainerSection:
     twice or skipped (the epoch's order is a function of the seed and the epoch)."""
     keep_checkpoints: int = 0
     """Keep only the newest this many checkpoints (0: all); the best-validation one is always kept."""
+    async_checkpoints: bool = True
+    """Write checkpoints in the background: a step waits for the state's copy to host memory, not
+    for the disk (one save in flight at most). false: every rank waits until its shards are written."""
     max_steps_per_epoch: int = 0
     """Stop each epoch after this many steps (0: the whole epoch). For smoke tests."""
 

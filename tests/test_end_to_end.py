@@ -421,3 +421,39 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
     blocked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "checkpoint"]
     assert blocked and all(r["checkpoint_block_s"] >= 0 for r in blocked)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_ray_train_restarts_a_killed_rank_mid_epoch_and_trains_each_positive_once(ml100k_small, tmp_path):
+    """Ray Train with `max_failures 1`, a checkpoint every 3 steps (written in the background): rank 1
+    kills itself with SIGKILL in the middle of epoch 2. Ray Train restarts the worker group, which
+    resumes from the last step checkpoint. Every positive of the epochs is trained exactly once (each
+    rank's Ray Data stream is a function of the seed, the epoch and the rank: the same steps and rows
+    as an uninterrupted run), metrics.jsonl holds each step once, and the final weights and optimizer
+    state equal the uninterrupted run's."""
+    shardrec = str(VENV_BIN / "shardrec")
+    extra = ["--trainer.checkpoint_every_steps", "3", "--trainer.log_every", "1"]
+    straight = _run([shardrec, "train", *_small_run_args(ml100k_small, tmp_path, "straight"), *extra], 360,
+                    env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec-straight")})
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    reference = _recorded_steps(tmp_path / "rec-straight")
+    per_epoch = max(step for _, step in reference) // 2
+    fail_at = per_epoch + per_epoch // 2 + 1  # in the middle of epoch 2, just after a checkpoint
+    restarted = _run([shardrec, "train", *_small_run_args(ml100k_small, tmp_path, "run"), *extra,
+                      "--cluster.max_failures", "1"], 480,
+                     env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec"), "SHARDREC_FAIL_AT_STEP": f"1:{fail_at}"})
+    output = restarted.stdout + restarted.stderr
+    assert restarted.returncode == 0, output[-4000:]
+    found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", output)
+    assert found, output[-4000:]
+    checkpoint_step = int(found.group(1))
+    assert per_epoch < checkpoint_step <= fail_at  # a checkpoint inside epoch 2 was used
+    assert _recorded_steps(tmp_path / "rec", keep_first_attempt_upto=checkpoint_step) == reference
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * per_epoch
+    a = _final_weights(tmp_path / "straight", 2, tmp_path / "a.pt")
+    b = _final_weights(tmp_path / "run", 2, tmp_path / "b.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import random
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed.checkpoint.staging import AsyncStager
 
 
 def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
@@ -26,10 +28,86 @@ def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
     torch.save(_rng_state(), path / f"rng-rank{dist.get_rank()}.pt")
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = path / "progress.json.tmp"
-        tmp.write_text(json.dumps(progress, indent=2))
-        tmp.rename(path / "progress.json")
+        _mark_complete(path, progress)
     dist.barrier()
+
+
+class AsyncSaver:
+    """Checkpoints written in the background: `save` copies the state to host memory (the only time
+    the step waits, beside waiting for a previous save still in flight), and a thread writes it
+    through its own process group, so the writes' collectives never interleave with training's.
+    At most one save is in flight; progress.json, the mark of completion, is written by rank 0 once
+    every rank's shards and the metadata are on disk, then `on_complete(path)` runs there."""
+
+    def __init__(self, on_complete: Callable[[Path], None] | None = None) -> None:
+        # gloo whatever the training backend: the writes are host-side; created collectively, once
+        self.group = dist.new_group(backend="gloo")
+        self.on_complete = on_complete
+        self.pending: tuple[Future, Path, dict[str, Any]] | None = None
+
+    def save(self, state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
+        """Collective. Returns once the state is copied; a previous save in flight is waited for first."""
+        self.wait()
+        torch.save(_rng_state(), _mkdir(path) / f"rng-rank{dist.get_rank()}.pt")
+        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group,
+                                async_stager=_HostCopyStager())
+        self.pending = (future, path, progress)
+
+    def wait(self) -> None:
+        """Collective in effect (every rank waits for its part): the save in flight, if any, is complete
+        and marked when this returns."""
+        if self.pending is None:
+            return
+        future, path, progress = self.pending
+        self.pending = None
+        future.result()  # raises here if the background write failed
+        dist.barrier(group=self.group)
+        if dist.get_rank() == 0:
+            _mark_complete(path, progress)
+            if self.on_complete is not None:
+                self.on_complete(path)
+
+
+class _HostCopyStager(AsyncStager):
+    """Stages a state dict as a private host copy: tensors cloned, and TorchRec's ShardedTensors
+    rebuilt around clones of their local shards (torch's own stager cannot copy those). Training may
+    change the originals as soon as `stage` returns."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return _host_copy(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _host_copy(value: Any) -> Any:
+    if isinstance(value, ShardedTensor):
+        shards = [Shard(shard.tensor.detach().to("cpu", copy=True), shard.metadata) for shard in value.local_shards()]
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, value.metadata(), process_group=value._process_group)
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _host_copy(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(inner) for inner in value)
+    return value
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _mark_complete(path: Path, progress: dict[str, Any]) -> None:
+    tmp = path / "progress.json.tmp"
+    tmp.write_text(json.dumps(progress, indent=2))
+    tmp.rename(path / "progress.json")
 
 
 def load(state: dict[str, Any], path: Path, restore_rng: bool = True) -> dict[str, Any]:

@@ -54,9 +54,11 @@ class Trainer:
         self.peak_rss_before_checkpoint_mb: float | None = None
         """Peak RSS before the first checkpoint: DCP copies each table shard while saving it (views
         of FBGEMM's flat weight buffer are cloned), so the peak after it carries one shard more."""
+        """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
         self.first_step_at: float | None = None
         """Wall clock at the end of this process's first training step (start-up benchmarks)."""
-        """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
+        self.saver: checkpoint.AsyncSaver | None = None
+        """Background checkpoint writer (trainer.async_checkpoints), made at the first save."""
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -95,24 +97,45 @@ class Trainer:
 
     def save_checkpoint(self, run_dir: Path, log: RunLog | None = None) -> Path:
         """Collective. At an epoch end, or inside an epoch (then named by step). Logs how long the
-        step was blocked (`checkpoint_block_s`) and applies trainer.keep_checkpoints."""
+        step was blocked (`checkpoint_block_s`) and applies trainer.keep_checkpoints once the
+        checkpoint is complete. With trainer.async_checkpoints the step waits only for the state's
+        copy to host memory (and for the previous save, if still being written)."""
         inside = self.epoch_batches > 0
         path = checkpoint_dir(run_dir, self.epoch, self.step if inside else None)
         if self.peak_rss_before_checkpoint_mb is None:
             self.peak_rss_before_checkpoint_mb = peak_rss_mb()
         started = time.perf_counter()
-        checkpoint.save(self.state_dict(), path, self.progress())
+        if self.config.trainer.async_checkpoints:
+            if self.saver is None:
+                self.saver = checkpoint.AsyncSaver(on_complete=lambda _: self._retain_checkpoints(run_dir))
+            self.saver.save(self.state_dict(), path, self.progress())
+        else:
+            checkpoint.save(self.state_dict(), path, self.progress())
+            if self.context.is_main:
+                self._retain_checkpoints(run_dir)
         blocked = time.perf_counter() - started
         if log is not None:
-            log.record("checkpoint", self.step, {"path": str(path), "checkpoint_block_s": blocked})
-        if self.context.is_main and self.config.trainer.keep_checkpoints:
-            keep = {folder for _, folder in complete_checkpoints(run_dir)[-self.config.trainer.keep_checkpoints:]}
-            if self.best:
-                keep.add(checkpoint_dir(run_dir, self.best["epoch"]))  # never the best-validation one
-            for _, folder in complete_checkpoints(run_dir):
-                if folder not in keep:
-                    shutil.rmtree(folder, ignore_errors=True)
+            log.record("checkpoint", self.step, {"path": str(path), "checkpoint_block_s": blocked,
+                                                 "async": self.config.trainer.async_checkpoints})
         return path
+
+    def finish_checkpoints(self) -> None:
+        """Collective. Wait for a checkpoint still being written (asynchronous saves)."""
+        if self.saver is not None:
+            self.saver.wait()
+
+    def _retain_checkpoints(self, run_dir: Path) -> None:
+        """Rank 0: trainer.keep_checkpoints, never deleting the best-validation checkpoint."""
+        keep_count = self.config.trainer.keep_checkpoints
+        if not keep_count:
+            return
+        complete = complete_checkpoints(run_dir)
+        keep = {folder for _, folder in complete[-keep_count:]}
+        if self.best:
+            keep.add(checkpoint_dir(run_dir, self.best["epoch"]))
+        for _, folder in complete:
+            if folder not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def load_checkpoint(self, path: Path) -> None:
         """Collective. Weights, optimizer state, RNG states and progress."""
@@ -237,6 +260,7 @@ class Trainer:
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last:
                 self.save_checkpoint(run_dir, log)
+        self.finish_checkpoints()
         summary = {
             "run_dir": str(run_dir),
             "model": self.config.model.name,

@@ -1,0 +1,81 @@
+"""The Ray Data training stream of one rank: a pure function of (seed, epoch, rank) and the dataset.
+
+Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt shard i to
+rank i % world, or every shard with rows striped rank::world when they do not divide, as the
+torchrun ranks do): one Ray task per shard, in an order drawn from (seed, epoch), reads the shard,
+shuffles it and draws its negatives with a generator seeded by (seed, epoch, shard), against the
+shard's own positives (shards are user-partitioned). The blocks come back in that order
+(`preserve_order`) and are batched through a local shuffle buffer with a seed of its own. So the
+epoch's batches are the same on every run, and a resumed epoch that skips the batches already
+trained continues with exactly the rows that were not (exactly-once positives, as under torchrun).
+Ray Data still runs the reads and the sampling in parallel tasks, ahead of the training step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+
+from core.dataset_format import PreparedDataset
+from core.negatives import NegativeSampler
+
+Batch = dict[str, np.ndarray]
+
+
+class RayRankStream:
+    """A BatchSource for one Ray Train worker (see the module docstring)."""
+
+    def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
+                 rank: int, world_size: int, seed: int) -> None:
+        shards = np.arange(dataset.num_shards)
+        self.striped = dataset.num_shards % world_size != 0
+        self.shards = shards if self.striped else shards[rank::world_size]
+        self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
+        self.sampler = sampler
+        self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
+        self.rank, self.world_size = rank, world_size
+        self.seed = seed + 1000 * rank
+
+    def pipeline(self, epoch: int) -> tuple[ray.data.Dataset, int]:
+        """This epoch's dataset (lazy) and the seed of its local shuffle."""
+        rng = np.random.default_rng((self.seed, epoch))
+        order = self.shards[rng.permutation(len(self.shards))]
+        tasks = [{"path": self.files[int(shard)], "shard": int(shard)} for shard in order]
+        stripe = (self.rank, self.world_size) if self.striped else None
+        dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
+            _SampledShard(self.sampler, self.seed, epoch, stripe), batch_size=1, batch_format="numpy")
+        dataset.context.execution_options.preserve_order = True  # blocks in the seeded shard order
+        dataset.context.enable_progress_bars = False
+        return dataset, int(rng.integers(2**31))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        dataset, shuffle_seed = self.pipeline(epoch)
+        yield from dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                        local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None)
+
+
+class _SampledShard:
+    """Ray Data map: one shard's path -> its (or this rank's stripe of its) positives, shuffled, with
+    their sampled negatives; every draw from (seed, epoch, shard)."""
+
+    def __init__(self, sampler: NegativeSampler, seed: int, epoch: int, stripe: tuple[int, int] | None) -> None:
+        self.sampler, self.seed, self.epoch, self.stripe = sampler, seed, epoch, stripe
+
+    def __call__(self, batch: dict[str, Any]) -> Batch:
+        (path,), (shard,) = batch["path"], batch["shard"]
+        rng = np.random.default_rng((self.seed, self.epoch, int(shard)))
+        table = pq.read_table(str(path), columns=["user_id", "item_id"])
+        positives = {name: table.column(name).to_numpy() for name in ("user_id", "item_id")}
+        known = self.sampler.known_keys(positives) if self.sampler.reject_positives else None
+        mine = positives
+        if self.stripe is not None:
+            rank, world = self.stripe
+            mine = {name: values[rank::world] for name, values in positives.items()}
+        order = rng.permutation(len(mine["user_id"]))
+        expanded = self.sampler({name: values[order] for name, values in mine.items()}, rng, known)
+        shuffle = rng.permutation(len(expanded["user_id"]))
+        return {name: values[shuffle] for name, values in expanded.items()}
