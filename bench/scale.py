@@ -10,8 +10,8 @@ size: interactions, users, items, generate s, peak RSS over training and evaluat
 table shards and optimizer state and its RSS beyond them, the peak once the final checkpoint is
 written, seconds from launch to the first step, steps/s, users ranked, eval s (the first evaluation
 reads the rank's shards of every split once, keeping only the sampled users' rows), and, with
---checkpoint-block, how long a checkpoint at the epoch's middle step held training
-(`checkpoint_block_s`: asynchronous saves, or synchronous ones with --sync-checkpoints).
+--checkpoint-block, how long the checkpoints at the epoch's middle and last steps held training
+("first/second" `checkpoint_block_s`: asynchronous saves, or synchronous ones with --sync-checkpoints).
 
 The last two lines are `rss_growth <x>` and `first_step_growth <x>`: largest over smallest size, for
 the worst rank's RSS beyond tables and for the time to the first step.
@@ -74,7 +74,8 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
                mid_checkpoint: bool = False, async_checkpoints: bool = True) -> dict:
     """torchrun on `ranks` ranks, one epoch of `steps` steps (with `mid_checkpoint`, a checkpoint at
     its middle step) and one evaluation; returns the summary plus `launch_at` (wall clock of the
-    launch) and `checkpoint_block_s` (how long the mid-epoch checkpoint held the step; NaN without)."""
+    launch) and `checkpoint_block_s` (how long the checkpoints at the middle and the last step held
+    training; empty without)."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr", "127.0.0.1",
         "--master-port", str(free_loopback_port()), "-m", "trainers", "--config", str(REPO / "launcher" / "configs" / CONFIGS[model]),
@@ -83,7 +84,7 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
         "--eval.max_users", str(eval_users), "--trainer.async_checkpoints", str(async_checkpoints).lower(),
         *EXTRA[model],
     ]
-    if mid_checkpoint:  # its peak then comes before the evaluation's: the RSS columns change meaning
+    if mid_checkpoint:  # the first one's peak then comes before the evaluation's: the RSS columns change meaning
         command += ["--trainer.checkpoint_every_steps", str(max(steps // 2, 1))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints its Python stack
     launch_at = time.time()
@@ -96,7 +97,7 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
     summary["launch_at"] = launch_at
     records = [json.loads(line) for line in (run_root / data.name / "metrics.jsonl").read_text().splitlines()]
     inside = [r for r in records if r["kind"] == "checkpoint" and "/step-" in r["path"]]
-    summary["checkpoint_block_s"] = inside[0]["checkpoint_block_s"] if inside else float("nan")
+    summary["checkpoint_block_s"] = [r["checkpoint_block_s"] for r in inside[:2]]
     shutil.rmtree(run_root / data.name, ignore_errors=True)  # checkpoints of the largest tables: GBs
     return summary
 
@@ -154,7 +155,7 @@ def main() -> None:
                   f"{row['peak_rss_mb']:>11,.0f} {row['state_mb']:>9,.0f} {row['rss_beyond_tables_mb']:>13,.0f} "
                   f"{row['checkpoint_peak_mb']:>12,.0f} {row['first_step_s']:>10.1f} "
                   f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f} "
-                  f"{row['checkpoint_block_s']:>12.2f}", flush=True)
+                  f"{'/'.join(f'{b:.2f}' for b in row['checkpoint_block_s']) or '-':>12}", flush=True)
     print(f"rss_growth {rows[-1]['rss_beyond_tables_mb'] / rows[0]['rss_beyond_tables_mb']:.2f}")
     print(f"first_step_growth {rows[-1]['first_step_s'] / rows[0]['first_step_s']:.2f}")
 

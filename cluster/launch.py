@@ -10,7 +10,6 @@ import ray.train
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.pipeline import sequence_windows
 from cluster.process_group import BoundStoreTorchConfig
 from cluster.rank_stream import RayRankStream
 from cluster.ray_cluster import ray_cluster
@@ -21,7 +20,7 @@ from core.model_params import batch_kind_of, is_sequence_model
 from core.negatives import NegativeSampler
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
-from trainers.batches import RayShardSource
+from trainers.batches import BatchSource, SequenceWindowsSource
 from trainers.distributed import setup, teardown
 from trainers.run_log import (
     CONSOLE_EVENTS,
@@ -41,8 +40,9 @@ class TrainingFailed(RuntimeError):
 
 
 def ray_train_loop(loop_config: dict[str, Any]) -> None:
-    """Body of each Ray Train worker. Ray Train has already joined the process group and split the
-    `train` dataset across workers; after a restart (FailureConfig) it resumes from the last checkpoint.
+    """Body of each Ray Train worker. Ray Train has already joined the process group (with rank 0's
+    store on its node address: cluster/process_group.py); the worker streams its own shards, and
+    after a restart (FailureConfig) resumes from the last checkpoint at the next unseen batch.
     Rank 0's console events go to a file the driver renders (`follow_console`)."""
     config = config_from_json(loop_config["config_json"])
     run_dir = Path(loop_config["run_dir"])
@@ -58,14 +58,15 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         teardown(context)
 
 
-def _rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int) -> Any:
-    """This worker's batches: its own Ray Data pipeline over its own shards for interaction models
-    (cluster/rank_stream.py: exactly-once across restarts); for sequence models, its split of the
-    shared window stream that Ray Train hands it."""
+def _rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int) -> BatchSource:
+    """This worker's batches, a function of (seed, epoch, rank) so a restart resumes exactly-once:
+    for interaction models its own Ray Data pipeline over its own shards (cluster/rank_stream.py);
+    for sequence models the windows of its own shards' users, cut once and shuffled per epoch (as a
+    torchrun rank does: they are few and fixed, and Ray Data has nothing to parallelise there)."""
     params = config.model.resolved_params()
     batch_kind = batch_kind_of(params)
     if batch_kind == "sequence":
-        return RayShardSource(ray.train.get_dataset_shard("train"), config.trainer.batch_size, config.data.shuffle_buffer)
+        return SequenceWindowsSource(dataset, params, config.trainer.batch_size, rank, world_size, config.trainer.seed)
     sampler = NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives, batch_kind=batch_kind)
     return RayRankStream(dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, rank, world_size,
                          config.trainer.seed)
@@ -101,9 +102,6 @@ def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = prin
                 # retries that wait without limit, a hang when a node is gone for good.
                 failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
             ),
-            # Sequence models' windows: one stream that Ray Train splits; interaction models: none here,
-            # each worker builds its own (_rank_source).
-            datasets={"train": sequence_windows(dataset, params)} if is_sequence_model(params) else None,
         )
         try:
             with follow_console(run_dir):

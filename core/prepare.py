@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, write_user_shards
 from core.errors import UserError
+from core.interactions import sorted_positions
 from core.raw_input import BatchStream, InputColumns, RawBatch, array_batches, file_batches
 from core.splits import history_positions, latest_of_each_pair, split_leave_one_out, split_random, tied_last_timestamps
 
@@ -149,32 +150,37 @@ def _kept(batch: RawBatch, options: PrepareOptions) -> RawBatch:
 
 
 class _UniqueCounter:
-    """Sorted distinct values of a stream of arrays, with how often each occurs. Batches are merged
-    once their pending size reaches the merged size, so the work stays O(n log n) overall and the
-    memory O(distinct values + one batch)."""
+    """Sorted distinct values of a stream of arrays, with how often each occurs. Batches wait until
+    they add up to the merged size; then they are reduced together and merged in with a binary
+    search (no sort of the merged values), so the work stays O(n log n) overall and the memory a
+    small multiple of the distinct values, whatever the number of rows."""
 
     def __init__(self) -> None:
         self.values = np.empty(0, dtype=np.int64)
         self.counts = np.empty(0, dtype=np.int64)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pending: list[np.ndarray] = []
         self.pending_size = 0
 
     def add(self, values: np.ndarray) -> None:
-        ordered = np.sort(values)
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.empty(0, np.int64)
-        self.pending.append((ordered[starts], np.diff(np.r_[starts, len(ordered)])))
-        self.pending_size += len(starts)
-        if self.pending_size >= max(len(self.values), 1 << 20):
+        self.pending.append(np.asarray(values, dtype=np.int64))
+        self.pending_size += len(values)
+        if self.pending_size >= max(len(self.values), 1 << 22):
             self._merge()
 
     def _merge(self) -> None:
-        values = np.concatenate([self.values, *(v for v, _ in self.pending)])
-        counts = np.concatenate([self.counts, *(c for _, c in self.pending)])
-        order = np.argsort(values, kind="stable")
-        values, counts = values[order], counts[order]
-        starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.empty(0, np.int64)
-        self.values, self.counts = values[starts], np.add.reduceat(counts, starts) if len(starts) else counts
+        if not self.pending:
+            return
+        ordered = np.sort(np.concatenate(self.pending))
         self.pending, self.pending_size = [], 0
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if len(ordered) else np.empty(0, np.int64)
+        new_values, new_counts = ordered[starts], np.diff(np.r_[starts, len(ordered)])
+        del ordered, starts
+        position, found = sorted_positions(self.values, new_values)
+        self.counts[position[found]] += new_counts[found]  # distinct values: distinct positions
+        missing = ~found
+        at = np.searchsorted(self.values, new_values[missing])
+        self.values = np.insert(self.values, at, new_values[missing])
+        self.counts = np.insert(self.counts, at, new_counts[missing])
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         self._merge()

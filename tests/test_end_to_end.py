@@ -30,8 +30,15 @@ VENV_BIN = Path(sys.executable).parent
 CONFIG = str(REPO / "launcher/configs/ncf_ml100k.toml")
 
 
+SESSION_TAG = f"{os.getpid()}-{time.time_ns()}"
+"""In the environment of every command these tests run, and so of every Ray process they start (Ray
+passes its environment on): the leftover checks count only this session's processes, whatever else
+runs on the machine."""
+
+
 def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", PYTHONUNBUFFERED="1",
+               SHARDREC_TEST_SESSION=SESSION_TAG)
     env.pop("RAY_AUTH_MODE", None)  # token authentication on, as a user gets it
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     return env
@@ -185,16 +192,17 @@ RAY_PROCESS_NAMES = (b"ray::", b"raylet", b"gcs_server", b"ray/dashboard", b"ray
 
 
 def _ray_pids() -> set[int]:
-    """Every Ray process on the machine now, by command line."""
+    """The Ray processes (by command line) that this test session started and that still run."""
+    tag = f"SHARDREC_TEST_SESSION={SESSION_TAG}".encode()
     found = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                if any(name in cmdline for name in RAY_PROCESS_NAMES) and tag in (entry / "environ").read_bytes().split(b"\0"):
+                    found.add(int(entry.name))
             except OSError:
                 continue
-            if any(name in cmdline for name in RAY_PROCESS_NAMES):
-                found.add(int(entry.name))
     return found
 
 

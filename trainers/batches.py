@@ -21,27 +21,11 @@ class BatchSource(Protocol):
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
-class RayShardSource:
-    """Batches from this rank's Ray Data stream (`streaming_split(world, equal=True)` done by Ray Train)."""
-
-    def __init__(self, shard: Any, batch_size: int, shuffle_buffer: int) -> None:
-        self.shard = shard
-        self.batch_size = batch_size
-        self.shuffle_buffer = shuffle_buffer
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        yield from self.shard.iter_batches(
-            batch_size=self.batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=self.shuffle_buffer or None,
-        )
-
-
 class ParquetFilesSource:
-    """Without Ray: this rank streams its own train shards with pyarrow and samples negatives itself.
+    """This rank streams its own train shards with pyarrow and samples negatives itself.
 
-    Used under plain torchrun. Shards are dealt to ranks (shard i to rank i % world) when they divide
+    Used under torchrun (Ray Train workers run the same per-shard work as Ray Data tasks:
+    cluster/rank_stream.py). Shards are dealt to ranks (shard i to rank i % world) when they divide
     evenly; otherwise every rank reads every shard and keeps rows rank::world, so no rank's share is
     cut short. An epoch visits the rank's shards in a seeded random order, a window of whole shards
     (about `window_rows` rows) at a time: a window is read and shuffled, and slice by slice its
@@ -122,8 +106,8 @@ class ParquetFilesSource:
 
 
 class SequenceWindowsSource:
-    """Without Ray, for sequence models: a rank cuts windows from the histories of its own shards'
-    users only (shards dealt i % world as for interactions; every shard, windows striped, when they
+    """For sequence models, under torchrun and Ray Train alike: a rank cuts windows from the
+    histories of its own shards' users only (shards dealt i % world as for interactions; every shard, windows striped, when they
     do not divide), and shuffles them each epoch with (seed, rank, epoch)."""
 
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
@@ -148,7 +132,7 @@ class SequenceWindowsSource:
 
 
 def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Copy (Ray Data hands out read-only views) into int64 ids and float32 labels on `device`; to a
+    """Copy (Ray Data and pyarrow hand out read-only views) into int64 ids and float32 labels on `device`; to a
     GPU through pinned memory, without blocking the host."""
     device = torch.device(device)
     out = {}

@@ -7,6 +7,7 @@ and the resolved config.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from concurrent.futures import Future
@@ -43,14 +44,14 @@ class AsyncSaver:
         # gloo whatever the training backend: the writes are host-side; created collectively, once
         self.group = dist.new_group(backend="gloo")
         self.on_complete = on_complete
+        self.stager = _HostCopyStager()
         self.pending: tuple[Future, Path, dict[str, Any]] | None = None
 
     def save(self, state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
         """Collective. Returns once the state is copied; a previous save in flight is waited for first."""
         self.wait()
         torch.save(_rng_state(), _mkdir(path) / f"rng-rank{dist.get_rank()}.pt")
-        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group,
-                                async_stager=_HostCopyStager())
+        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group, async_stager=self.stager)
         self.pending = (future, path, progress)
 
     def wait(self) -> None:
@@ -71,12 +72,20 @@ class AsyncSaver:
 class _HostCopyStager(AsyncStager):
     """Stages a state dict as a private host copy: tensors cloned, and TorchRec's ShardedTensors
     rebuilt around clones of their local shards (torch's own stager cannot copy those). Training may
-    change the originals as soon as `stage` returns."""
+    change the originals as soon as `stage` returns. The copy's buffers are kept and refilled by the
+    next save (the previous one has finished by then: one save in flight), so only the first save
+    pays for allocating, and faulting in, a table-sized buffer."""
 
     _synchronize_after_execute = False
 
+    def __init__(self) -> None:
+        self.cached: dict[str, Any] | None = None
+
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        return _host_copy(state_dict)
+        if self.cached is not None and _refill(self.cached, state_dict):
+            return self.cached
+        self.cached = _host_copy(state_dict)
+        return self.cached
 
     def synchronize_staging(self) -> None:
         pass
@@ -97,6 +106,43 @@ def _host_copy(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_host_copy(inner) for inner in value)
     return value
+
+
+def _refill(cached: Any, value: Any) -> bool:
+    """Copy `value` into the buffers of an earlier `_host_copy` of a state of the same structure;
+    False (and nothing usable) when the structure or a shape changed."""
+    if isinstance(value, ShardedTensor):
+        if not isinstance(cached, ShardedTensor) or len(cached.local_shards()) != len(value.local_shards()):
+            return False
+        pairs = [(c.tensor, v.tensor) for c, v in zip(cached.local_shards(), value.local_shards())]
+    elif isinstance(value, torch.Tensor):
+        pairs = [(cached, value)] if isinstance(cached, torch.Tensor) else []
+        if not pairs:
+            return False
+    elif isinstance(value, (dict, list)):
+        if type(cached) is not type(value) or len(cached) != len(value):
+            return False
+        slots = value.keys() if isinstance(value, dict) else range(len(value))
+        if isinstance(value, dict) and cached.keys() != value.keys():
+            return False
+        for slot in slots:
+            inner = value[slot]
+            if isinstance(inner, (torch.Tensor, dict, list, tuple)):
+                if not _refill(cached[slot], inner):
+                    return False
+            else:  # a number or a string (learning rates, step counts): the new value
+                cached[slot] = copy.deepcopy(inner)
+        return True
+    elif isinstance(value, tuple):
+        return (isinstance(cached, tuple) and len(cached) == len(value)
+                and all(_refill(c, v) for c, v in zip(cached, value)))
+    else:
+        return cached == value
+    if any(c.shape != v.shape or c.dtype != v.dtype for c, v in pairs):
+        return False
+    for c, v in pairs:
+        c.copy_(v.detach())
+    return True
 
 
 def _mkdir(path: Path) -> Path:
