@@ -364,6 +364,24 @@ def _recorded_steps(folder: Path, keep_first_attempt_upto: int | None = None) ->
     return steps
 
 
+def _assert_resumed_exactly_once(output: str, runs: Path, reference: dict, per_epoch: int, fail_at: int) -> None:
+    """Run `run` (records in `rec`) was killed at step `fail_at` of 2 epochs and resumed: it resumed
+    from a step checkpoint inside epoch 2, trained exactly the uninterrupted run `straight`'s steps
+    and rows (`reference`), logged each step once and ended with its weights and optimizer state."""
+    found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", output)
+    assert found, output[-4000:]
+    checkpoint_step = int(found.group(1))
+    assert per_epoch < checkpoint_step <= fail_at  # a checkpoint inside epoch 2 was used
+    assert _recorded_steps(runs / "rec", keep_first_attempt_upto=checkpoint_step) == reference
+    steps = [json.loads(line)["step"] for line in (runs / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "step"]
+    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * per_epoch
+    a = _final_weights(runs / "straight", 2, runs / "a.pt")
+    b = _final_weights(runs / "run", 2, runs / "b.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.timeout(300)
 def test_torchrun_wrapper_serves_its_store_on_the_rendezvous_address_only(ml100k_small, tmp_path):
     """`python -m trainers.torchrun` (torchrun's arguments): the agent's store and every rank listen
@@ -412,18 +430,7 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
     resumed = _run([*torchrun, "--resume", str(tmp_path / "run")], 300,
                    env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec")})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", resumed.stdout)
-    assert found, resumed.stdout[-2000:]
-    checkpoint_step = int(found.group(1))
-    assert per_epoch < checkpoint_step <= fail_at  # a checkpoint inside epoch 2 was used
-    assert _recorded_steps(tmp_path / "rec", keep_first_attempt_upto=checkpoint_step) == reference
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "step"]
-    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * per_epoch
-    a = _final_weights(tmp_path / "straight", 2, tmp_path / "a.pt")
-    b = _final_weights(tmp_path / "run", 2, tmp_path / "b.pt")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    _assert_resumed_exactly_once(resumed.stdout, tmp_path, reference, per_epoch, fail_at)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert len(kept) <= 4 and "epoch-0002" in kept  # keep_checkpoints 3, plus the best-validation one
     blocked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -453,15 +460,4 @@ def test_ray_train_restarts_a_killed_rank_mid_epoch_and_trains_each_positive_onc
                      env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec"), "SHARDREC_FAIL_AT_STEP": f"1:{fail_at}"})
     output = restarted.stdout + restarted.stderr
     assert restarted.returncode == 0, output[-4000:]
-    found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", output)
-    assert found, output[-4000:]
-    checkpoint_step = int(found.group(1))
-    assert per_epoch < checkpoint_step <= fail_at  # a checkpoint inside epoch 2 was used
-    assert _recorded_steps(tmp_path / "rec", keep_first_attempt_upto=checkpoint_step) == reference
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "step"]
-    assert sorted(steps) == sorted(set(steps)) and len(steps) == 2 * per_epoch
-    a = _final_weights(tmp_path / "straight", 2, tmp_path / "a.pt")
-    b = _final_weights(tmp_path / "run", 2, tmp_path / "b.pt")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    _assert_resumed_exactly_once(output, tmp_path, reference, per_epoch, fail_at)
