@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ray.train
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -16,11 +15,10 @@ from cluster.ray_cluster import ray_cluster
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset
-from core.model_params import batch_kind_of, is_sequence_model
-from core.negatives import NegativeSampler
+from core.model_params import is_sequence_model
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
-from trainers.batches import BatchSource, SequenceWindowsSource
+from trainers.batches import rank_source
 from trainers.distributed import setup, teardown
 from trainers.run_log import (
     CONSOLE_EVENTS,
@@ -50,26 +48,15 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     try:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
             dataset = PreparedDataset.open(config.data.path)
-            source = _rank_source(config, dataset, context.rank, context.world_size)
+            # Interaction models: this worker's own Ray Data pipeline over its own shards.
+            source = rank_source(config, dataset, context.rank, context.world_size, lambda sampler: RayRankStream(
+                dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, context.rank,
+                context.world_size, config.trainer.seed))
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
     finally:
         teardown(context)
-
-
-def _rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int) -> BatchSource:
-    """This worker's batches, a function of (seed, epoch, rank) so a restart resumes exactly-once:
-    for interaction models its own Ray Data pipeline over its own shards (cluster/rank_stream.py);
-    for sequence models the windows of its own shards' users, cut once and shuffled per epoch (as a
-    torchrun rank does: they are few and fixed, and Ray Data has nothing to parallelise there)."""
-    params = config.model.resolved_params()
-    batch_kind = batch_kind_of(params)
-    if batch_kind == "sequence":
-        return SequenceWindowsSource(dataset, params, config.trainer.batch_size, rank, world_size, config.trainer.seed)
-    sampler = NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives, batch_kind=batch_kind)
-    return RayRankStream(dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, rank, world_size,
-                         config.trainer.seed)
 
 
 def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = print, verbose: bool = False

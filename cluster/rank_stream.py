@@ -1,8 +1,7 @@
 """The Ray Data training stream of one rank: a pure function of (seed, epoch, rank) and the dataset.
 
-Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt shard i to
-rank i % world, or every shard with rows striped rank::world when they do not divide, as the
-torchrun ranks do): one Ray task per shard, in an order drawn from (seed, epoch), reads the shard,
+Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt by
+`trainers.batches.rank_shards`, as the torchrun ranks' are): one Ray task per shard, in an order drawn from (seed, epoch), reads the shard,
 shuffles it and draws its negatives with a generator seeded by (seed, epoch, shard), against the
 shard's own positives (shards are user-partitioned). The blocks come back in that order
 (`preserve_order`) and are batched through a local shuffle buffer with a seed of its own. So the
@@ -21,8 +20,8 @@ import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
+from trainers.batches import Batch, rank_shards, with_negatives
 
-Batch = dict[str, np.ndarray]
 
 
 class RayRankStream:
@@ -30,9 +29,7 @@ class RayRankStream:
 
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
                  rank: int, world_size: int, seed: int) -> None:
-        shards = np.arange(dataset.num_shards)
-        self.striped = dataset.num_shards % world_size != 0
-        self.shards = shards if self.striped else shards[rank::world_size]
+        self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
@@ -76,6 +73,4 @@ class _SampledShard:
             rank, world = self.stripe
             mine = {name: values[rank::world] for name, values in positives.items()}
         order = rng.permutation(len(mine["user_id"]))
-        expanded = self.sampler({name: values[order] for name, values in mine.items()}, rng, known)
-        shuffle = rng.permutation(len(expanded["user_id"]))
-        return {name: values[shuffle] for name, values in expanded.items()}
+        return with_negatives(self.sampler, {name: values[order] for name, values in mine.items()}, rng, known)

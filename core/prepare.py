@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -141,12 +141,15 @@ def _check_options(options: PrepareOptions) -> None:
         raise UserError(f"unknown split {options.split!r}; use random or loo")
 
 
-def _kept(batch: RawBatch, options: PrepareOptions) -> RawBatch:
-    """Implicit feedback: only the rows with rating >= min_rating (all rows without a threshold)."""
-    if options.min_rating is None:
-        return batch
-    keep = batch["rating"] >= options.min_rating
-    return {name: values[keep] for name, values in batch.items()}
+def _kept(batches: BatchStream, options: PrepareOptions) -> Iterator[RawBatch]:
+    """One pass over the input, keeping (implicit feedback) the rows with rating >= min_rating, or
+    every row without a threshold."""
+    for batch in batches():
+        if options.min_rating is None:
+            yield batch
+        else:
+            keep = batch["rating"] >= options.min_rating
+            yield {name: values[keep] for name, values in batch.items()}
 
 
 class _UniqueCounter:
@@ -190,7 +193,7 @@ class _UniqueCounter:
 def _scan(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Pass 1: (raw user ids sorted, rows per user, raw item ids sorted, rows)."""
     users, items, rows = _UniqueCounter(), _UniqueCounter(), 0
-    for batch in map(lambda b: _kept(b, options), batches()):
+    for batch in _kept(batches, options):
         users.add(batch["user"])
         items.add(batch["item"])
         rows += len(batch["user"])
@@ -213,7 +216,7 @@ def _bucket(batches: BatchStream, options: PrepareOptions, user_ids: np.ndarray,
     folder.mkdir()
     writers: dict[int, pq.ParquetWriter] = {}
     try:
-        for batch in map(lambda b: _kept(b, options), batches()):
+        for batch in _kept(batches, options):
             user = np.searchsorted(user_ids, batch["user"])
             item = np.searchsorted(item_ids, batch["item"])
             shard = np.searchsorted(bounds, user, side="right") - 1

@@ -4,12 +4,14 @@ models) and are wrapped in `lockstep` so that every rank runs the same number of
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
+from core.config import RunConfig
 from core.dataset_format import PreparedDataset
+from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler
 from core.sequences import load_sequences, windows_from_csr
 from trainers.distributed import all_agree
@@ -21,13 +23,41 @@ class BatchSource(Protocol):
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
+def rank_shards(num_shards: int, rank: int, world_size: int) -> tuple[np.ndarray, bool]:
+    """(shards this rank reads, striped). Shard i goes to rank i % world when the shards divide
+    evenly; otherwise every rank reads every shard and keeps rows (or windows) rank::world, so no
+    rank's share is cut short."""
+    shards = np.arange(num_shards)
+    striped = num_shards % world_size != 0
+    return (shards if striped else shards[rank::world_size]), striped
+
+
+def with_negatives(sampler: NegativeSampler, positives: Batch, rng: np.random.Generator,
+                   known: np.ndarray | None) -> Batch:
+    """Shuffled positives -> those rows with their sampled negatives, shuffled together."""
+    expanded = sampler(positives, rng, known)
+    shuffle = rng.permutation(len(expanded["user_id"]))
+    return {name: values[shuffle] for name, values in expanded.items()}
+
+
+def rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int,
+                interactions: Callable[[NegativeSampler], BatchSource]) -> BatchSource:
+    """A rank's batches, a function of (seed, epoch, rank): for sequence models the windows of its
+    own shards' users; for interaction models `interactions(sampler)` (pyarrow under torchrun, a
+    Ray Data pipeline in a Ray Train worker)."""
+    params = config.model.resolved_params()
+    batch_kind = batch_kind_of(params)
+    if batch_kind == "sequence":
+        return SequenceWindowsSource(dataset, params, config.trainer.batch_size, rank, world_size, config.trainer.seed)
+    return interactions(NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives,
+                                        batch_kind=batch_kind))
+
+
 class ParquetFilesSource:
     """This rank streams its own train shards with pyarrow and samples negatives itself.
 
     Used under torchrun (Ray Train workers run the same per-shard work as Ray Data tasks:
-    cluster/rank_stream.py). Shards are dealt to ranks (shard i to rank i % world) when they divide
-    evenly; otherwise every rank reads every shard and keeps rows rank::world, so no rank's share is
-    cut short. An epoch visits the rank's shards in a seeded random order, a window of whole shards
+    cluster/rank_stream.py). Shards are dealt by `rank_shards`. An epoch visits the rank's shards in a seeded random order, a window of whole shards
     (about `window_rows` rows) at a time: a window is read and shuffled, and slice by slice its
     positives get negatives drawn against the window's own pairs (shards are user-partitioned, so they
     hold every positive of their users), are shuffled again and cut into batches. Memory is bounded
@@ -43,9 +73,7 @@ class ParquetFilesSource:
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, rank: int,
                  world_size: int, seed: int, window_rows: int = WINDOW_ROWS) -> None:
         self.dataset = dataset
-        shards = np.arange(dataset.num_shards)
-        self.striped = dataset.num_shards % world_size != 0
-        self.shards = shards if self.striped else shards[rank::world_size]
+        self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
         self.rank, self.world_size = rank, world_size
         self.sampler = sampler
@@ -94,9 +122,7 @@ class ParquetFilesSource:
             # never exist for the whole window at once.
             for first in range(0, len(order), self.SLICE_ROWS):
                 index = order[first : first + self.SLICE_ROWS]
-                expanded = self.sampler({name: values[index] for name, values in mine.items()}, rng, known)
-                shuffle = rng.permutation(len(expanded["user_id"]))
-                expanded = {name: values[shuffle] for name, values in expanded.items()}
+                expanded = with_negatives(self.sampler, {name: values[index] for name, values in mine.items()}, rng, known)
                 if carry is not None:  # the last partial batch of the previous slice leads this one
                     expanded = {name: np.concatenate([carry[name], values]) for name, values in expanded.items()}
                 whole = len(expanded["user_id"]) - len(expanded["user_id"]) % self.batch_size
@@ -107,14 +133,13 @@ class ParquetFilesSource:
 
 class SequenceWindowsSource:
     """For sequence models, under torchrun and Ray Train alike: a rank cuts windows from the
-    histories of its own shards' users only (shards dealt i % world as for interactions; every shard, windows striped, when they
-    do not divide), and shuffles them each epoch with (seed, rank, epoch)."""
+    histories of its own shards' users only (`rank_shards`; windows striped when the shards do not
+    divide), and shuffles them each epoch with (seed, rank, epoch)."""
 
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:
-        self.striped = dataset.num_shards % world_size != 0
-        shards = list(range(dataset.num_shards)) if self.striped else list(range(rank, dataset.num_shards, world_size))
-        table = load_sequences(dataset, shards)
+        shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
+        table = load_sequences(dataset, [int(shard) for shard in shards])
         self.windows = windows_from_csr(table.users, table.indptr, table.train, params.window,
                                         params.resolved_window_step, params.min_window)
         self.batch_size = batch_size

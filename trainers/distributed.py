@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,20 @@ def _proc_address(hex_address: str, width: int) -> str:
     """/proc/net/tcp's address (host-order 32-bit words in hex) -> its printed form."""
     raw = b"".join(int(hex_address[i:i + 8], 16).to_bytes(4, "little") for i in range(0, width, 8))
     return socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, raw)
+
+
+class BoundTCPStore(dist.TCPStore):
+    """A TCPStore whose server (is_master) listens on `host_name`'s address only: torch's own
+    listens on every interface and takes no bind address, so the server is handed a socket bound
+    here (`master_listen_fd`). With port 0 the system picks one (`.port` says which)."""
+
+    def __init__(self, host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
+                 *args: Any, **kwargs: Any) -> None:
+        if is_master and kwargs.get("master_listen_fd") is None:
+            listener = socket.create_server((host_name, port), backlog=512)
+            port = listener.getsockname()[1]
+            kwargs["master_listen_fd"] = listener.detach()  # the store owns the descriptor from here
+        super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
 
 
 def teardown(context: RankContext) -> None:

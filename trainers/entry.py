@@ -7,9 +7,7 @@ from typing import Any
 
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
-from core.model_params import batch_kind_of
-from core.negatives import NegativeSampler
-from trainers.batches import BatchSource, ParquetFilesSource, SequenceWindowsSource
+from trainers.batches import ParquetFilesSource, rank_source
 from trainers.distributed import RankContext
 from trainers.run_log import Console, quiet_rank_output
 from trainers.trainer import Trainer
@@ -21,17 +19,7 @@ def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankC
     the terminal directly."""
     with quiet_rank_output(run_dir, context.rank, verbose) as terminal:
         dataset = PreparedDataset.open(config.data.path)
-        params = config.model.resolved_params()
-        batch_kind = batch_kind_of(params)
-        source: BatchSource
-        if batch_kind == "sequence":
-            source = SequenceWindowsSource(dataset, params, config.trainer.batch_size, context.rank,
-                                           context.world_size, config.trainer.seed)
-        else:
-            sampler = NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives,
-                                      batch_kind=batch_kind)
-            source = ParquetFilesSource(
-                dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed
-            )
+        source = rank_source(config, dataset, context.rank, context.world_size, lambda sampler: ParquetFilesSource(
+            dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed))
         console = Console(stream=terminal) if context.is_main else None
         return Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)

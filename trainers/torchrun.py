@@ -12,28 +12,14 @@ themselves are unchanged (`python -m trainers`).
 
 from __future__ import annotations
 
-import socket
 import sys
-from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
 import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_rendezvous
 from torch.distributed import run
 
-_TCPStore = dist.TCPStore
-
-
-class BoundTCPStore(_TCPStore):
-    """A TCPStore whose server (is_master) listens on `host_name`'s address only."""
-
-    def __init__(self, host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
-                 *args: Any, **kwargs: Any) -> None:
-        if is_master and kwargs.get("master_listen_fd") is None:
-            listener = socket.create_server((host_name, port), backlog=512)
-            port = listener.getsockname()[1]
-            kwargs["master_listen_fd"] = listener.detach()  # the store owns the descriptor from here
-        super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
+from trainers.distributed import BoundTCPStore
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -51,10 +51,10 @@ class Trainer:
         self.step = 0
         """Optimizer steps taken, all epochs."""
         self.epoch_batches = 0
+        """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
         self.peak_rss_before_checkpoint_mb: float | None = None
         """Peak RSS before the first checkpoint: DCP copies each table shard while saving it (views
         of FBGEMM's flat weight buffer are cloned), so the peak after it carries one shard more."""
-        """Batches trained in the epoch under way (a checkpoint inside an epoch resumes after them)."""
         self.first_step_at: float | None = None
         """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         self.saver: checkpoint.AsyncSaver | None = None
