@@ -23,7 +23,6 @@ from core.negatives import NegativeSampler
 from trainers.batches import Batch, rank_shards, with_negatives
 
 
-
 class RayRankStream:
     """A BatchSource for one Ray Train worker (see the module docstring)."""
 
@@ -31,10 +30,17 @@ class RayRankStream:
                  rank: int, world_size: int, seed: int) -> None:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
+        shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
+        self.rows = int(sum(len(range(rank, n, world_size)) for n in shard_rows) if self.striped else shard_rows.sum())
+        """Positive rows this rank trains on per epoch."""
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.seed = seed + 1000 * rank
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Whole batches an epoch yields (iter_batches drops the last partial one)."""
+        return self.sampler.expanded_rows(self.rows) // self.batch_size
 
     def pipeline(self, epoch: int) -> tuple[ray.data.Dataset, int]:
         """This epoch's dataset (lazy) and the seed of its local shuffle."""

@@ -103,6 +103,8 @@ class TrainerSection:
     for the disk (one save in flight at most). false: every rank waits until its shards are written."""
     max_steps_per_epoch: int = 0
     """Stop each epoch after this many steps (0: the whole epoch). For smoke tests."""
+    prefetch_batches: int = 2
+    """Batches a background thread prepares ahead of the step (read, negatives, tensors)."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -115,6 +117,8 @@ class TrainerSection:
             raise UserError("trainer.checkpoint_every_steps and trainer.keep_checkpoints must be >= 0")
         if self.max_steps_per_epoch < 0:
             raise UserError("trainer.max_steps_per_epoch must be >= 0")
+        if self.prefetch_batches < 1:
+            raise UserError("trainer.prefetch_batches must be >= 1")
 
 
 @dataclass

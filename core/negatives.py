@@ -53,6 +53,14 @@ class NegativeSampler:
             self.clashes_redrawn += len(suspects)
             negatives[suspects] = rng.integers(0, self.num_items, size=len(suspects), dtype=np.int64)
 
+    def expanded_rows(self, positives: int) -> int:
+        """Rows that `positives` positive rows become (what __call__ returns for them)."""
+        if self.batch_kind == "positives":
+            return positives
+        if self.batch_kind == "pairwise":
+            return positives * self.negatives
+        return positives * (1 + self.negatives)
+
     def known_keys(self, positives: dict[str, np.ndarray]) -> np.ndarray:
         """Sorted pair keys (user * num_items + item) of `positives`, for __call__'s known_keys."""
         users = np.asarray(positives["user_id"], dtype=np.int64)

@@ -8,6 +8,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from models.base import UserItemModel
+from models.layers import Dropout
 from core.model_params import NCFParams
 
 
@@ -39,7 +40,7 @@ class NCF(UserItemModel):
         )
         layers: list[nn.Module] = []
         for width_in, width_out in zip(params.mlp_dims[:-1], params.mlp_dims[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(params.dropout)]
+            layers += [nn.Linear(width_in, width_out), nn.ReLU(), Dropout(params.dropout)]
         self.mlp = nn.Sequential(*layers)
         self.output = nn.Linear(params.gmf_dim + params.mlp_dims[-1], 1)
         # score_all's [U, I, h] activations: each hidden layer's input and output live at once
@@ -53,9 +54,16 @@ class NCF(UserItemModel):
         return self.params.init_std
 
     def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        # The layers that read concatenations ([mlp_u, mlp_i] and [gmf, mlp]) are applied as the sum
+        # of their two halves: the same function without copying the batch's activations into a
+        # new tensor (and back apart in the backward pass).
         gmf = vectors["gmf_user"] * vectors["gmf_item"]
-        mlp = self.mlp(torch.cat([vectors["mlp_user"], vectors["mlp_item"]], dim=1))
-        return self.output(torch.cat([gmf, mlp], dim=1)).squeeze(1)
+        first, half = self.mlp[0], self.params.mlp_dims[0] // 2
+        hidden = torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T).addmm_(
+            vectors["mlp_item"], first.weight[:, half:].T)
+        mlp = self.mlp[1:](hidden)
+        w_out, gmf_dim = self.output.weight[0], self.params.gmf_dim
+        return gmf @ w_out[:gmf_dim] + mlp @ w_out[gmf_dim:] + self.output.bias[0]
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         # The first MLP layer is linear in [u; i], so it splits into a user part and an item part that

@@ -23,6 +23,14 @@ class BatchSource(Protocol):
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
+def planned_batches(source: BatchSource, epoch: int) -> int | None:
+    """The number of batches `source.epoch(epoch)` yields on this rank, when the source can tell
+    without reading (`batches_in_epoch`); None otherwise. The trainer agrees on the smallest count
+    over the ranks once per epoch instead of once per step (`lockstep`)."""
+    count = getattr(source, "batches_in_epoch", None)
+    return None if count is None else int(count(epoch))
+
+
 def rank_shards(num_shards: int, rank: int, world_size: int) -> tuple[np.ndarray, bool]:
     """(shards this rank reads, striped). Shard i goes to rank i % world when the shards divide
     evenly; otherwise every rank reads every shard and keeps rows (or windows) rank::world, so no
@@ -88,6 +96,10 @@ class ParquetFilesSource:
             return int(self.shard_rows.sum())
         return int(sum(len(range(self.rank, n, self.world_size)) for n in self.shard_rows))
 
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Whole batches an epoch yields (the partial batch at the end of a slice carries over)."""
+        return self.sampler.expanded_rows(self.rows) // self.batch_size
+
     def _windows(self, order: np.ndarray) -> Iterator[np.ndarray]:
         window: list[int] = []
         rows = 0
@@ -144,6 +156,11 @@ class SequenceWindowsSource:
                                         params.resolved_window_step, params.min_window)
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        windows = len(self.windows["user_id"])
+        mine = len(range(self.rank, windows, self.world_size)) if self.striped else windows
+        return mine // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if self.striped:  # every rank holds every window: a shared order, every world-th one

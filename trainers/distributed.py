@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainers.memory import keep_freed_memory
+
 
 @dataclass(frozen=True)
 class RankContext:
@@ -36,6 +38,7 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
     Ray Train workers arrive with an initialised group; torchrun ranks arrive with MASTER_ADDR etc.
     The collective timeout bounds how long a healthy rank waits for a dead one.
     """
+    keep_freed_memory()
     owns = False
     if not dist.is_initialized():
         for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -133,6 +136,14 @@ def all_max(value: int, device: torch.device) -> int:
     tensor = torch.tensor([value], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_min(value: int) -> int:
+    """The smallest `value` over the ranks (the value itself without a process group)."""
+    tensor = torch.tensor([value], dtype=torch.int64, device=collective_device())
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return int(tensor.item())
 
 

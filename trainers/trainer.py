@@ -27,10 +27,11 @@ from core.run_folder import checkpoint_dir, complete_checkpoints, latest_checkpo
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
-from trainers.batches import Batch, BatchSource, check_ids, lockstep, to_tensors
-from trainers.distributed import RankContext, all_sum, node_address
+from trainers.batches import Batch, BatchSource, check_ids, lockstep, planned_batches, to_tensors
+from trainers.distributed import RankContext, all_min, all_sum, node_address
 from trainers.evaluate import Evaluator
 from trainers.memory import local_bytes, peak_rss_mb
+from trainers.prefetch import Prefetcher
 from trainers.run_log import Console, RunLog
 from trainers.sharded_model import ShardedModel, build_sharded_model
 
@@ -67,8 +68,17 @@ class Trainer:
     def train_step(self, batch: Batch) -> torch.Tensor:
         """Collective. One optimizer step on this rank's batch (numpy columns); returns the batch's
         loss, detached and left on the device (reading it syncs, so the caller decides when)."""
+        return self.step_on_tensors(self.prepare_batch(batch)[1])
+
+    def prepare_batch(self, batch: Batch) -> tuple[Batch, dict[str, torch.Tensor]]:
+        """(batch, its tensors on the rank's device), after refusing out-of-range ids. Thread-safe:
+        the epoch loop runs it in its prefetch thread."""
         check_ids(batch, self.dataset.num_users, self.dataset.num_items)
-        loss = self.sharded.dmp(to_tensors(batch, self.context.device))
+        return batch, to_tensors(batch, self.context.device)
+
+    def step_on_tensors(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Collective. train_step on a batch already on the device (see prepare_batch)."""
+        loss = self.sharded.dmp(tensors)
         self.sharded.optimizer.zero_grad()
         loss.backward()
         self.sharded.optimizer.step()
@@ -167,50 +177,70 @@ class Trainer:
         dist.all_gather_object(every, mine)
         return every
 
-    def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None) -> dict[str, Any]:
+    def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None,
+                    planned: int | None = None) -> dict[str, Any]:
         """Collective. One epoch over `batches` (after the `epoch_batches` a resumed checkpoint had
-        trained); returns its record (loss, steps, samples/s, data wait)."""
+        trained); returns its record (loss, steps, samples/s, data wait). `planned`: the number of
+        batches this rank's source yields (planned_batches), when it can tell; the ranks then agree
+        on the count once, and no step runs a collective of the loop's own."""
         self.sharded.dmp.train()
         epoch = self.epoch + 1
         log_every = self.config.trainer.log_every
         every_steps = self.config.trainer.checkpoint_every_steps
         skipped = self.epoch_batches
+        max_steps = self.config.trainer.max_steps_per_epoch
+        remaining: int | None = None
+        if planned is not None:
+            total = all_min(planned)  # every rank runs the shortest rank's count
+            if max_steps:
+                total = min(total, max_steps)
+            remaining = max(total - skipped, 0)
         # The epoch's order is a function of (seed, epoch) under torchrun: skipping what the
         # checkpoint had trained resumes at the next unseen batch.
-        batches = itertools.islice(batches, skipped, None)
-        max_steps = self.config.trainer.max_steps_per_epoch
+        batches = itertools.islice(batches, skipped, None if remaining is None else skipped + remaining)
         recorder = BatchRecorder.from_environment(self.context.rank, epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
         rows = steps = 0
-        waited = 0.0  # seconds spent waiting for the next batch (data path, and the lockstep agreement)
-        log.start_bar(f"epoch {epoch}", None, unit="step")
-        stream = iter(lockstep(batches, max(max_steps - skipped, 1) if max_steps else 0))
-        while True:
-            asked = time.perf_counter()
-            batch = next(stream, None)
-            waited += time.perf_counter() - asked
-            if batch is None:
-                break
-            loss = self.train_step(batch)
-            if self.first_step_at is None:
-                self.first_step_at = time.time()
-            self.epoch_batches += 1
-            if recorder is not None:
-                recorder.record(self.step, batch)
-            batch_rows = len(batch["user_id"])
-            loss_sum += loss.double() * batch_rows
-            rows += batch_rows
-            steps += 1
-            if self.step % log_every == 0:
-                value = float(loss)
-                log.record("step", self.step, {"epoch": epoch, "loss": value})
-                log.advance(loss=value)
+        waited = 0.0  # seconds the step waited for its next batch (data path; lockstep agreement if used)
+        log.start_bar(f"epoch {epoch}", remaining, unit="step")
+        with Prefetcher(batches, self.prepare_batch, depth=self.config.trainer.prefetch_batches) as prepared:
+            if remaining is None:
+                stream = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
             else:
-                log.advance()
-            if every_steps and run_dir is not None and self.step % every_steps == 0:
-                self.save_checkpoint(run_dir, log)
+                stream = iter(prepared)
+            while True:
+                asked = time.perf_counter()
+                item = next(stream, None)
+                waited += time.perf_counter() - asked
+                if item is None:
+                    break
+                batch, tensors = item
+                loss = self.step_on_tensors(tensors)
+                if self.first_step_at is None:
+                    self.first_step_at = time.time()
+                    log.record("first_step", self.step, {"epoch": epoch})  # start-up benchmarks read its time
+                self.epoch_batches += 1
+                if recorder is not None:
+                    recorder.record(self.step, batch)
+                batch_rows = len(batch["user_id"])
+                loss_sum += loss.double() * batch_rows
+                rows += batch_rows
+                steps += 1
+                if self.step % log_every == 0:
+                    value = float(loss)
+                    log.record("step", self.step, {"epoch": epoch, "loss": value})
+                    log.advance(loss=value)
+                else:
+                    log.advance()
+                if every_steps and run_dir is not None and self.step % every_steps == 0:
+                    self.save_checkpoint(run_dir, log)
         log.end_bar()
+        if remaining is not None and steps < remaining:
+            # The source announced more batches than it gave: the other ranks are now waiting in a
+            # step's collective. Failing here ends the job (the launchers stop every rank).
+            raise RuntimeError(f"rank {self.context.rank}: the epoch's batch source ended after {steps} of the "
+                               f"{remaining} batches it announced")
         elapsed = time.perf_counter() - started
         total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
         self.epoch, self.epoch_batches = epoch, 0
@@ -241,7 +271,8 @@ class Trainer:
             self.load_checkpoint(latest)
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
         while self.epoch < trainer_config.epochs:
-            record = self.train_epoch(source.epoch(self.epoch + 1), log, run_dir)
+            record = self.train_epoch(source.epoch(self.epoch + 1), log, run_dir,
+                                      planned_batches(source, self.epoch + 1))
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 eval_started = time.perf_counter()
