@@ -60,6 +60,8 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
             for thread in threads:
                 thread.join()
             rates.append(sum(counts) / (time.perf_counter() - started))
+        for stream in streams:
+            stream.close()
     return statistics.median(rates)
 
 

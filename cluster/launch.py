@@ -51,7 +51,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
             # Interaction models: this worker's own Ray Data pipeline over its own shards.
             source = rank_source(config, dataset, context.rank, context.world_size, lambda sampler: RayRankStream(
                 dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, context.rank,
-                context.world_size, config.trainer.seed))
+                context.world_size, config.trainer.seed, last_epoch=config.trainer.epochs))
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)

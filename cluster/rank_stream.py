@@ -21,13 +21,14 @@ import ray.data
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
 from trainers.batches import Batch, rank_shards, with_negatives
+from trainers.prefetch import Prefetcher
 
 
 class RayRankStream:
     """A BatchSource for one Ray Train worker (see the module docstring)."""
 
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
-                 rank: int, world_size: int, seed: int) -> None:
+                 rank: int, world_size: int, seed: int, last_epoch: int | None = None) -> None:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
@@ -37,10 +38,19 @@ class RayRankStream:
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.rank, self.world_size = rank, world_size
         self.seed = seed + 1000 * rank
+        self.last_epoch = last_epoch
+        """No epoch after this one is read ahead (None: always read the next one ahead)."""
+        self._ahead: tuple[int, Prefetcher[Batch, Batch]] | None = None
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Whole batches an epoch yields (iter_batches drops the last partial one)."""
         return self.sampler.expanded_rows(self.rows) // self.batch_size
+
+    def close(self) -> None:
+        """Stop reading ahead (the trainer calls this when training ends)."""
+        if self._ahead is not None:
+            self._ahead[1].close()
+            self._ahead = None
 
     def pipeline(self, epoch: int) -> tuple[ray.data.Dataset, int]:
         """This epoch's dataset (lazy) and the seed of its local shuffle."""
@@ -54,11 +64,30 @@ class RayRankStream:
         dataset.context.enable_progress_bars = False
         return dataset, int(rng.integers(2**31))
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    AHEAD_BATCHES = 4
+    """Batches of the next epoch read while this one finishes (and while it is evaluated)."""
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
         dataset, shuffle_seed = self.pipeline(epoch)
-        yield from dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                        local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None)
+        return iter(dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
+                                         local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                         local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches. As the epoch starts, the next epoch's pipeline starts too and reads
+        its first batches: a new pipeline's first block takes a scheduling round trip and a shard's
+        read and sampling, which an epoch of a few dozen steps would otherwise wait for. The
+        batches are the same either way (the pipeline is a function of seed and epoch)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == epoch:
+            batches: Iterator[Batch] = iter(ahead[1])
+        else:
+            if ahead is not None:
+                ahead[1].close()
+            batches = self._batches(epoch)
+        if self.last_epoch is None or epoch < self.last_epoch:
+            self._ahead = (epoch + 1, Prefetcher(self._batches(epoch + 1), lambda batch: batch, depth=self.AHEAD_BATCHES))
+        yield from batches
 
 
 class _SampledShard:

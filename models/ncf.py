@@ -61,9 +61,16 @@ class NCF(UserItemModel):
         first, half = self.mlp[0], self.params.mlp_dims[0] // 2
         hidden = torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T).addmm_(
             vectors["mlp_item"], first.weight[:, half:].T)
-        mlp = self.mlp[1:](hidden)
+        mlp = self._after_first_layer(hidden)
         w_out, gmf_dim = self.output.weight[0], self.params.gmf_dim
         return gmf @ w_out[:gmf_dim] + mlp @ w_out[gmf_dim:] + self.output.bias[0]
+
+    def _after_first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        # layer by layer rather than through a sliced Sequential, which TorchRec's train pipeline
+        # could not trace (a slice is a module of its own, not one of the model's submodules)
+        for layer in list(self.mlp)[1:]:
+            hidden = layer(hidden)
+        return hidden
 
     def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         # The first MLP layer is linear in [u; i], so it splits into a user part and an item part that
@@ -77,7 +84,7 @@ class NCF(UserItemModel):
         hidden = (users["mlp_user"] @ first.weight[:, :half].T)[:, None, :] + (
             items["mlp_item"] @ first.weight[:, half:].T + first.bias
         )[None, :, :]  # [U, I, h1]
-        mlp_out = self.mlp[1:](hidden)  # [U, I, last]
+        mlp_out = self._after_first_layer(hidden)  # [U, I, last]
         return gmf + mlp_out @ w_out[gmf_dim:] + self.output.bias[0]
 
 

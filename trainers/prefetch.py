@@ -57,6 +57,12 @@ class Prefetcher(Generic[Item, Prepared]):
         except BaseException as error:  # handed to the consumer, raised there
             self._put(_Failure(error))
             return
+        finally:
+            # A source stopped early is closed here, while what it reads from (a Ray Data pipeline)
+            # still exists, rather than whenever it is garbage-collected.
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
         self._put(_END)
 
     def __iter__(self) -> Iterator[Prepared]:

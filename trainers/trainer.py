@@ -292,6 +292,9 @@ class Trainer:
             if self.epoch % trainer_config.checkpoint_every == 0 or last:
                 self.save_checkpoint(run_dir, log)
         self.finish_checkpoints()
+        close = getattr(source, "close", None)
+        if close is not None:  # a source that reads ahead stops
+            close()
         summary = {
             "run_dir": str(run_dir),
             "model": self.config.model.name,
