@@ -105,6 +105,9 @@ class TrainerSection:
     """Stop each epoch after this many steps (0: the whole epoch). For smoke tests."""
     prefetch_batches: int = 2
     """Batches a background thread prepares ahead of the step (read, negatives, tensors)."""
+    train_pipeline: str = "auto"
+    """"auto" (TorchRec's TrainPipelineSparseDist on CUDA where the model allows it, else the plain
+    step), "plain", or "sparse_dist" (the pipeline on any device: for tests and measurements)."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -119,6 +122,8 @@ class TrainerSection:
             raise UserError("trainer.max_steps_per_epoch must be >= 0")
         if self.prefetch_batches < 1:
             raise UserError("trainer.prefetch_batches must be >= 1")
+        if self.train_pipeline not in ("auto", "plain", "sparse_dist"):
+            raise UserError(f"trainer.train_pipeline must be auto, plain or sparse_dist, got {self.train_pipeline!r}")
 
 
 @dataclass

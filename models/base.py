@@ -17,7 +17,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from core.model_data import ModelData
-from models.features import column_kjt
+from models.features import FeatureBatch, column_kjt
 
 Batch = dict[str, torch.Tensor]
 
@@ -36,6 +36,13 @@ class RecModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
+
+    def pipeline_input(self, batch: Batch) -> FeatureBatch | None:
+        """`batch` with its table features built outside `forward`, for TorchRec's train pipeline;
+        `forward` then accepts the result as well as the plain batch. None (the default): this
+        model builds its lookups inside `forward` from more than the batch, and trains with the
+        plain step."""
+        return None
 
     def bind_data(self, data: ModelData) -> None:
         """Take what the model needs from the training data beyond batches (a graph, feature codes,
@@ -82,12 +89,20 @@ class UserItemModel(RecModel):
     def features_of(self, column: str) -> list[str]:
         return [f for f, c in self.feature_columns.items() if c == column]
 
-    def logits(self, batch: Batch) -> torch.Tensor:
+    def pipeline_input(self, batch: Batch) -> FeatureBatch:
         features = column_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
-        return self.score_pairs(self.tables(features).to_dict())
+        return FeatureBatch(features, dict(batch))
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch["label"])
+    def logits(self, batch: Batch | FeatureBatch) -> torch.Tensor:
+        # A dict is turned into features here; anything else is taken for a FeatureBatch (under the
+        # train pipeline's tracer the batch is a proxy, and its `features` must be read directly).
+        if isinstance(batch, dict):
+            batch = self.pipeline_input(batch)
+        return self.score_pairs(self.tables(batch.features).to_dict())
+
+    def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
+        labels = batch["label"] if isinstance(batch, dict) else batch.columns["label"]
+        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), labels)
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
 
 
 def padded_kjt(
@@ -46,3 +49,25 @@ def column_kjt(columns: dict[str, torch.Tensor], feature_columns: dict[str, str]
     features whose column is absent get empty samples (e.g. a lookup of only user rows)."""
     ids = {feature: columns[column] for feature, column in feature_columns.items() if column in columns}
     return padded_kjt(list(feature_columns), ids)
+
+
+@dataclass
+class FeatureBatch(Pipelineable):
+    """A training batch whose table features are already one KJT (`features`), beside its id and
+    label columns. TorchRec's train pipeline needs this shape: it finds the sharded lookups whose
+    input is an attribute of the batch and starts their input all-to-all one batch early."""
+
+    features: KeyedJaggedTensor
+    columns: dict[str, torch.Tensor]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "FeatureBatch":
+        return FeatureBatch(self.features.to(device, non_blocking=non_blocking),
+                            {name: v.to(device, non_blocking=non_blocking) for name, v in self.columns.items()})
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.features.record_stream(stream)
+        for values in self.columns.values():
+            values.record_stream(stream)
+
+    def pin_memory(self) -> "FeatureBatch":
+        return FeatureBatch(self.features.pin_memory(), {name: v.pin_memory() for name, v in self.columns.items()})

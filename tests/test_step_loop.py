@@ -104,3 +104,66 @@ def test_dropout_drops_at_its_rate_scales_the_rest_and_is_the_identity_in_eval()
     assert torch.equal(Dropout(0.0).train()(x), x)
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+def _epoch_losses(rank: int, world: int, config_json: str, run_dir: str) -> tuple[str, list[float], list[float], int]:
+    """One epoch through Trainer.train_epoch; (step kind, step losses, dense weights, lookups the
+    pipeline started early)."""
+    from pathlib import Path
+
+    from core.config import config_from_json
+    from trainers.distributed import setup
+    from trainers.run_log import RunLog
+    from trainers.trainer import Trainer
+
+    config = config_from_json(config_json)
+    dataset = PreparedDataset.open(config.data.path)
+    torch.manual_seed(0)
+    trainer = Trainer(config, setup(), dataset)
+    sampler = NegativeSampler(dataset.num_items, config.data.negatives, batch_kind="pointwise")
+    source = ParquetFilesSource(dataset, sampler, config.trainer.batch_size, rank, world, seed=0)
+    log = RunLog(Path(run_dir), rank == 0, None)
+    record = trainer.train_epoch(source.epoch(1), log, None, planned_batches(source, 1))
+    log.close()
+    losses = [float(line.split('"loss": ')[1].split(",")[0].rstrip("}"))
+              for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line]
+    state = trainer.sharded.dmp.state_dict()
+    dense = [float(v.flatten()[0]) for k, v in sorted(state.items()) if "mlp" in k and "weight" in k and "tables" not in k]
+    pipelined = len(trainer._pipeline.pipeline._pipelined_modules) if trainer._pipeline is not None else 0
+    return trainer.step_kind, losses, dense, pipelined
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_torchrec_train_pipeline_trains_exactly_like_the_plain_step(ml100k_small, tmp_path):
+    """TrainPipelineSparseDist (forced on CPU) and the plain step, on the same batches from the same
+    weights: the same loss at every step and the same weights after the epoch."""
+    from tests.forked_ranks import run_ranks
+
+    results = {}
+    for kind in ("plain", "sparse_dist"):
+        config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"),
+                             [("data.path", str(ml100k_small)), ("trainer.batch_size", "128"),
+                              ("trainer.log_every", "1"), ("trainer.train_pipeline", kind)])
+        results[kind] = run_ranks(_epoch_losses, 2, config.to_json(), str(tmp_path / kind))
+    assert [r[0] for r in results["plain"]] == ["plain", "plain"]
+    assert [r[0] for r in results["sparse_dist"]] == ["sparse_dist", "sparse_dist"]
+    assert [r[3] for r in results["sparse_dist"]] == [1, 1]  # the sharded tables' lookup was pipelined
+    plain_losses, piped_losses = results["plain"][0][1], results["sparse_dist"][0][1]
+    assert len(plain_losses) >= 20 and len(plain_losses) == len(piped_losses)
+    assert piped_losses == pytest.approx(plain_losses, rel=1e-5, abs=1e-6)
+    for rank in range(2):
+        assert results["sparse_dist"][rank][2] == pytest.approx(results["plain"][rank][2], rel=1e-5, abs=1e-7)
+
+
+def test_the_pipeline_is_refused_for_models_that_build_lookups_in_forward(ml100k_small):
+    from core.errors import UserError
+    from models.base import RecModel
+    from trainers.steps import choose_step
+
+    class InsideForward(RecModel):
+        pass
+
+    with pytest.raises(UserError, match="sparse_dist"):
+        choose_step("sparse_dist", InsideForward(), torch.device("cpu"))
+    assert choose_step("auto", InsideForward(), torch.device("cuda")) == "plain"

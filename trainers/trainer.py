@@ -32,6 +32,8 @@ from trainers.distributed import RankContext, all_min, all_sum, node_address
 from trainers.evaluate import Evaluator
 from trainers.memory import local_bytes, peak_rss_mb
 from trainers.prefetch import Prefetcher
+from trainers.steps import SparseDistSteps, choose_step
+from models.features import FeatureBatch
 from trainers.run_log import Console, RunLog
 from trainers.sharded_model import ShardedModel, build_sharded_model
 
@@ -62,6 +64,9 @@ class Trainer:
         """Background checkpoint writer (trainer.async_checkpoints), made at the first save."""
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+        self.step_kind = choose_step(config.trainer.train_pipeline, self.sharded.model, context.device)
+        """"plain" or "sparse_dist" (trainers/steps.py)."""
+        self._pipeline: SparseDistSteps | None = None
 
     # --- the step and the evaluation ---------------------------------------------------------------
 
@@ -75,6 +80,25 @@ class Trainer:
         the epoch loop runs it in its prefetch thread."""
         check_ids(batch, self.dataset.num_users, self.dataset.num_items)
         return batch, to_tensors(batch, self.context.device)
+
+    def prepare_pipeline_batch(self, batch: Batch) -> tuple[Batch, FeatureBatch]:
+        """(batch, its FeatureBatch in host memory, pinned for a GPU): the train pipeline copies
+        it to the device on a stream of its own."""
+        check_ids(batch, self.dataset.num_users, self.dataset.num_items)
+        features = self.sharded.model.pipeline_input(to_tensors(batch, "cpu"))
+        assert features is not None  # choose_step checked the model
+        return batch, features.pin_memory() if self.context.device.type == "cuda" else features
+
+    def _plain_steps(self, prepared: Iterator[tuple[Batch, dict[str, torch.Tensor]]]) -> Iterator[tuple[Batch, torch.Tensor]]:
+        for batch, tensors in prepared:
+            yield batch, self.step_on_tensors(tensors)
+
+    def _pipelined_steps(self, prepared: Iterator[tuple[Batch, FeatureBatch]]) -> Iterator[tuple[Batch, torch.Tensor]]:
+        if self._pipeline is None:
+            self._pipeline = SparseDistSteps(self.sharded.dmp, self.sharded.optimizer, self.context.device)
+        for batch, loss in self._pipeline.epoch(prepared):
+            self.step += 1
+            yield batch, loss
 
     def step_on_tensors(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Collective. train_step on a batch already on the device (see prepare_batch)."""
@@ -202,21 +226,21 @@ class Trainer:
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
         rows = steps = 0
-        waited = 0.0  # seconds the step waited for its next batch (data path; lockstep agreement if used)
         log.start_bar(f"epoch {epoch}", remaining, unit="step")
-        with Prefetcher(batches, self.prepare_batch, depth=self.config.trainer.prefetch_batches) as prepared:
+        # The pipeline pulls its batches itself (two ahead), so it needs the count agreed up front.
+        pipelined = self.step_kind == "sparse_dist" and remaining is not None
+        prepare = self.prepare_pipeline_batch if pipelined else self.prepare_batch
+        with Prefetcher(batches, prepare, depth=self.config.trainer.prefetch_batches) as prepared:
             if remaining is None:
-                stream = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
+                items: Iterator[Any] = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
             else:
-                stream = iter(prepared)
-            while True:
-                asked = time.perf_counter()
-                item = next(stream, None)
-                waited += time.perf_counter() - asked
-                if item is None:
-                    break
-                batch, tensors = item
-                loss = self.step_on_tensors(tensors)
+                items = iter(prepared)
+            if pipelined:
+                steps_taken = self._pipelined_steps(items)
+            else:
+                timed = TimedIterator(items)
+                steps_taken = self._plain_steps(timed)
+            for batch, loss in steps_taken:
                 if self.first_step_at is None:
                     self.first_step_at = time.time()
                     log.record("first_step", self.step, {"epoch": epoch})  # start-up benchmarks read its time
@@ -235,6 +259,7 @@ class Trainer:
                     log.advance()
                 if every_steps and run_dir is not None and self.step % every_steps == 0:
                     self.save_checkpoint(run_dir, log)
+            waited = self._pipeline.waited if pipelined and self._pipeline is not None else timed.waited
         log.end_bar()
         if remaining is not None and steps < remaining:
             # The source announced more batches than it gave: the other ranks are now waiting in a
@@ -263,6 +288,7 @@ class Trainer:
         trainer_config, k = self.config.trainer, self.config.eval.k
         where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
         log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
+        log.info(f"training step: {self.step_kind}" + (" (TorchRec TrainPipelineSparseDist)" if self.step_kind == "sparse_dist" else ""))
         if self.context.is_main:
             (run_dir / "config.json").write_text(self.config.to_json() + "\n")
             plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
@@ -310,6 +336,22 @@ class Trainer:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.close()
         return summary
+
+
+class TimedIterator:
+    """Passes `items` through, adding up the seconds spent waiting for each (`waited`)."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items, self.waited = items, 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            asked = time.perf_counter()
+            item = next(self.items, None)
+            self.waited += time.perf_counter() - asked
+            if item is None:
+                return
+            yield item
 
 
 class BatchRecorder:
