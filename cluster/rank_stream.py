@@ -73,6 +73,12 @@ class RayRankStream:
                                          local_shuffle_buffer_size=self.shuffle_buffer or None,
                                          local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None))
 
+    def read_ahead(self, epoch: int) -> None:
+        """Start `epoch`'s pipeline now (e.g. while the model is being built): the first block of a
+        worker's first pipeline waits for Ray to start a task worker process, a few seconds."""
+        if self._ahead is None:
+            self._ahead = (epoch, Prefetcher(self._batches(epoch), lambda batch: batch, depth=self.AHEAD_BATCHES))
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The epoch's batches. As the epoch starts, the next epoch's pipeline starts too and reads
         its first batches: a new pipeline's first block takes a scheduling round trip and a shard's

@@ -221,6 +221,7 @@ class Trainer:
             remaining = max(total - skipped, 0)
         # The epoch's order is a function of (seed, epoch) under torchrun: skipping what the
         # checkpoint had trained resumes at the next unseen batch.
+        source_batches = batches
         batches = itertools.islice(batches, skipped, None if remaining is None else skipped + remaining)
         recorder = BatchRecorder.from_environment(self.context.rank, epoch)
         started = time.perf_counter()
@@ -260,6 +261,9 @@ class Trainer:
                 if every_steps and run_dir is not None and self.step % every_steps == 0:
                     self.save_checkpoint(run_dir, log)
             waited = self._pipeline.waited if pipelined and self._pipeline is not None else timed.waited
+        close = getattr(source_batches, "close", None)
+        if close is not None:  # a source left before its end (a step limit) releases what it reads from now
+            close()
         log.end_bar()
         if remaining is not None and steps < remaining:
             # The source announced more batches than it gave: the other ranks are now waiting in a
