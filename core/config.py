@@ -26,6 +26,10 @@ from core.model_params import MODEL_PARAMS
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
 
+TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
+COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
 @dataclass
 class DataSection:
     path: str = "runs/data/ml-100k"
@@ -108,6 +112,12 @@ class TrainerSection:
     train_pipeline: str = "auto"
     """"auto" (TorchRec's TrainPipelineSparseDist on CUDA where the model allows it, else the plain
     step), "plain", or "sparse_dist" (the pipeline on any device: for tests and measurements)."""
+    table_optimizer: str = "rowwise_adagrad"
+    """FBGEMM's fused optimizer on the sharded tables, at sparse_lr: "rowwise_adagrad", "sgd", or
+    "adam" (CUDA only: FBGEMM has no CPU kernel for it)."""
+    mixed_precision: str = "fp32"
+    """"bf16": the forward pass under bfloat16 autocast (dense layers; table lookups stay in their
+    own precision); "fp32": none."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -124,6 +134,10 @@ class TrainerSection:
             raise UserError("trainer.prefetch_batches must be >= 1")
         if self.train_pipeline not in ("auto", "plain", "sparse_dist"):
             raise UserError(f"trainer.train_pipeline must be auto, plain or sparse_dist, got {self.train_pipeline!r}")
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise UserError(f"trainer.table_optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
+        if self.mixed_precision not in ("fp32", "bf16"):
+            raise UserError(f"trainer.mixed_precision must be fp32 or bf16, got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -141,10 +155,22 @@ class ShardingSection:
     world size."""
     reserve: float = 0.15
     """Share of each rank's memory the planner keeps from tables (dense model, activations, slack)."""
+    table_dtype: str = "fp32"
+    """Table weights in "fp32" or "fp16" (half the memory; the planner counts it)."""
+    comms_forward: str = "fp32"
+    """Precision of the pooled embeddings' all-to-all in the forward pass: "fp32", "fp16" or "bf16"
+    (TorchRec's quantised communication, QCommsConfig)."""
+    comms_backward: str = "fp32"
+    """The same for the gradients' all-to-all in the backward pass."""
 
     def validate(self) -> None:
         if not 0.0 <= self.reserve < 1.0:
             raise UserError(f"sharding.reserve must be in [0, 1), got {self.reserve}")
+        if self.table_dtype not in ("fp32", "fp16"):
+            raise UserError(f"sharding.table_dtype must be fp32 or fp16, got {self.table_dtype!r}")
+        for key in ("comms_forward", "comms_backward"):
+            if getattr(self, key) not in COMMS_PRECISIONS:
+                raise UserError(f"sharding.{key} must be one of {', '.join(COMMS_PRECISIONS)}, got {getattr(self, key)!r}")
         for where, sharding_type in [("sharding.default", self.default)] + [
             (f"sharding.tables.{t}", k) for t, k in self.tables.items()
         ]:
@@ -265,6 +291,9 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.trainer.table_optimizer == "adam" and self.cluster.backend != "nccl":
+            raise UserError("trainer.table_optimizer = 'adam' runs on CUDA only (cluster.backend nccl): FBGEMM has "
+                            "no CPU kernel for fused Adam; on CPU use rowwise_adagrad (the default) or sgd")
         return self
 
     def to_dict(self) -> dict[str, Any]:

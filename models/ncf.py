@@ -59,8 +59,8 @@ class NCF(UserItemModel):
         # new tensor (and back apart in the backward pass).
         gmf = vectors["gmf_user"] * vectors["gmf_item"]
         first, half = self.mlp[0], self.params.mlp_dims[0] // 2
-        hidden = torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T).addmm_(
-            vectors["mlp_item"], first.weight[:, half:].T)
+        hidden = torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T) + (
+            vectors["mlp_item"] @ first.weight[:, half:].T)  # not in place: autocast may change dtypes
         mlp = self._after_first_layer(hidden)
         w_out, gmf_dim = self.output.weight[0], self.params.gmf_dim
         return gmf @ w_out[:gmf_dim] + mlp @ w_out[gmf_dim:] + self.output.bias[0]

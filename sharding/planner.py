@@ -52,8 +52,17 @@ class CpuCapableEmbeddingCollectionSharder(EmbeddingCollectionSharder):
         return _with_row_wise(super().sharding_types(compute_device_type))
 
 
-def make_sharders() -> list[ModuleSharder[nn.Module]]:
-    return [CpuCapableEmbeddingBagCollectionSharder(), CpuCapableEmbeddingCollectionSharder()]
+def make_sharders(comms_forward: str = "fp32", comms_backward: str = "fp32") -> list[ModuleSharder[nn.Module]]:
+    """The sharders for both kinds of table; with TorchRec's quantised all-to-all when either
+    direction asks for fp16 or bf16 (QCommsConfig)."""
+    kwargs: dict = {}
+    if (comms_forward, comms_backward) != ("fp32", "fp32"):
+        from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+        kinds = {"fp32": CommType.FP32, "fp16": CommType.FP16, "bf16": CommType.BF16}
+        kwargs["qcomm_codecs_registry"] = get_qcomm_codecs_registry(
+            QCommsConfig(forward_precision=kinds[comms_forward], backward_precision=kinds[comms_backward]))
+    return [CpuCapableEmbeddingBagCollectionSharder(**kwargs), CpuCapableEmbeddingCollectionSharder(**kwargs)]
 
 
 def table_names(model: nn.Module) -> list[str]:

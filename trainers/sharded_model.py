@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbedding, BaseBatchedEmbeddingBag
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import DataType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -27,7 +28,7 @@ from models.base import RecModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
 from sharding.planner import describe_plan, make_sharders, plan_tables, table_shapes
-from sharding.tables import specs_from_module
+from sharding.tables import specs_from_module, table_configs
 from sharding.topology import ClusterSpec, load_topology, running_cluster
 from trainers.distributed import RankContext
 
@@ -53,8 +54,20 @@ def model_for_sharding(config: RunConfig, num_users: int, num_items: int,
     `shardrec plan --config` plans. The optimizer goes on before planning so the planner counts its state."""
     model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta",
                         feature_sizes=feature_sizes)
-    apply_optimizer_in_backward(RowWiseAdagrad, model.tables.parameters(), {"lr": config.trainer.sparse_lr, "eps": 1e-8})
+    if config.sharding.table_dtype == "fp16":
+        for table in table_configs(model):
+            table.data_type = DataType.FP16  # the planner sizes, and the kernels store, half-width rows
+    optimizer, arguments = TABLE_OPTIMIZER_CLASSES[config.trainer.table_optimizer]
+    apply_optimizer_in_backward(optimizer, model.tables.parameters(), {"lr": config.trainer.sparse_lr, **arguments})
     return model
+
+
+TABLE_OPTIMIZER_CLASSES: dict[str, tuple[type, dict[str, float]]] = {
+    "rowwise_adagrad": (RowWiseAdagrad, {"eps": 1e-8}),
+    "sgd": (torch.optim.SGD, {}),
+    "adam": (torch.optim.Adam, {}),
+}
+"""trainer.table_optimizer -> the optimizer TorchRec turns into FBGEMM's fused one, and its arguments."""
 
 
 def job_cluster(topology: str, context: RankContext) -> ClusterSpec:
@@ -96,7 +109,8 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
             default=config.sharding.default, per_table=config.sharding.tables, process_group=dist.group.WORLD,
         )
     with kernels_leave_weights_uninitialised():  # init_tables writes every element next
-        dmp = DistributedModelParallel(model, device=context.device, plan=plan, sharders=make_sharders())
+        dmp = DistributedModelParallel(model, device=context.device, plan=plan,
+                                      sharders=make_sharders(config.sharding.comms_forward, config.sharding.comms_backward))
     init_tables(dmp, model.init_std(), config.trainer.seed)
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     optimizers: list = [("tables", dmp.fused_optimizer)]

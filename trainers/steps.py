@@ -11,9 +11,10 @@ keeps the plain step on CPU and `trainer.train_pipeline = "sparse_dist"` forces 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -42,16 +43,18 @@ class SparseDistSteps:
     in the order the batches came. Detached from the model between epochs, so evaluation and
     checkpoints see the model's own forward."""
 
-    def __init__(self, dmp: torch.nn.Module, optimizer: Any, device: torch.device) -> None:
+    def __init__(self, dmp: torch.nn.Module, optimizer: Any, device: torch.device,
+                 precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-        self.dmp = dmp
+        self.dmp, self.precision = dmp, precision
         self.pipeline = TrainPipelineSparseDist(dmp, optimizer, device, custom_model_fwd=self._forward)
         self.waited = 0.0
         """Seconds spent waiting for the source in the epoch under way."""
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = self.dmp(batch)
+        with self.precision():
+            loss = self.dmp(batch)
         return loss, loss.detach()
 
     def epoch(self, prepared: Iterator[tuple[dict[str, Any], Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:

@@ -7,6 +7,7 @@ It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a B
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -81,6 +82,12 @@ class Trainer:
         check_ids(batch, self.dataset.num_users, self.dataset.num_items)
         return batch, to_tensors(batch, self.context.device)
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """The forward pass's autocast (trainer.mixed_precision); the loss comes out in fp32."""
+        if self.config.trainer.mixed_precision == "bf16":
+            return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def prepare_pipeline_batch(self, batch: Batch) -> tuple[Batch, FeatureBatch]:
         """(batch, its FeatureBatch in host memory, pinned for a GPU): the train pipeline copies
         it to the device on a stream of its own."""
@@ -95,14 +102,16 @@ class Trainer:
 
     def _pipelined_steps(self, prepared: Iterator[tuple[Batch, FeatureBatch]]) -> Iterator[tuple[Batch, torch.Tensor]]:
         if self._pipeline is None:
-            self._pipeline = SparseDistSteps(self.sharded.dmp, self.sharded.optimizer, self.context.device)
+            self._pipeline = SparseDistSteps(self.sharded.dmp, self.sharded.optimizer, self.context.device,
+                                             self.precision)
         for batch, loss in self._pipeline.epoch(prepared):
             self.step += 1
             yield batch, loss
 
     def step_on_tensors(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Collective. train_step on a batch already on the device (see prepare_batch)."""
-        loss = self.sharded.dmp(tensors)
+        with self.precision():
+            loss = self.sharded.dmp(tensors)
         self.sharded.optimizer.zero_grad()
         loss.backward()
         self.sharded.optimizer.step()
