@@ -12,6 +12,7 @@ keeps the plain step on CPU and `trainer.train_pipeline = "sparse_dist"` forces 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections import deque
 from typing import Any, Callable, Iterator
@@ -29,13 +30,25 @@ def choose_step(requested: str, model: RecModel, device: torch.device) -> str:
     if requested not in STEP_KINDS:
         raise UserError(f"trainer.train_pipeline must be one of {', '.join(STEP_KINDS)}, got {requested!r}")
     supported = type(model).pipeline_input is not RecModel.pipeline_input
+    if requested == "sparse_dist" and not pipeline_available():
+        raise UserError("trainer.train_pipeline = 'sparse_dist': this TorchRec's TrainPipelineSparseDist takes no "
+                        "custom forward (TorchRec 1.8 does); use 'plain' or 'auto'")
     if requested == "sparse_dist" and not supported:
         raise UserError(f"trainer.train_pipeline = 'sparse_dist': {type(model).__name__} builds its table lookups "
                         "inside forward from more than the batch, so TorchRec's pipeline cannot start them early; "
                         "use 'plain' or 'auto'")
     if requested == "auto":
-        return "sparse_dist" if supported and device.type == "cuda" else "plain"
+        return "sparse_dist" if supported and device.type == "cuda" and pipeline_available() else "plain"
     return requested
+
+
+def pipeline_available() -> bool:
+    """Whether the installed TorchRec's TrainPipelineSparseDist accepts a custom forward (our models
+    return the loss alone; the pipeline wants (loss, output)). Older releases, such as those of the
+    GPU kit, fall back to the plain step under "auto"."""
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    return "custom_model_fwd" in inspect.signature(TrainPipelineSparseDist.__init__).parameters
 
 
 class SparseDistSteps:
