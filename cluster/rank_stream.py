@@ -20,7 +20,7 @@ import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from trainers.batches import Batch, rank_shards, with_negatives
+from trainers.batches import Batch, exact_batches, rank_shards, with_negatives
 from trainers.prefetch import Prefetcher
 
 
@@ -43,7 +43,7 @@ class RayRankStream:
         self._ahead: tuple[int, Prefetcher[Batch, Batch]] | None = None
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Whole batches an epoch yields (iter_batches drops the last partial one)."""
+        """Whole batches an epoch yields (exact_batches drops the last partial one)."""
         return self.sampler.expanded_rows(self.rows) // self.batch_size
 
     def close(self) -> None:
@@ -69,9 +69,10 @@ class RayRankStream:
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         dataset, shuffle_seed = self.pipeline(epoch)
-        return iter(dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=True,
-                                         local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                         local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None))
+        return exact_batches(dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False,
+                                                  local_shuffle_buffer_size=self.shuffle_buffer or None,
+                                                  local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None),
+                             self.batch_size)
 
     def read_ahead(self, epoch: int) -> None:
         """Start `epoch`'s pipeline now (e.g. while the model is being built): the first block of a
@@ -103,7 +104,10 @@ class _SampledShard:
     def __init__(self, sampler: NegativeSampler, seed: int, epoch: int, stripe: tuple[int, int] | None) -> None:
         self.sampler, self.seed, self.epoch, self.stripe = sampler, seed, epoch, stripe
 
-    def __call__(self, batch: dict[str, Any]) -> Batch:
+    BLOCK_ROWS = 262_144
+    """Rows per output block (about 6 MB)."""
+
+    def __call__(self, batch: dict[str, Any]) -> Iterator[Batch]:
         (path,), (shard,) = batch["path"], batch["shard"]
         rng = np.random.default_rng((self.seed, self.epoch, int(shard)))
         table = pq.read_table(str(path), columns=["user_id", "item_id"])
@@ -114,4 +118,10 @@ class _SampledShard:
             rank, world = self.stripe
             mine = {name: values[rank::world] for name, values in positives.items()}
         order = rng.permutation(len(mine["user_id"]))
-        return with_negatives(self.sampler, {name: values[order] for name, values in mine.items()}, rng, known)
+        expanded = with_negatives(self.sampler, {name: values[order] for name, values in mine.items()}, rng, known)
+        # Blocks of BLOCK_ROWS rather than one per shard: a 100M-interaction dataset's shard expands to
+        # about 7M rows (170 MB), which a 512 MB object store would spill to disk, and a block is
+        # only released when its last row has been trained on.
+        rows = len(expanded["user_id"])
+        for start in range(0, rows, self.BLOCK_ROWS):
+            yield {name: values[start : start + self.BLOCK_ROWS] for name, values in expanded.items()}

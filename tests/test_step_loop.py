@@ -167,3 +167,16 @@ def test_the_pipeline_is_refused_for_models_that_build_lookups_in_forward(ml100k
     with pytest.raises(UserError, match="sparse_dist"):
         choose_step("sparse_dist", InsideForward(), torch.device("cpu"))
     assert choose_step("auto", InsideForward(), torch.device("cuda")) == "plain"
+
+
+def test_exact_batches_cuts_batches_of_any_size_into_full_ones_in_order():
+    from trainers.batches import exact_batches
+
+    sizes = [8, 8, 6, 8, 2, 8, 3]  # Ray Data's local shuffle yields short batches mid-stream
+    start, parts = 0, []
+    for size in sizes:
+        parts.append({"user_id": np.arange(start, start + size), "label": np.ones(size)})
+        start += size
+    out = list(exact_batches(iter(parts), 8))
+    assert [len(b["user_id"]) for b in out] == [8] * (sum(sizes) // 8)
+    assert np.array_equal(np.concatenate([b["user_id"] for b in out]), np.arange(sum(sizes) // 8 * 8))

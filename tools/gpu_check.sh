@@ -20,6 +20,20 @@ fi
 failures=0
 step() { echo; echo "== $*"; }
 fail() { echo "gpu_check: FAILED: $*"; failures=$((failures + 1)); }
+compare_losses() {  # RUN_A RUN_B TOLERANCE LABEL: 30 step losses each, every pair closer than TOLERANCE
+  "$PY" - "$WORK/runs" "$@" <<'PY'
+import json, sys
+from pathlib import Path
+root, first, second, tolerance, label = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+def losses(name):
+    lines = (Path(root) / name / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if '"kind": "step"' in line]
+a, b = losses(first), losses(second)
+worst = max((abs(x - y) for x, y in zip(a, b)), default=float("inf"))
+print(f"{len(a)} and {len(b)} steps; largest loss difference {label} {worst:.2e}")
+sys.exit(0 if len(a) == len(b) == 30 and worst < tolerance else 1)
+PY
+}
 
 step "kernels"
 "$PY" - <<'PY' || fail "the FBGEMM CUDA kernels do not load"
@@ -52,34 +66,14 @@ for backend in gloo nccl; do
     --trainer.train_pipeline plain --eval.max_users 50 --trainer.run_root "$WORK/runs" --trainer.run_name "same-$backend" \
     >/dev/null || fail "NCF on $backend"
 done
-"$PY" - "$WORK/runs" <<'PY' || fail "CPU and GPU losses differ"
-import json, sys
-from pathlib import Path
-def losses(name):
-    lines = (Path(sys.argv[1]) / name / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(l)["loss"] for l in lines if '"kind": "step"' in l]
-cpu, gpu = losses("same-gloo"), losses("same-nccl")
-worst = max(abs(a - b) for a, b in zip(cpu, gpu))
-print(f"{len(cpu)} steps; largest loss difference CPU vs GPU {worst:.2e}")
-sys.exit(0 if len(cpu) == len(gpu) == 30 and worst < 1e-3 else 1)
-PY
+compare_losses same-gloo same-nccl 1e-3 "CPU vs GPU" || fail "CPU and GPU losses differ"
 
 step "TorchRec's train pipeline equals the plain step on the GPU (NCF, 30 steps)"
 "$BIN/torchrun" --nproc-per-node 1 -m trainers --config launcher/configs/ncf_ml100k.toml --data.path "$WORK/ml-100k" \
   --cluster.backend nccl --model.dropout 0 --trainer.epochs 1 --trainer.max_steps_per_epoch 30 --trainer.log_every 1 \
   --trainer.train_pipeline sparse_dist --eval.max_users 50 --trainer.run_root "$WORK/runs" --trainer.run_name piped \
   | grep "training step" || fail "NCF with the train pipeline"
-"$PY" - "$WORK/runs" <<'PY' || fail "pipelined and plain losses differ"
-import json, sys
-from pathlib import Path
-def losses(name):
-    lines = (Path(sys.argv[1]) / name / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(l)["loss"] for l in lines if '"kind": "step"' in l]
-plain, piped = losses("same-nccl"), losses("piped")
-worst = max(abs(a - b) for a, b in zip(plain, piped))
-print(f"largest loss difference pipeline vs plain step {worst:.2e}")
-sys.exit(0 if len(plain) == len(piped) and worst < 1e-4 else 1)
-PY
+compare_losses same-nccl piped 1e-4 "pipeline vs plain step" || fail "pipelined and plain losses differ"
 
 step "GPU options: fused Adam on the tables, bf16 autocast, fp16 table weights, fp16/bf16 all-to-all (NCF, 30 steps each)"
 for option in "--trainer.table_optimizer adam --trainer.sparse_lr 0.001" "--trainer.mixed_precision bf16" \

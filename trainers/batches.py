@@ -173,6 +173,27 @@ class SequenceWindowsSource:
             yield {name: values[index] for name, values in self.windows.items()}
 
 
+def exact_batches(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
+    """Batches of exactly `batch_size` rows, in order, from batches of any sizes; a last partial
+    batch is dropped. Ray Data's iter_batches with a local shuffle buffer yields short batches in
+    the middle of a stream, at block boundaries (ray-project/ray#66085), and every rank's step must
+    see the same batch size: TorchRec's collectives refuse unequal ones."""
+    pending: list[Batch] = []
+    rows = 0
+    for batch in batches:
+        size = len(next(iter(batch.values())))
+        if not pending and size == batch_size:
+            yield batch
+            continue
+        pending.append(batch)
+        rows += size
+        while rows >= batch_size:
+            merged = {name: np.concatenate([part[name] for part in pending]) for name in pending[0]}
+            yield {name: values[:batch_size] for name, values in merged.items()}
+            rows -= batch_size
+            pending = [{name: values[batch_size:] for name, values in merged.items()}] if rows else []
+
+
 def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Copy (Ray Data and pyarrow hand out read-only views) into int64 ids and float32 labels on `device`; to a
     GPU through pinned memory, without blocking the host."""
