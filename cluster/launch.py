@@ -53,8 +53,6 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
                 dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, context.rank,
                 context.world_size, config.trainer.seed, last_epoch=config.trainer.epochs))
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
-            if isinstance(source, RayRankStream) and not resume:
-                source.read_ahead(1)  # overlaps the first blocks' start with building the model
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
     finally:

@@ -79,6 +79,18 @@ def session_processes(session: int) -> list[int]:
     return found
 
 
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` different TCP ports free on 127.0.0.1 right now. Ports picked one at a time can
+    repeat (each probe's socket is closed before the next), and `ray start` then fails with "port
+    ... used by other components"."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_loopback_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 SESSION_GRACE_S = 3.0
 """How long a private head's processes get between SIGTERM and SIGKILL when it is stopped."""
 
@@ -138,10 +150,10 @@ class EmbeddedHead:
 def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0) -> Iterator[EmbeddedHead]:
     """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="shardrec-ray-", dir="/tmp"))  # short: socket paths < 108 B
-    ports = {flag: free_loopback_port() for flag in (
-        "--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-        "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port",
-        "--ray-client-server-port")}
+    flags = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
+    free = distinct_free_ports(len(flags) + 2)  # Ray refuses a port given to two of its components
+    ports = dict(zip(flags, free))
     command = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                "--num-cpus", str(num_cpus), "--object-store-memory", str(object_store_mb * 1024 * 1024),
                "--temp-dir", str(temp_dir), "--disable-usage-stats"]
@@ -149,7 +161,7 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0)
         command += [flag, str(port)]
     env = ray_env()
     # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
-    env.update(AUTOSCALER_METRIC_PORT=str(free_loopback_port()), DASHBOARD_METRIC_PORT=str(free_loopback_port()))
+    env.update(AUTOSCALER_METRIC_PORT=str(free[-2]), DASHBOARD_METRIC_PORT=str(free[-1]))
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)

@@ -74,17 +74,15 @@ class RayRankStream:
                                                   local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None),
                              self.batch_size)
 
-    def read_ahead(self, epoch: int) -> None:
-        """Start `epoch`'s pipeline now (e.g. while the model is being built): the first block of a
-        worker's first pipeline waits for Ray to start a task worker process, a few seconds."""
-        if self._ahead is None:
-            self._ahead = (epoch, Prefetcher(self._batches(epoch), lambda batch: batch, depth=self.AHEAD_BATCHES))
-
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The epoch's batches. As the epoch starts, the next epoch's pipeline starts too and reads
         its first batches: a new pipeline's first block takes a scheduling round trip and a shard's
         read and sampling, which an epoch of a few dozen steps would otherwise wait for. The
-        batches are the same either way (the pipeline is a function of seed and epoch)."""
+        batches are the same either way (the pipeline is a function of seed and epoch).
+
+        Nothing is read ahead while the model is being built: TorchScript compiles FBGEMM's helpers
+        then, and CPython 3.11.7 can fail ("AST constructor recursion depth mismatch") when another
+        thread compiles at the same time, which Ray Data's threads do."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch:
             batches: Iterator[Batch] = iter(ahead[1])
