@@ -20,7 +20,7 @@ import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from trainers.batches import Batch, exact_batches, rank_shards, with_negatives
+from trainers.batches import Batch, exact_batches, rank_rows, rank_shards, with_negatives
 from trainers.prefetch import Prefetcher
 
 
@@ -32,7 +32,7 @@ class RayRankStream:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
-        self.rows = int(sum(len(range(rank, n, world_size)) for n in shard_rows) if self.striped else shard_rows.sum())
+        self.rows = rank_rows(shard_rows, rank, world_size, self.striped)
         """Positive rows this rank trains on per epoch."""
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer

@@ -27,6 +27,7 @@ SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "tab
 
 
 TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
+TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -132,8 +133,8 @@ class TrainerSection:
             raise UserError("trainer.max_steps_per_epoch must be >= 0")
         if self.prefetch_batches < 1:
             raise UserError("trainer.prefetch_batches must be >= 1")
-        if self.train_pipeline not in ("auto", "plain", "sparse_dist"):
-            raise UserError(f"trainer.train_pipeline must be auto, plain or sparse_dist, got {self.train_pipeline!r}")
+        if self.train_pipeline not in TRAIN_PIPELINES:
+            raise UserError(f"trainer.train_pipeline must be one of {', '.join(TRAIN_PIPELINES)}, got {self.train_pipeline!r}")
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise UserError(f"trainer.table_optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
         if self.mixed_precision not in ("fp32", "bf16"):

@@ -101,8 +101,9 @@ class UserItemModel(RecModel):
         return self.score_pairs(self.tables(batch.features).to_dict())
 
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
-        labels = batch["label"] if isinstance(batch, dict) else batch.columns["label"]
-        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), labels)
+        if isinstance(batch, dict):
+            batch = self.pipeline_input(batch)
+        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch.columns["label"])
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()

@@ -22,13 +22,13 @@ class Dropout(nn.Module):
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
         self.threshold = round(p * self.RESOLUTION)
+        self.scale = self.RESOLUTION / (self.RESOLUTION - self.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
         drawn = torch.randint(0, self.RESOLUTION, x.shape, dtype=torch.int16, device=x.device)
-        scale = self.RESOLUTION / (self.RESOLUTION - self.threshold)
-        return x * ((drawn >= self.threshold) * scale).to(x.dtype)
+        return x * ((drawn >= self.threshold) * self.scale).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -40,6 +40,14 @@ def rank_shards(num_shards: int, rank: int, world_size: int) -> tuple[np.ndarray
     return (shards if striped else shards[rank::world_size]), striped
 
 
+def rank_rows(shard_rows: np.ndarray, rank: int, world_size: int, striped: bool) -> int:
+    """Positive rows a rank trains on per epoch from its shards' row counts (`rank_shards`):
+    all of them, or its stripe rank::world of each when striped."""
+    if not striped:
+        return int(shard_rows.sum())
+    return int(sum(len(range(rank, int(n), world_size)) for n in shard_rows))
+
+
 def with_negatives(sampler: NegativeSampler, positives: Batch, rng: np.random.Generator,
                    known: np.ndarray | None) -> Batch:
     """Shuffled positives -> those rows with their sampled negatives, shuffled together."""
@@ -92,9 +100,7 @@ class ParquetFilesSource:
     @property
     def rows(self) -> int:
         """Positive rows this rank trains on per epoch."""
-        if not self.striped:
-            return int(self.shard_rows.sum())
-        return int(sum(len(range(self.rank, n, self.world_size)) for n in self.shard_rows))
+        return rank_rows(self.shard_rows, self.rank, self.world_size, self.striped)
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Whole batches an epoch yields (the partial batch at the end of a slice carries over)."""

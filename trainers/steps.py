@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import time
 from collections import deque
 from typing import Any, Callable, Iterator
 
@@ -22,13 +21,8 @@ import torch
 from core.errors import UserError
 from models.base import RecModel
 
-STEP_KINDS = ("auto", "plain", "sparse_dist")
-
-
 def choose_step(requested: str, model: RecModel, device: torch.device) -> str:
-    """"plain" or "sparse_dist" for trainer.train_pipeline = `requested`."""
-    if requested not in STEP_KINDS:
-        raise UserError(f"trainer.train_pipeline must be one of {', '.join(STEP_KINDS)}, got {requested!r}")
+    """"plain" or "sparse_dist" for trainer.train_pipeline = `requested` (validated by the config)."""
     supported = type(model).pipeline_input is not RecModel.pipeline_input
     if requested == "sparse_dist" and not pipeline_available():
         raise UserError("trainer.train_pipeline = 'sparse_dist': this TorchRec's TrainPipelineSparseDist takes no "
@@ -62,8 +56,6 @@ class SparseDistSteps:
 
         self.dmp, self.precision = dmp, precision
         self.pipeline = TrainPipelineSparseDist(dmp, optimizer, device, custom_model_fwd=self._forward)
-        self.waited = 0.0
-        """Seconds spent waiting for the source in the epoch under way."""
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with self.precision():
@@ -73,17 +65,11 @@ class SparseDistSteps:
     def epoch(self, prepared: Iterator[tuple[dict[str, Any], Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
         """`prepared`: (numpy batch, FeatureBatch) pairs."""
         pending: deque[dict[str, Any]] = deque()
-        self.waited = 0.0
 
         def inputs() -> Iterator[Any]:
-            while True:
-                asked = time.perf_counter()
-                item = next(prepared, None)
-                self.waited += time.perf_counter() - asked
-                if item is None:
-                    return
-                pending.append(item[0])
-                yield item[1]
+            for batch, features in prepared:
+                pending.append(batch)  # the pipeline trains its inputs in order: this is the step's batch
+                yield features
 
         feed = inputs()
         try:

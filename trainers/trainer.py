@@ -76,11 +76,11 @@ class Trainer:
         loss, detached and left on the device (reading it syncs, so the caller decides when)."""
         return self.step_on_tensors(self.prepare_batch(batch)[1])
 
-    def prepare_batch(self, batch: Batch) -> tuple[Batch, dict[str, torch.Tensor]]:
-        """(batch, its tensors on the rank's device), after refusing out-of-range ids. Thread-safe:
-        the epoch loop runs it in its prefetch thread."""
+    def prepare_batch(self, batch: Batch, device: torch.device | None = None) -> tuple[Batch, dict[str, torch.Tensor]]:
+        """(batch, its tensors on `device`, default the rank's), after refusing out-of-range ids.
+        Thread-safe: the epoch loop runs it in its prefetch thread."""
         check_ids(batch, self.dataset.num_users, self.dataset.num_items)
-        return batch, to_tensors(batch, self.context.device)
+        return batch, to_tensors(batch, device or self.context.device)
 
     def precision(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast (trainer.mixed_precision); the loss comes out in fp32."""
@@ -91,8 +91,8 @@ class Trainer:
     def prepare_pipeline_batch(self, batch: Batch) -> tuple[Batch, FeatureBatch]:
         """(batch, its FeatureBatch in host memory, pinned for a GPU): the train pipeline copies
         it to the device on a stream of its own."""
-        check_ids(batch, self.dataset.num_users, self.dataset.num_items)
-        features = self.sharded.model.pipeline_input(to_tensors(batch, "cpu"))
+        batch, tensors = self.prepare_batch(batch, device=torch.device("cpu"))
+        features = self.sharded.model.pipeline_input(tensors)
         assert features is not None  # choose_step checked the model
         return batch, features.pin_memory() if self.context.device.type == "cuda" else features
 
@@ -245,11 +245,8 @@ class Trainer:
                 items: Iterator[Any] = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
             else:
                 items = iter(prepared)
-            if pipelined:
-                steps_taken = self._pipelined_steps(items)
-            else:
-                timed = TimedIterator(items)
-                steps_taken = self._plain_steps(timed)
+            timed = TimedIterator(items)
+            steps_taken = self._pipelined_steps(iter(timed)) if pipelined else self._plain_steps(iter(timed))
             for batch, loss in steps_taken:
                 if self.first_step_at is None:
                     self.first_step_at = time.time()
@@ -269,7 +266,7 @@ class Trainer:
                     log.advance()
                 if every_steps and run_dir is not None and self.step % every_steps == 0:
                     self.save_checkpoint(run_dir, log)
-            waited = self._pipeline.waited if pipelined and self._pipeline is not None else timed.waited
+            waited = timed.waited
         close = getattr(source_batches, "close", None)
         if close is not None:  # a source left before its end (a step limit) releases what it reads from now
             close()
