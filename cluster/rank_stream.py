@@ -20,7 +20,7 @@ import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from trainers.batches import Batch, exact_batches, rank_rows, rank_shards, with_negatives
+from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches, with_negatives
 from trainers.prefetch import Prefetcher
 
 
@@ -43,7 +43,7 @@ class RayRankStream:
         self._ahead: tuple[int, Prefetcher[Batch, Batch]] | None = None
 
     def batches_in_epoch(self, epoch: int) -> int:
-        """Whole batches an epoch yields (exact_batches drops the last partial one)."""
+        """Whole batches an epoch yields (shuffled_batches drops the last partial one)."""
         return self.sampler.expanded_rows(self.rows) // self.batch_size
 
     def close(self) -> None:
@@ -69,10 +69,9 @@ class RayRankStream:
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         dataset, shuffle_seed = self.pipeline(epoch)
-        return exact_batches(dataset.iter_batches(batch_size=self.batch_size, batch_format="numpy", drop_last=False,
-                                                  local_shuffle_buffer_size=self.shuffle_buffer or None,
-                                                  local_shuffle_seed=shuffle_seed if self.shuffle_buffer else None),
-                             self.batch_size)
+        # Whole blocks out of Ray Data (no copy, no per-batch assembly), cut and mixed here.
+        blocks = dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        return shuffled_batches(blocks, self.batch_size, self.shuffle_buffer, shuffle_seed)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The epoch's batches. As the epoch starts, the next epoch's pipeline starts too and reads

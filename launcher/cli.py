@@ -239,6 +239,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
 
     check_job(config, dataset, config.cluster.num_workers)
     from cluster.launch import TrainingFailed, train_on_ray  # heavy (Ray)
+    from trainers.run_log import process_started_at
     from trainers.trainer import format_summary
 
     # Workers do not share the driver's working directory: hand them absolute paths.
@@ -257,7 +258,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    print(format_summary(summary), flush=True)
+    print(format_summary(summary, process_started_at()), flush=True)
     return 0
 
 

@@ -93,6 +93,9 @@ class UserItemModel(RecModel):
         features = column_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
         return FeatureBatch(features, dict(batch))
 
+    reg_weight: float = 0.0
+    """L2 penalty on the batch's looked-up rows: reg_weight * (sum of their squares) / batch rows."""
+
     def logits(self, batch: Batch | FeatureBatch) -> torch.Tensor:
         # A dict is turned into features here; anything else is taken for a FeatureBatch (under the
         # train pipeline's tracer the batch is a proxy, and its `features` must be read directly).
@@ -103,7 +106,15 @@ class UserItemModel(RecModel):
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
         if isinstance(batch, dict):
             batch = self.pipeline_input(batch)
-        return nn.functional.binary_cross_entropy_with_logits(self.logits(batch), batch.columns["label"])
+        vectors = self.tables(batch.features).to_dict()
+        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
+        if self.reg_weight:
+            # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore their
+            # weight decay argument, and this penalises exactly the rows the step updates.
+            # (by feature name: under the train pipeline's tracer `vectors` is a proxy, not a dict)
+            squares = sum(vectors[feature].square().sum() for feature in self.feature_columns)
+            loss = loss + self.reg_weight * squares / batch.columns["label"].shape[0]
+        return loss
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()

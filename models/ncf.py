@@ -21,6 +21,7 @@ class NCF(UserItemModel):
     def __init__(self, params: NCFParams, num_users: int, num_items: int, device: str = "meta") -> None:
         super().__init__()
         self.params = params
+        self.reg_weight = params.reg_weight
         mlp_half = params.mlp_dims[0] // 2
         specs = [
             ("gmf_user", num_users, params.gmf_dim, "user_id"),

@@ -76,9 +76,14 @@ def _loopback_only(addresses: list[str]) -> bool:
 
 
 def test_shardrec_train_through_ray(ml100k_small, tmp_path):
+    started = time.monotonic()
     result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, "ray")], 360,
                   env_extra={"SHARDREC_RECORD_LISTENERS": str(tmp_path / "listeners")})
+    took = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # counted from the command's start: Ray's start-up is in it, and the run's end comes after it
+    time_to_best = float(re.search(r"time to best: ([0-9.]+) s", result.stdout).group(1))
+    assert 5.0 < time_to_best < took, (time_to_best, took)
     # rank 0 serves the process group's store: on the embedded cluster's 127.0.0.1 only, as every
     # other socket the ranks listen on (Ray Train's own set-up listened on every interface)
     listening = {f.name: json.loads(f.read_text()) for f in (tmp_path / "listeners").iterdir()}

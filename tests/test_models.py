@@ -7,9 +7,9 @@ from models.registry import build_model, model_names
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
-def _ncf(dropout: float = 0.0):
+def _ncf(dropout: float = 0.0, reg_weight: float = 0.0):
     torch.manual_seed(0)
-    model = build_model("ncf", NCFParams(dropout=dropout), num_users=7, num_items=11, device="cpu")
+    model = build_model("ncf", NCFParams(dropout=dropout, reg_weight=reg_weight), num_users=7, num_items=11, device="cpu")
     for table in model.tables.embedding_bags.values():
         torch.nn.init.normal_(table.weight, std=0.5)  # large enough that every term matters
     return model
@@ -39,3 +39,14 @@ def test_score_all_equals_scoring_every_pair():
     grid_users, grid_items = torch.meshgrid(users, items, indexing="ij")
     pairs = model.logits({"user_id": grid_users.flatten(), "item_id": grid_items.flatten()})
     torch.testing.assert_close(all_scores, pairs.view(7, 11), rtol=1e-5, atol=1e-6)
+
+
+def test_ncf_reg_weight_adds_the_l2_of_the_looked_up_rows_per_batch_row():
+    batch = {"user_id": torch.tensor([0, 3, 3]), "item_id": torch.tensor([1, 10, 4]), "label": torch.tensor([1.0, 0, 0])}
+    plain, regularised = _ncf(), _ncf(reg_weight=0.01)
+    squares = sum(table.weight[batch["user_id" if name.endswith("user") else "item_id"]].square().sum()
+                  for name, table in plain.tables.embedding_bags.items())
+    torch.testing.assert_close(regularised(batch), plain(batch) + 0.01 * squares / 3)
+    regularised(batch).backward()  # the penalty's gradient reaches the looked-up rows only
+    untouched = [row for row in range(7) if row not in (0, 3)]
+    assert regularised.tables.embedding_bags["gmf_user"].weight.grad[untouched].abs().sum() == 0

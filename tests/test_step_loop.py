@@ -180,3 +180,27 @@ def test_exact_batches_cuts_batches_of_any_size_into_full_ones_in_order():
     out = list(exact_batches(iter(parts), 8))
     assert [len(b["user_id"]) for b in out] == [8] * (sum(sizes) // 8)
     assert np.array_equal(np.concatenate([b["user_id"] for b in out]), np.arange(sum(sizes) // 8 * 8))
+
+
+def test_shuffled_batches_mix_blocks_and_keep_every_row_once():
+    from trainers.batches import shuffled_batches
+
+    sizes = [300, 40, 500, 7, 260]
+    start, blocks = 0, []
+    for size in sizes:
+        blocks.append({"user_id": np.arange(start, start + size), "label": np.arange(start, start + size) * 2.0})
+        start += size
+    total = sum(sizes)
+    out = list(shuffled_batches(iter(blocks), 64, buffer_rows=100, seed=3))
+    assert [len(b["user_id"]) for b in out] == [64] * (total // 64)  # the trainer's planned count
+    seen = np.concatenate([b["user_id"] for b in out])
+    assert len(np.unique(seen)) == len(seen) == total // 64 * 64  # no row twice, only the tail dropped
+    assert all(np.array_equal(b["label"], b["user_id"] * 2.0) for b in out)  # columns stay aligned
+    # rows from different blocks meet in one batch, and the order is not the input's
+    block_of = np.searchsorted(np.cumsum(sizes), seen, side="right")
+    assert any(len(np.unique(block_of[i : i + 64])) > 1 for i in range(0, len(seen), 64))
+    assert not np.array_equal(seen, np.sort(seen))
+    again = list(shuffled_batches(iter(blocks), 64, buffer_rows=100, seed=3))
+    assert all(np.array_equal(a["user_id"], b["user_id"]) for a, b in zip(out, again))  # a function of the seed
+    in_order = np.concatenate([b["user_id"] for b in shuffled_batches(iter(blocks), 64, buffer_rows=0, seed=3)])
+    assert np.array_equal(in_order, np.arange(total // 64 * 64))

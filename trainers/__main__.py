@@ -19,6 +19,7 @@ from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
 from trainers.preflight import check_job
+from trainers.run_log import process_started_at
 from trainers.trainer import format_summary
 
 
@@ -47,7 +48,8 @@ def main(argv: list[str]) -> int:
         run_dir = Path(chosen[0])  # type: ignore[arg-type]
         summary = torchrun_rank(config, run_dir, resume_dir is not None, context, verbose)
         if context.is_main:
-            print(format_summary(summary), flush=True)
+            # The command is the launcher (torchrun) that started this rank.
+            print(format_summary(summary, process_started_at(os.getppid())), flush=True)
     except UserError as exc:
         return report_user_error(exc)
     finally:

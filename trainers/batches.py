@@ -200,6 +200,39 @@ def exact_batches(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
             pending = [{name: values[batch_size:] for name, values in merged.items()}] if rows else []
 
 
+def shuffled_batches(blocks: Iterator[Batch], batch_size: int, buffer_rows: int, seed: int) -> Iterator[Batch]:
+    """Batches of exactly `batch_size` rows from blocks of any sizes, rows mixed across block
+    boundaries through a buffer of `buffer_rows` (0: in order, as `exact_batches`); the last
+    partial batch is dropped, so an epoch yields total rows // batch_size batches.
+
+    Vectorised: each arriving block is joined to the buffer, the lot permuted once, and every whole
+    batch beyond `buffer_rows` cut off the front, so a row is copied about (1 + buffer/block) times.
+    Ray Data's own local shuffle re-assembles its buffer for every batch it yields, which cost 145 s
+    per epoch on 262,144-row blocks of a 10M-interaction dataset (the pyarrow reader: 6 s)."""
+    if not buffer_rows:
+        yield from exact_batches(blocks, batch_size)
+        return
+    rng = np.random.default_rng(seed)
+    pool: Batch | None = None
+    for block in blocks:
+        pool = block if pool is None else {name: np.concatenate([pool[name], block[name]]) for name in pool}
+        rows = len(next(iter(pool.values())))
+        whole = (rows - buffer_rows) // batch_size * batch_size
+        if whole <= 0:
+            continue
+        order = rng.permutation(rows)
+        pool = {name: values[order] for name, values in pool.items()}
+        for start in range(0, whole, batch_size):
+            yield {name: values[start : start + batch_size] for name, values in pool.items()}
+        pool = {name: values[whole:] for name, values in pool.items()}
+    if pool is not None:
+        rows = len(next(iter(pool.values())))
+        order = rng.permutation(rows)
+        for start in range(0, rows - batch_size + 1, batch_size):
+            index = order[start : start + batch_size]
+            yield {name: values[index] for name, values in pool.items()}
+
+
 def to_tensors(batch: Batch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Copy (Ray Data and pyarrow hand out read-only views) into int64 ids and float32 labels on `device`; to a
     GPU through pinned memory, without blocking the host."""

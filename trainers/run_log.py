@@ -27,6 +27,19 @@ CONSOLE_EVENTS = "console.jsonl"
 TAIL_LINES = 25
 
 
+def process_started_at(pid: int | None = None) -> float | None:
+    """Wall-clock time (epoch seconds) at which process `pid` (default: this one) started, from
+    /proc; None where /proc is missing. The run report's "time to best" counts from the command's
+    start, imports and cluster start-up included, not from this module's import."""
+    try:
+        fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def rank_log_path(run_dir: Path, rank: int) -> Path:
     return run_dir / LOG_DIR / f"rank-{rank}.log"
 

@@ -317,7 +317,8 @@ class Trainer:
                 # the one at the best validation epoch, and the others would cost a full pass each.
                 if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
                     record["test"] = self.evaluate("test", log.bar_callback("test"))
-                    self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"]}
+                    self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"],
+                                 "reached_at": time.time()}
                 record["eval_s"] = time.perf_counter() - eval_started
             log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
             for split in ("valid", "test"):
@@ -429,8 +430,9 @@ def epoch_line(record: dict[str, Any], k: int) -> str:
     return line
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """Human-readable end-of-run report."""
+def format_summary(summary: dict[str, Any], started_at: float | None = None) -> str:
+    """Human-readable end-of-run report. `started_at`: when the command started (wall clock), for
+    the time to the best epoch."""
     best, final = summary["best"], summary["final"]
     lines = [f"shardrec run: {summary['model']} on {summary['world_size']} rank(s)", "sharding plan:", format_plan(summary["plan"])]
     lines.append(f"epochs: {summary['epochs']}; final loss {final.get('loss', float('nan')):.4f}; "
@@ -441,5 +443,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ranked = (f"{test['users']} of {test['eligible_users']} users" if "users" in test and test["users"] != test.get("eligible_users")
                   else f"{test['cases']} cases")
         lines.append(f"test at best validation epoch {best['epoch']} ({test['protocol']}; {ranked}): {metrics}")
+        reached = best.get("reached_at")
+        if started_at is not None and reached is not None and reached >= started_at:  # not from before a resume
+            lines.append(f"time to best: {reached - started_at:.1f} s (command start to the end of epoch "
+                         f"{best['epoch']}'s test evaluation)")
     lines.append(f"run folder: {summary['run_dir']}")
     return "\n".join(lines)
