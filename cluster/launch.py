@@ -11,10 +11,10 @@ from ray.train.torch import TorchTrainer
 
 from cluster.process_group import BoundStoreTorchConfig
 from cluster.rank_stream import RayRankStream
-from cluster.ray_cluster import ray_cluster
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset
+from core.errors import TrainingFailed
 from core.model_params import is_sequence_model
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
@@ -31,10 +31,6 @@ from trainers.run_log import (
     tail,
 )
 from trainers.trainer import Trainer
-
-
-class TrainingFailed(RuntimeError):
-    """A rank failed; Ray Train stopped the whole worker group."""
 
 
 def ray_train_loop(loop_config: dict[str, Any]) -> None:
@@ -59,44 +55,44 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         teardown(context)
 
 
-def train_on_ray(config: RunConfig, run_dir: Path, resume: bool, say: Any = print, verbose: bool = False
-                 ) -> dict[str, Any]:
-    """Run training on `config.cluster.num_workers` Ray Train workers; returns the run summary."""
+def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str, say: Any = print,
+                     verbose: bool = False) -> dict[str, Any]:
+    """Run training on `config.cluster.num_workers` Ray Train workers of the cluster this process is
+    connected to (`cluster.ray_cluster.ray_cluster`, described by `where`); returns the run summary."""
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
-    with ray_cluster(section, log=verbose) as where:
-        say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
-        params = config.model.resolved_params()
-        if is_sequence_model(params) and not sequence_files(dataset):
-            say("building per-user sequences with Ray Data (once per dataset)")
-            build_with_ray(dataset, say)
-        trainer = TorchTrainer(
-            ray_train_loop,
-            train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
-                               "verbose": verbose},
-            torch_config=BoundStoreTorchConfig(backend=section.backend),  # rank 0's store: its node address only
-            scaling_config=ScalingConfig(
-                num_workers=section.num_workers,
-                use_gpu=section.use_gpu,
-                resources_per_worker={"CPU": section.cpus_per_worker},
-                placement_strategy=section.placement,
-            ),
-            run_config=RayRunConfig(
-                name="ray-train",
-                storage_path=str(run_dir.resolve()),
-                # A restart that cannot place its workers within cluster.placement_timeout_s (set in
-                # the workers' environment, see ray_cluster.rank_env) ends the job: Ray's default
-                # retries that wait without limit, a hang when a node is gone for good.
-                failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
-            ),
-        )
-        try:
-            with follow_console(run_dir):
-                trainer.fit()
-        except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
-            headline = _failing_rank_line(run_dir, section.num_workers)
-            raise TrainingFailed(f"training failed: {headline or _ray_error_head(exc)}\n{_ray_error_head(exc)}"
-                                 f"{_rank_tails(run_dir, section.num_workers)}") from exc
+    say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
+    params = config.model.resolved_params()
+    if is_sequence_model(params) and not sequence_files(dataset):
+        say("building per-user sequences with Ray Data (once per dataset)")
+        build_with_ray(dataset, say)
+    trainer = TorchTrainer(
+        ray_train_loop,
+        train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
+                           "verbose": verbose},
+        torch_config=BoundStoreTorchConfig(backend=section.backend),  # rank 0's store: its node address only
+        scaling_config=ScalingConfig(
+            num_workers=section.num_workers,
+            use_gpu=section.use_gpu,
+            resources_per_worker={"CPU": section.cpus_per_worker},
+            placement_strategy=section.placement,
+        ),
+        run_config=RayRunConfig(
+            name="ray-train",
+            storage_path=str(run_dir.resolve()),
+            # A restart that cannot place its workers within cluster.placement_timeout_s (set in
+            # the workers' environment, see ray_cluster.rank_env) ends the job: Ray's default
+            # retries that wait without limit, a hang when a node is gone for good.
+            failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
+        ),
+    )
+    try:
+        with follow_console(run_dir):
+            trainer.fit()
+    except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
+        headline = _failing_rank_line(run_dir, section.num_workers)
+        raise TrainingFailed(f"training failed: {headline or _ray_error_head(exc)}\n{_ray_error_head(exc)}"
+                             f"{_rank_tails(run_dir, section.num_workers)}") from exc
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise TrainingFailed(f"training ended without writing {summary_file}")

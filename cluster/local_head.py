@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from core.errors import UserError
 from trainers.distributed import free_loopback_port
@@ -67,14 +67,16 @@ def private_token_file() -> None:
 
 
 def session_processes(session: int) -> list[int]:
-    """Pids of the processes in session `session` (field 6 of /proc/<pid>/stat), this one excluded."""
+    """Pids of the live processes in session `session` (field 6 of /proc/<pid>/stat), this one
+    excluded. Zombies are not counted: they have exited, and only their parent's wait removes them
+    (a stop that waited for them ran out its timeouts, 8 s)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError, IndexError, ValueError):
                 # The command name may hold spaces and parentheses: fields start after the last ')'.
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[3]) == session:
+                if int(fields[3]) == session and fields[0] != "Z":
                     found.append(int(entry.name))
     return found
 
@@ -96,14 +98,21 @@ SESSION_GRACE_S = 3.0
 
 
 def stop_session(session: int, grace_s: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL after `grace_s`, to every process of a head's session."""
+    """SIGTERM, then SIGKILL after `grace_s`, to every process of a head's session. A head stopped
+    while it is still starting keeps spawning processes for a moment: each poll signals the ones
+    that appeared since."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in session_processes(session):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
+        signalled: set[int] = set()
         deadline = time.monotonic() + wait_s
-        while session_processes(session) and time.monotonic() < deadline:
-            time.sleep(0.3)
+        while time.monotonic() < deadline:
+            alive = session_processes(session)
+            if not alive:
+                return
+            for pid in set(alive) - signalled:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+                signalled.add(pid)
+            time.sleep(0.2)
 
 
 def _stop_with_parent() -> None:
@@ -147,8 +156,11 @@ class EmbeddedHead:
 
 
 @contextlib.contextmanager
-def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0) -> Iterator[EmbeddedHead]:
-    """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring)."""
+def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
+                  while_starting: Callable[[], None] | None = None) -> Iterator[EmbeddedHead]:
+    """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring).
+    `while_starting` runs once `ray start` is launched and before the head is waited for (the
+    caller's own start-up work overlaps the head's); if it raises, the head is stopped."""
     temp_dir = Path(tempfile.mkdtemp(prefix="shardrec-ray-", dir="/tmp"))  # short: socket paths < 108 B
     flags = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
@@ -165,7 +177,10 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0)
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)
+    address = ""
     try:
+        if while_starting is not None:
+            while_starting()
         address = _wait_for_address(temp_dir, process, timeout_s)
         private_token_file()
         yield EmbeddedHead(address, temp_dir)
@@ -174,7 +189,9 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0)
         # the run folder), so every process of its session is stopped at once. Stopping `ray start
         # --block` alone and waiting for it took about 40 s of every run's end: it waits for Ray's
         # agents, and they linger on SIGTERM.
-        stop_session(process.pid, grace_s=SESSION_GRACE_S)
+        # A head that never came up (the caller's start-up work refused the job) has nothing to
+        # finish: it is killed at once rather than given the grace its half-started agents ignore.
+        stop_session(process.pid, grace_s=SESSION_GRACE_S if address else 0.0)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
         log.close()

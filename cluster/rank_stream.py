@@ -12,15 +12,15 @@ Ray Data still runs the reads and the sampling in parallel tasks, ahead of the t
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches, with_negatives
+from cluster.shard_sampling import SampledShard
+from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches
 from trainers.prefetch import Prefetcher
 
 
@@ -59,7 +59,7 @@ class RayRankStream:
         tasks = [{"path": self.files[int(shard)], "shard": int(shard)} for shard in order]
         stripe = (self.rank, self.world_size) if self.striped else None
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            _SampledShard(self.sampler, self.seed, epoch, stripe), batch_size=1, batch_format="numpy")
+            SampledShard(self.sampler, self.seed, epoch, stripe), batch_size=1, batch_format="numpy")
         dataset.context.execution_options.preserve_order = True  # blocks in the seeded shard order
         dataset.context.enable_progress_bars = False
         return dataset, int(rng.integers(2**31))
@@ -92,33 +92,3 @@ class RayRankStream:
         if self.last_epoch is None or epoch < self.last_epoch:
             self._ahead = (epoch + 1, Prefetcher(self._batches(epoch + 1), lambda batch: batch, depth=self.AHEAD_BATCHES))
         yield from batches
-
-
-class _SampledShard:
-    """Ray Data map: one shard's path -> its (or this rank's stripe of its) positives, shuffled, with
-    their sampled negatives; every draw from (seed, epoch, shard)."""
-
-    def __init__(self, sampler: NegativeSampler, seed: int, epoch: int, stripe: tuple[int, int] | None) -> None:
-        self.sampler, self.seed, self.epoch, self.stripe = sampler, seed, epoch, stripe
-
-    BLOCK_ROWS = 262_144
-    """Rows per output block (about 6 MB)."""
-
-    def __call__(self, batch: dict[str, Any]) -> Iterator[Batch]:
-        (path,), (shard,) = batch["path"], batch["shard"]
-        rng = np.random.default_rng((self.seed, self.epoch, int(shard)))
-        table = pq.read_table(str(path), columns=["user_id", "item_id"])
-        positives = {name: table.column(name).to_numpy() for name in ("user_id", "item_id")}
-        known = self.sampler.known_keys(positives) if self.sampler.reject_positives else None
-        mine = positives
-        if self.stripe is not None:
-            rank, world = self.stripe
-            mine = {name: values[rank::world] for name, values in positives.items()}
-        order = rng.permutation(len(mine["user_id"]))
-        expanded = with_negatives(self.sampler, {name: values[order] for name, values in mine.items()}, rng, known)
-        # Blocks of BLOCK_ROWS rather than one per shard: a 100M-interaction dataset's shard expands to
-        # about 7M rows (170 MB), which a 512 MB object store would spill to disk, and a block is
-        # only released when its last row has been trained on.
-        rows = len(expanded["user_id"])
-        for start in range(0, rows, self.BLOCK_ROWS):
-            yield {name: values[start : start + self.BLOCK_ROWS] for name, values in expanded.items()}

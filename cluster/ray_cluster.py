@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ray
 import ray.data
@@ -26,17 +26,21 @@ def rank_env(section: ClusterSection) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
+def ray_cluster(section: ClusterSection, log: bool = True,
+                while_starting: Callable[[], None] | None = None) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
     Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit.
     log=False keeps Ray's own logging and the workers' output off this console (it stays in the
-    cluster's session logs; shardrec's ranks write theirs under the run folder)."""
+    cluster's session logs; shardrec's ranks write theirs under the run folder). `while_starting`
+    runs while an embedded head comes up (before connecting to a given address)."""
     os.environ.update(LOOPBACK_ENV)
     # The driver too: Ray rebuilds the controller's startup-timeout error here, reading the value again.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(section.placement_timeout_s)
     # Our own log lines report progress; Ray Data's live bars flood captured logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if section.address:
+        if while_starting is not None:
+            while_starting()
         ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING,
                  runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}})
         try:
@@ -45,7 +49,7 @@ def ray_cluster(section: ClusterSection, log: bool = True) -> Iterator[str]:
             ray.shutdown()
         return
     cpus = max(2, int(section.num_workers * section.cpus_per_worker + 1.999))
-    with embedded_head(cpus, section.object_store_mb) as head:
+    with embedded_head(cpus, section.object_store_mb, while_starting=while_starting) as head:
         ray.init(
             address=head.gcs_address,
             log_to_driver=log,

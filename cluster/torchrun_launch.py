@@ -26,9 +26,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.launch import TrainingFailed
 from cluster.ray_cluster import rank_env, ray_cluster
 from core.config import RunConfig
+from core.errors import TrainingFailed
 from core.run_folder import latest_checkpoint
 
 STOP_GRACE_S = 20

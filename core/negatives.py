@@ -89,3 +89,11 @@ class NegativeSampler:
             "item_id": np.concatenate([items, neg_items]),
             "label": np.concatenate([np.ones(len(users), np.float32), np.zeros(len(neg_users), np.float32)]),
         }
+
+
+def with_negatives(sampler: NegativeSampler, positives: dict[str, np.ndarray], rng: np.random.Generator,
+                   known: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Shuffled positives -> those rows with their sampled negatives, shuffled together."""
+    expanded = sampler(positives, rng, known)
+    shuffle = rng.permutation(len(expanded["user_id"]))
+    return {name: values[shuffle] for name, values in expanded.items()}

@@ -7,6 +7,7 @@ the commands that need them: they take seconds, and bad input must be refused be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 
 from core.config import ClusterSection, EvalSection
 from core.dataset_format import PreparedDataset
-from core.errors import UserError
+from core.errors import TrainingFailed, UserError
 from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
 from core.run_folder import check_resume
@@ -235,29 +236,50 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     if resume_dir is not None:
         check_resume(config, resume_dir)
 
-    from trainers.preflight import check_job  # heavy (torch, TorchRec): only once the light checks pass
+    def preflight() -> None:
+        from trainers.preflight import check_job  # heavy (torch, TorchRec): only once the light checks pass
 
-    check_job(config, dataset, config.cluster.num_workers)
-    from cluster.launch import TrainingFailed, train_on_ray  # heavy (Ray)
+        try:
+            check_job(config, dataset, config.cluster.num_workers)
+        except UserError:
+            if new_folder:  # a refused job leaves no empty run folder behind
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
+            raise
+
+    from cluster.ray_cluster import ray_cluster  # Ray only: torch, TorchRec and Ray Train come while the head starts
     from trainers.run_log import process_started_at
-    from trainers.trainer import format_summary
 
     # Workers do not share the driver's working directory: hand them absolute paths.
     config.data.path = str(Path(config.data.path).resolve())
     if config.sharding.plan:
         config.sharding.plan = str(Path(config.sharding.plan).resolve())
+    named = Path(config.trainer.run_root) / config.trainer.run_name if config.trainer.run_name else None
+    new_folder = resume_dir is None and not (named is not None and named.exists())
     run_dir = resolve_run_dir(config, resume_dir)
     print(f"[shardrec] run folder {run_dir}", flush=True)
+    def while_head_starts() -> None:
+        # The checks and the imports of the training stack (about 4 s together) overlap the start of
+        # an embedded Ray head (about 4 s); a refused job stops the head.
+        preflight()
+        import cluster.launch  # noqa: F401 (heavy: torch, TorchRec, Ray Train)
+
     try:
         if config.cluster.launcher == "torchrun":
+            preflight()
             from cluster.torchrun_launch import train_with_torchrun  # heavy (Ray)
 
             summary = train_with_torchrun(config, run_dir, resume=resume_dir is not None)
         else:
-            summary = train_on_ray(config, run_dir, resume=resume_dir is not None, verbose=args.verbose)
+            with ray_cluster(config.cluster, log=args.verbose, while_starting=while_head_starts) as where:
+                from cluster.launch import train_in_cluster
+
+                summary = train_in_cluster(config, run_dir, resume_dir is not None, where, verbose=args.verbose)
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    from trainers.trainer import format_summary
+
     print(format_summary(summary, process_started_at()), flush=True)
     return 0
 

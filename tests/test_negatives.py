@@ -71,15 +71,15 @@ def test_an_epoch_is_the_same_for_the_same_seed_and_differs_across_epochs(ml100k
 
 def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
     """A Ray Data shard task's output, cut into blocks, is the one-block output in the same order."""
-    from cluster.rank_stream import _SampledShard
+    from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
     task = {"path": [str(dataset.shard_file("train", 1))], "shard": [1]}
     sampler = NegativeSampler(dataset.num_items, 4)
-    whole = _SampledShard(sampler, 3, 2, None)
+    whole = SampledShard(sampler, 3, 2, None)
     whole.BLOCK_ROWS = 10**9
     (single,) = list(whole(task))
-    cut = _SampledShard(sampler, 3, 2, None)
+    cut = SampledShard(sampler, 3, 2, None)
     cut.BLOCK_ROWS = 1000
     blocks = list(cut(task))
     assert len(blocks) == -(-len(single["label"]) // 1000) > 1

@@ -12,7 +12,7 @@ import torch
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
-from core.negatives import NegativeSampler
+from core.negatives import NegativeSampler, with_negatives
 from core.sequences import load_sequences, windows_from_csr
 from trainers.distributed import all_agree
 
@@ -46,14 +46,6 @@ def rank_rows(shard_rows: np.ndarray, rank: int, world_size: int, striped: bool)
     if not striped:
         return int(shard_rows.sum())
     return int(sum(len(range(rank, int(n), world_size)) for n in shard_rows))
-
-
-def with_negatives(sampler: NegativeSampler, positives: Batch, rng: np.random.Generator,
-                   known: np.ndarray | None) -> Batch:
-    """Shuffled positives -> those rows with their sampled negatives, shuffled together."""
-    expanded = sampler(positives, rng, known)
-    shuffle = rng.permutation(len(expanded["user_id"]))
-    return {name: values[shuffle] for name, values in expanded.items()}
 
 
 def rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int,
