@@ -1,10 +1,10 @@
 """Throughput of the training data path alone (no model): rows/s delivered to 2 ranks' batch loops.
 
 Baseline, measured in the same run: the torchrun path (each rank reads its Parquet files with
-pyarrow and samples negatives in numpy). Compared: the Ray Data path (each rank's own pipeline, one
-task per shard reading it and drawing its negatives, blocks in order, iter_batches with a seeded
-local shuffle buffer: cluster/rank_stream.py), consumed by two threads standing in for the two Ray
-Train workers.
+pyarrow and samples negatives in numpy). Compared: the Ray Data path (each rank's own pipeline for
+all the epochs, one task per (epoch, shard) reading the shard and drawing its negatives, blocks in
+order, cut into batches through a seeded shuffle buffer: cluster/rank_stream.py), consumed by two
+threads standing in for the two Ray Train workers.
 
     .venv/bin/shardrec data prepare ml-100k --out runs/data/ml-100k
     .venv/bin/python -m bench.data_path [--data runs/data/ml-100k] [--epochs 3]
@@ -44,14 +44,20 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
 
     sampler = NegativeSampler(dataset.num_items, data.negatives, data.reject_positives)
     with ray_cluster(ClusterSection(), log=False):
-        streams = [RayRankStream(dataset, sampler, BATCH, data.shuffle_buffer, rank, 2, seed=0) for rank in range(2)]
+        # one pipeline for all the epochs, as a training run has (last_epoch)
+        streams = [RayRankStream(dataset, sampler, BATCH, data.shuffle_buffer, rank, 2, seed=0, last_epoch=epochs - 1)
+                   for rank in range(2)]
         rates = []
         for epoch in range(epochs):
             counts = [0, 0]
+            failures: list[BaseException] = []
 
             def consume(index: int) -> None:
-                for batch in streams[index].epoch(epoch):
-                    counts[index] += len(batch["label"])
+                try:
+                    for batch in streams[index].epoch(epoch):
+                        counts[index] += len(batch["label"])
+                except BaseException as error:  # re-raised below: a failed stream fails the benchmark
+                    failures.append(error)
 
             started = time.perf_counter()
             threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
@@ -59,6 +65,8 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
                 thread.start()
             for thread in threads:
                 thread.join()
+            if failures:
+                raise failures[0]
             rates.append(sum(counts) / (time.perf_counter() - started))
         for stream in streams:
             stream.close()

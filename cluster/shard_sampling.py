@@ -16,18 +16,18 @@ Batch = dict[str, np.ndarray]
 
 
 class SampledShard:
-    """Ray Data map: one shard's path -> its (or this rank's stripe of its) positives, shuffled, with
-    their sampled negatives; every draw from (seed, epoch, shard)."""
+    """Ray Data map: one (epoch, shard) item -> the shard's (or this rank's stripe of its) positives,
+    shuffled, with their sampled negatives; every draw from (seed, epoch, shard)."""
 
-    def __init__(self, sampler: NegativeSampler, seed: int, epoch: int, stripe: tuple[int, int] | None) -> None:
-        self.sampler, self.seed, self.epoch, self.stripe = sampler, seed, epoch, stripe
+    def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None) -> None:
+        self.sampler, self.seed, self.stripe = sampler, seed, stripe
 
     BLOCK_ROWS = 262_144
     """Rows per output block (about 6 MB)."""
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[Batch]:
-        (path,), (shard,) = batch["path"], batch["shard"]
-        rng = np.random.default_rng((self.seed, self.epoch, int(shard)))
+        (path,), (shard,), (epoch,) = batch["path"], batch["shard"], batch["epoch"]
+        rng = np.random.default_rng((self.seed, int(epoch), int(shard)))
         table = pq.read_table(str(path), columns=["user_id", "item_id"])
         positives = {name: table.column(name).to_numpy() for name in ("user_id", "item_id")}
         known = self.sampler.known_keys(positives) if self.sampler.reject_positives else None

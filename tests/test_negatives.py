@@ -74,12 +74,12 @@ def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
     from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
-    task = {"path": [str(dataset.shard_file("train", 1))], "shard": [1]}
+    task = {"path": [str(dataset.shard_file("train", 1))], "shard": [1], "epoch": [2]}
     sampler = NegativeSampler(dataset.num_items, 4)
-    whole = SampledShard(sampler, 3, 2, None)
+    whole = SampledShard(sampler, 3, None)
     whole.BLOCK_ROWS = 10**9
     (single,) = list(whole(task))
-    cut = SampledShard(sampler, 3, 2, None)
+    cut = SampledShard(sampler, 3, None)
     cut.BLOCK_ROWS = 1000
     blocks = list(cut(task))
     assert len(blocks) == -(-len(single["label"]) // 1000) > 1
