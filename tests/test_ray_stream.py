@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from core.config import ClusterSection
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
 
-def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml100k):
-    """One Ray Data pipeline serves a run's epochs. Each epoch's batches must still be a function of
-    (seed, rank, epoch) alone: the same whether the epoch comes from the run's pipeline, after an
-    epoch the trainer stopped early, or from a pipeline started at it (a resumed run)."""
-    # Imported here, not at collection: Ray settles its authentication mode when first imported,
-    # and the suite's fixtures set the environment for it first.
+def check_stream_epochs(data: str) -> None:
+    """The checks of the test below, in a process of their own."""
     from cluster.rank_stream import RayRankStream
     from cluster.ray_cluster import ray_cluster
 
-    dataset = PreparedDataset.open(ml100k)
+    dataset = PreparedDataset.open(data)
     sampler = NegativeSampler(dataset.num_items, 2)
 
     def stream(last_epoch: int | None) -> RayRankStream:
@@ -51,3 +51,15 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
         single = stream(last_epoch=None)  # a pipeline per epoch
         assert np.array_equal(ids(list(single.epoch(2))), whole[2])
         single.close()
+
+
+def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml100k):
+    """One Ray Data pipeline serves a run's epochs. Each epoch's batches must still be a function of
+    (seed, rank, epoch) alone: the same whether the epoch comes from the run's pipeline, after an
+    epoch the trainer stopped early, or from a pipeline started at it (a resumed run)."""
+    # In a process of its own, as every Ray test here: Ray settles its authentication mode when it is
+    # first imported, and in the test process that happens under whatever environment came first.
+    result = subprocess.run(
+        [sys.executable, "-c", f"from tests.test_ray_stream import check_stream_epochs; check_stream_epochs({str(ml100k)!r})"],
+        cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
