@@ -36,6 +36,7 @@ from typing import Callable, Iterator
 
 from core.errors import UserError
 from trainers.distributed import free_loopback_port
+from trainers.run_log import proc_stat_fields
 
 RAY = str(Path(sys.executable).parent / "ray")
 STATE_DIR = Path.home() / ".shardrec" / "clusters"
@@ -74,8 +75,7 @@ def session_processes(session: int) -> list[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             with contextlib.suppress(OSError, IndexError, ValueError):
-                # The command name may hold spaces and parentheses: fields start after the last ')'.
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = proc_stat_fields(int(entry.name))
                 if int(fields[3]) == session and fields[0] != "Z":
                     found.append(int(entry.name))
     return found

@@ -172,10 +172,10 @@ class SequenceWindowsSource:
 
 
 def exact_batches(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
-    """Batches of exactly `batch_size` rows, in order, from batches of any sizes; a last partial
-    batch is dropped. Ray Data's iter_batches with a local shuffle buffer yields short batches in
-    the middle of a stream, at block boundaries (ray-project/ray#66085), and every rank's step must
-    see the same batch size: TorchRec's collectives refuse unequal ones."""
+    """Batches of exactly `batch_size` rows, in order, from batches (or blocks) of any sizes; a
+    last partial batch is dropped. Every rank's step must see the same batch size: TorchRec's
+    collectives refuse unequal ones. (The Ray stream's blocks come in any size; with its shuffle
+    buffer off they are cut here.)"""
     pending: list[Batch] = []
     rows = 0
     for batch in batches:

@@ -27,12 +27,19 @@ CONSOLE_EVENTS = "console.jsonl"
 TAIL_LINES = 25
 
 
+def proc_stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from its third field (the state) on. The command name before it may hold
+    spaces and parentheses, so the fields start after the last ')'. Raises OSError when the
+    process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_started_at(pid: int | None = None) -> float | None:
     """Wall-clock time (epoch seconds) at which process `pid` (default: this one) started, from
     /proc; None where /proc is missing. The run report's "time to best" counts from the command's
     start, imports and cluster start-up included, not from this module's import."""
     try:
-        fields = Path(f"/proc/{pid or os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = proc_stat_fields(pid or os.getpid())
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
