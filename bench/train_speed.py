@@ -4,12 +4,16 @@ under torchrun and through Ray Train, measured in one run, interleaved round by 
     .venv/bin/shardrec data prepare ml-100k --out runs/data/ml-100k
     .venv/bin/python -m bench.train_speed [--batches 1024,16384] [--rounds 2] [--epochs 4]
                                           [--data runs/data/ml-100k] [--set KEY=VALUE ...]
+                                          [--recommended KEY=VALUE ...]
 
 The plain baseline is the model a user would write in an afternoon: the same NCF architecture
 (GMF and MLP branches, dropout, one output layer) on nn.Embedding tables, Adam on every parameter,
 binary cross-entropy, uniform negatives drawn in numpy, at the same global batch (2 x the per-rank
 batch), with the better of 1 and 2 torch threads. shardrec runs `launcher/configs/ncf_ml100k.toml`
-(its sharding plan, its optimizers) with the batch size and the epochs overridden.
+(its sharding plan, its optimizers) with the batch size and the epochs overridden. At the
+recommended batch (the last) it also applies the recommended settings for throughput: by default
+the user tables table_wise, since on gloo a row_wise pooled lookup ends in a reduce-scatter that
+costs more than table_wise's all-to-all (tables of this size fit one rank whole).
 
 Per path and batch: steady samples/s (median over the epochs after the first, as the trainer logs
 them in metrics.jsonl) and start-up (command start to the end of the first step). The last three
@@ -37,6 +41,7 @@ from core.dataset_format import PreparedDataset
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "launcher/configs/ncf_ml100k.toml"
+RECOMMENDED = ['sharding.tables={gmf_user="table_wise",mlp_user="table_wise"}']
 
 
 class PlainNCF(nn.Module):
@@ -130,7 +135,11 @@ def main() -> None:
     parser.add_argument("--paths", default="plain,torchrun,ray")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the shardrec runs, e.g. sharding.tables={...}")
+    parser.add_argument("--recommended", action="append", default=None, metavar="KEY=VALUE",
+                        help="overrides for the runs at the recommended (last) batch only; default: "
+                             f"{RECOMMENDED[0]}; 'none' for the preset as it is")
     args = parser.parse_args()
+    recommended = [] if args.recommended == ["none"] else (args.recommended or RECOMMENDED)
     data = str(Path(args.data).resolve())
     batches = [int(b) for b in args.batches.split(",")]
     paths = args.paths.split(",")
@@ -144,7 +153,8 @@ def main() -> None:
                         run = max((plain_run(data, 2 * batch, threads, args.epochs, negatives) for threads in (1, 2)),
                                   key=lambda r: r["samples_per_s"])
                     else:
-                        run = shardrec_run(path, data, batch, args.epochs, args.set, Path(work))
+                        overrides = args.set + (recommended if batch == batches[-1] else [])
+                        run = shardrec_run(path, data, batch, args.epochs, overrides, Path(work))
                     results.setdefault((path, batch), []).append(run)
                     extra = f", data wait {run['data_wait_frac']:.3f}" if "data_wait_frac" in run else ""
                     print(f"round {round_number + 1} {path:8s} batch {batch:6d}/rank: {run['samples_per_s']:>10,.0f} samples/s, "
@@ -161,6 +171,7 @@ def main() -> None:
             ratio = rate / median("plain", batch, "samples_per_s") if "plain" in paths else float("nan")
             print(f"{path:10s} {batch:10d} {rate:12,.0f} {ratio:9.2f} {median(path, batch, 'startup_s'):11.1f}")
     top = batches[-1]
+    print(f"at {top}/rank the shardrec runs also had: {' '.join(recommended) or 'nothing more'}")
     if {"plain", "torchrun"} <= set(paths):
         for batch in batches[:-1]:
             print(f"sharded_vs_plain at {batch}/rank: "

@@ -53,8 +53,9 @@ class LightGCNParams:
     neighbourhood, with at most `fanout` sampled neighbours per node (unbiased estimate)."""
     fanout: int = 20
     eval_fanout: int = 0
-    """Neighbours kept per node when sampled mode computes vectors for ranking; 0 keeps all (exact
-    propagation over each evaluated chunk's K-hop neighbourhood)."""
+    """Ranking in sampled mode: 0 (default) propagates exactly, walking the users in chunks and keeping
+    only item layers (models/layerwise.py); N > 0 estimates each evaluated chunk's vectors from
+    sampled neighbourhoods of N neighbours per node."""
 
     def validate(self) -> None:
         if self.embed_dim < 1 or self.n_layers < 0:

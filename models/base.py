@@ -54,15 +54,19 @@ class RecModel(nn.Module):
         `split` says what is being predicted ("valid", "test", or "next" after all known data):
         sequence models read the history that precedes it."""
 
-    def end_ranking(self) -> None:
-        """Drop whatever begin_ranking cached."""
+    def end_ranking(self, keep: bool = False) -> None:
+        """Drop whatever begin_ranking cached. keep=True: the caller promises the weights do not change
+        before the next begin_ranking, which may then reuse it (the test ranking that follows
+        validation at the same weights)."""
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Representations of users ("user_id") or items ("item_id"), feature -> [len(ids), dim]."""
         raise NotImplementedError
 
-    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
-        """users: feature -> [U, dim]; items: feature -> [I, dim]. Returns scores [U, I] (eval mode)."""
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """users: feature -> [U, dim]; items: feature -> [I, dim]. Returns scores [U, I] (eval mode),
+        written into `out` (contiguous [U, I]) when the model can: the evaluator reuses one buffer."""
         raise NotImplementedError
 
     pair_floats: int = 1
@@ -129,6 +133,11 @@ class UserItemModel(RecModel):
         pairs = {f: v.repeat_interleave(candidates, 0) for f, v in users.items()}
         pairs.update({f: v.reshape(rows * candidates, v.shape[-1]) for f, v in items.items()})
         return self.score_pairs(pairs).reshape(rows, candidates)
+
+
+def dot_all(users: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """users [U, dim] x items [I, dim] -> [U, I]: the score_all of dot-product models."""
+    return torch.matmul(users, items.T, out=out) if out is not None else users @ items.T
 
 
 def dot_candidates(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

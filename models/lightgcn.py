@@ -10,9 +10,15 @@ Sampled mode (`propagation = "sampled"`) fetches and propagates only the batch's
 keeping at most `fanout` neighbours per node (models/neighbourhood.py): memory per step scales with
 batch x fanout^K instead of the graph, at the cost of a noisy (unbiased) estimate of the propagation.
 With fanout >= the largest degree it equals full mode exactly.
+
+Ranking in sampled mode (with `eval_fanout = 0`, the default) is exact and does not hold the graph's
+N x dim rows either: models/layerwise.py walks the users in chunks and keeps only item layers.
 """
 
 from __future__ import annotations
+
+import logging
+import time
 
 import numpy as np
 import torch
@@ -21,17 +27,24 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
+from core.graph import GraphCSR
 from core.model_data import ModelData
 from core.model_params import LightGCNParams
-from models.base import Batch, RecModel, dot_candidates
+from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
+from models import layerwise
 from models.graph import adjacency_tensor
 from models.neighbourhood import NeighbourSampler, rows_of
+
+
+log = logging.getLogger(__name__)
 
 
 class LightGCN(RecModel):
     retrieval_key = "final"
     data_needs = frozenset({"graph"})
+    ranking_chunk = 65_536
+    """Users (and items) per step of the layer-wise ranking walk: bounds its temporaries."""
 
     def __init__(self, params: LightGCNParams, num_users: int, num_items: int, device: str = "meta") -> None:
         super().__init__()
@@ -50,6 +63,10 @@ class LightGCN(RecModel):
         self.sampler: NeighbourSampler | None = None
         self._rng = np.random.default_rng(0)
         self._ranking: torch.Tensor | None = None
+        self.graph: GraphCSR | None = None
+        # Layer-wise ranking (sampled mode, eval_fanout 0): item layers 0..K-1 and the items' final rows.
+        self._item_layers: list[torch.Tensor] | None = None
+        self._item_final: torch.Tensor | None = None
 
     def init_std(self) -> float:
         return self.params.init_std
@@ -59,6 +76,7 @@ class LightGCN(RecModel):
         full mode also needs it as a torch sparse matrix, a copy per rank."""
         data.require("graph", "LightGCN")
         assert data.graph is not None
+        self.graph = data.graph
         self.sampler = NeighbourSampler(data.graph, self.params.fanout)  # numpy, on the host
         if self.params.propagation == "full":
             self.adjacency = adjacency_tensor(data.graph).to(self.device)
@@ -111,6 +129,8 @@ class LightGCN(RecModel):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """BPR over (user_id, item_id, neg_item_id) rows, plus L2 on their layer-0 rows."""
+        if self.training:
+            self.end_ranking()  # the weights are about to change: nothing kept for ranking stays valid
         users = batch["user_id"]
         positives = batch["item_id"] + self.num_users
         negatives = batch["neg_item_id"] + self.num_users
@@ -127,16 +147,60 @@ class LightGCN(RecModel):
         l2 = (layer0[users].pow(2).sum() + layer0[positives].pow(2).sum() + layer0[negatives].pow(2).sum()) / 2
         return bpr + self.params.reg_weight * l2 / len(users)
 
-    def begin_ranking(self, split: str = "next") -> None:
-        if self.params.propagation == "full":  # sampled mode propagates per vectors() call instead
-            with torch.no_grad():
-                self._ranking = self.propagate(self.layer0())
+    def _layerwise_ranking(self) -> bool:
+        return self.params.propagation == "sampled" and self.params.eval_fanout == 0
 
-    def end_ranking(self) -> None:
-        self._ranking = None
+    def _user_layer0(self, users: np.ndarray, width: int) -> torch.Tensor:
+        """Layer-0 rows of `users` (collective: every rank passes the same width)."""
+        ids = torch.as_tensor(users, dtype=torch.int64, device=self.device)
+        return self.tables(padded_kjt(["user", "item"], {"user": ids}, width=width)).to_dict()["user"][: len(users)]
+
+    def _item_layer0(self, rank: int, world_size: int) -> torch.Tensor:
+        """Every item's layer-0 row on every rank: each rank looks up its share, an all-reduce joins them."""
+        per_rank = -(-self.num_items // world_size)
+        first, last = min(rank * per_rank, self.num_items), min((rank + 1) * per_rank, self.num_items)
+        layer0 = torch.zeros(self.num_items, self.params.embed_dim, device=self.device)
+        for start in range(0, per_rank, self.ranking_chunk):  # the same calls on every rank
+            items = torch.arange(min(first + start, last), min(first + start + self.ranking_chunk, last), device=self.device)
+            pooled = self.tables(padded_kjt(["user", "item"], {"item": items}, width=self.ranking_chunk)).to_dict()
+            layer0[items] = pooled["item"][: len(items)]
+        if world_size > 1:
+            dist.all_reduce(layer0)
+        return layer0
+
+    def begin_ranking(self, split: str = "next") -> None:
+        if self._ranking is not None or self._item_final is not None:
+            return  # kept by end_ranking(keep=True): the weights have not changed (any split: no history)
+        with torch.no_grad():
+            if self.params.propagation == "full":
+                self._ranking = self.propagate(self.layer0())
+            elif self._layerwise_ranking():
+                if self.graph is None:
+                    raise RuntimeError("LightGCN needs its graph: call bind_data() first")
+                rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+                started = time.monotonic()
+                layers = layerwise.item_layers(self.graph, self._item_layer0(rank, world), self.params.n_layers,
+                                               self._user_layer0, rank, world, self.ranking_chunk)
+                self._item_final = torch.stack(layers).mean(0)
+                self._item_layers = layers[:-1]  # what users' final rows need
+                log.info("LightGCN ranking: %d item layers propagated over %d users in %.1f s",
+                         self.params.n_layers, self.num_users, time.monotonic() - started)
+            # sampled mode with eval_fanout > 0 samples a neighbourhood per vectors() call instead
+
+    def end_ranking(self, keep: bool = False) -> None:
+        if not keep:
+            self._ranking = self._item_layers = self._item_final = None
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         offset = 0 if column == "user_id" else self.num_users
+        if self._layerwise_ranking():
+            if self._item_layers is None or self._item_final is None or self.graph is None:
+                raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")
+            if column == "item_id":
+                return {"final": self._item_final[ids]}
+            users = ids.cpu().numpy()
+            return {"final": layerwise.user_final(self.graph, users, self._user_layer0(users, len(users)),
+                                                  self._item_layers)}
         if self.params.propagation == "sampled":
             targets = (ids + offset).cpu().numpy()
             final, _, nodes = self.sampled_final(targets, self.params.eval_fanout)
@@ -145,8 +209,9 @@ class LightGCN(RecModel):
             raise RuntimeError("vectors() outside begin_ranking()/end_ranking()")
         return {"final": self._ranking[ids + offset]}
 
-    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
-        return users["final"] @ items["final"].T
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return dot_all(users["final"], items["final"], out)
 
     def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return dot_candidates(users["final"], items["final"])

@@ -73,7 +73,8 @@ class NCF(UserItemModel):
             hidden = layer(hidden)
         return hidden
 
-    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:  # `out` unused: the MLP makes its own
         # The first MLP layer is linear in [u; i], so it splits into a user part and an item part that
         # broadcast to [U, I, h] without materialising U*I concatenated inputs. GMF through the output
         # layer is a plain matrix product.

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from core.model_data import ModelData
 from core.model_params import SequenceParams
 from core.sequences import SequenceTable
-from models.base import Batch, RecModel, dot_candidates
+from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
 
 # nn.TransformerEncoder asks torch.fx whether it is being traced on every call, and torch answers
@@ -134,8 +134,9 @@ class SequenceModel(RecModel):
         states = self.encode(embedded, tokens, lengths)
         return {"vector": states[torch.arange(len(ids), device=ids.device), at]}
 
-    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
-        return users["vector"] @ items["vector"].T
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return dot_all(users["vector"], items["vector"], out)
 
     def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return dot_candidates(users["vector"], items["vector"])

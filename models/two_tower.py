@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from core.model_data import ModelData
 from core.model_params import TwoTowerParams
-from models.base import Batch, RecModel, dot_candidates
+from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
 
 USER_SIDE = ("age", "gender", "occupation", "zip")
@@ -147,8 +147,9 @@ class TwoTower(RecModel):
         users, items = self._towers(ids if column == "user_id" else None, ids if column == "item_id" else None)
         return {"tower": users if column == "user_id" else items}
 
-    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
-        return users["tower"] @ items["tower"].T
+    def score_all(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor],
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        return dot_all(users["tower"], items["tower"], out)
 
     def score_candidates(self, users: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> torch.Tensor:
         return dot_candidates(users["tower"], items["tower"])

@@ -114,31 +114,50 @@ def test_sharded_lightgcn_training_matches_unsharded(ml100k_small):
     np.testing.assert_allclose(mean_over_ranks(per_rank), reference, rtol=2e-4, atol=1e-6)
 
 
-def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str) -> float:
+def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str, ranking_chunk: int = 65_536) -> float:
+    """Largest difference between the two configs' ranking vectors, over this rank's 7 users and
+    7 items and then over every user and item (each rank asking for all of them)."""
     worst = 0.0
     finals = []
     for config_json in (full_json, sampled_json):
         config = config_from_json(config_json)
         dataset = PreparedDataset.open(config.data.path)
         model = build_sharded_model(config, dataset, setup()).model.eval()
+        model.ranking_chunk = ranking_chunk
         ids = torch.arange(rank * 7, rank * 7 + 7)  # different users per rank
         with torch.no_grad():
             model.begin_ranking()
-            finals.append((model.vectors("user_id", ids)["final"], model.vectors("item_id", ids)["final"]))
+            finals.append((model.vectors("user_id", ids)["final"], model.vectors("item_id", ids)["final"],
+                           model.vectors("user_id", torch.arange(dataset.num_users))["final"],
+                           model.vectors("item_id", torch.arange(dataset.num_items))["final"]))
             model.end_ranking()
     for full, sampled in zip(*finals):
         worst = max(worst, float((full - sampled).abs().max()))
     return worst
 
 
-def test_sampled_mode_with_every_neighbour_equals_full_mode(ml100k_small):
+def _lightgcn_config(data: Path, *overrides: tuple[str, str]) -> str:
+    return load_config(CONFIG, [("data.path", str(data)), ("sharding.default", "row_wise"), *overrides]).to_json()
+
+
+@pytest.mark.parametrize("layers", ["3", "4"])
+def test_sampled_mode_ranks_with_the_exact_propagation(ml100k_small, layers):
+    """Ranking in sampled mode (eval_fanout 0) walks the users in chunks and keeps item layers only;
+    its vectors equal full mode's. Chunks of 7 users: many walk steps, and the ranks' user ranges
+    (30 users each) end inside a chunk."""
+    full = _lightgcn_config(ml100k_small, ("model.n_layers", layers))
+    sampled = _lightgcn_config(ml100k_small, ("model.n_layers", layers), ("model.propagation", "sampled"),
+                               ("model.fanout", "2"))
+    assert max(run_ranks(_sampled_vs_full, 2, full, sampled, 7)) < 1e-5
+
+
+def test_sampled_neighbourhoods_with_every_neighbour_equal_full_mode(ml100k_small):
     full = _config(ml100k_small, "row_wise")
-    sampled = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
-                                   ("model.propagation", "sampled"), ("model.fanout", "100000")]).to_json()
-    assert max(run_ranks(_sampled_vs_full, 2, full, sampled)) < 1e-5
+    # eval_fanout larger than any degree: ranking vectors from sampled neighbourhoods that keep all
+    every = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.eval_fanout", "100000"))
+    assert max(run_ranks(_sampled_vs_full, 2, full, every)) < 1e-5
     # ...and the comparison can fail: keeping 2 neighbours per node changes the vectors.
-    few = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
-                               ("model.propagation", "sampled"), ("model.eval_fanout", "2")]).to_json()
+    few = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.eval_fanout", "2"))
     assert min(run_ranks(_sampled_vs_full, 2, full, few)) > 1e-3
 
 
@@ -159,3 +178,70 @@ def test_full_graph_mode_refuses_a_graph_that_would_not_fit():
     with pytest.raises(UserError, match=r"11,000,000 nodes x 64 dims x 9 copies = 23.6 GiB per rank.*propagation sampled"):
         check_full_graph_fits(params, nodes=11_000_000, ranks_per_host=2, memory_bytes=24 * 2**30)
     check_full_graph_fits(LightGCNParams(propagation="sampled"), nodes=11_000_000, ranks_per_host=2, memory_bytes=2**30)
+
+
+@pytest.mark.unit
+def test_neighbour_sampling_is_unbiased_and_its_work_does_not_follow_the_degrees():
+    from models.neighbourhood import NeighbourSampler
+    # a star: user 0 rated every one of 5,000 items, users 1..3 one item each
+    num_users, num_items = 4, 5_000
+    users = np.r_[np.zeros(num_items, dtype=np.int64), [1, 2, 3]]
+    items = np.r_[np.arange(num_items), [0, 1, 2]]
+    graph = build_graph(users, items, num_users, num_items)
+    exact = normalized_adjacency(users, items, num_users, num_items)
+    x = torch.randn(num_users + num_items, 4, dtype=torch.float64)
+    sampler = NeighbourSampler(graph, fanout=8)
+    rng = np.random.default_rng(0)
+    estimates = []
+    for _ in range(400):
+        nodes, matrix = sampler.sample(np.array([0]), 1, rng)
+        assert len(nodes) <= 1 + 8  # the hub's 5,000 neighbours are never all touched
+        estimates.append((matrix.to(torch.float64) @ x[torch.as_tensor(nodes)])[0])
+    truth = (exact.to(torch.float64) @ x)[0]
+    spread = torch.stack(estimates).std(0) / np.sqrt(len(estimates))
+    assert torch.all((torch.stack(estimates).mean(0) - truth).abs() < 4 * spread)  # unbiased
+    # a node with no more neighbours than the fanout keeps them all, exactly
+    nodes, matrix = sampler.sample(np.array([num_users + 1]), 1, rng)
+    torch.testing.assert_close((matrix.to(torch.float64) @ x[torch.as_tensor(nodes)])[0], (exact.to(torch.float64) @ x)[num_users + 1])
+
+
+def _ranking_kept(rank: int, world: int, config_json: str) -> list[bool]:
+    """Does a second begin_ranking propagate again: after end_ranking(keep=True), after a plain
+    end_ranking, and after keep=True followed by a training forward?"""
+    from models import layerwise
+    config = config_from_json(config_json)
+    dataset = PreparedDataset.open(config.data.path)
+    model = build_sharded_model(config, dataset, setup()).model.eval()
+    walks = []
+    original = layerwise.item_layers
+
+    def counted(*args, **kwargs):
+        walks.append(1)
+        return original(*args, **kwargs)
+
+    layerwise.item_layers = counted
+    ids = torch.arange(5)
+    answers = []
+    with torch.no_grad():
+        model.begin_ranking("valid")
+        first = model.vectors("user_id", ids)["final"]
+        model.end_ranking(keep=True)
+        model.begin_ranking("test")
+        answers.append(len(walks) == 2 or not torch.equal(model.vectors("user_id", ids)["final"], first))
+        model.end_ranking()
+        model.begin_ranking("test")
+        answers.append(len(walks) == 2)
+        model.end_ranking(keep=True)
+    model.train()
+    model({"user_id": ids, "item_id": ids, "neg_item_id": ids + 1})
+    model.eval()
+    with torch.no_grad():
+        model.begin_ranking("test")
+        answers.append(len(walks) == 3)
+        model.end_ranking()
+    return answers
+
+
+def test_a_kept_ranking_is_reused_until_the_weights_may_change(ml100k_small):
+    config = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.fanout", "2"))
+    assert run_ranks(_ranking_kept, 2, config) == [[False, True, True]] * 2

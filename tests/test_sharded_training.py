@@ -18,6 +18,7 @@ from core.config import config_from_json, load_config
 from core.dataset_format import PreparedDataset
 from tests.forked_ranks import mean_over_ranks, run_ranks, train_step
 from trainers import checkpoint
+from trainers import evaluate as evaluate_module
 from trainers.distributed import setup
 from trainers.evaluate import Evaluator
 from trainers.sharded_model import build_sharded_model, table_weights
@@ -237,6 +238,9 @@ def _evaluations(rank: int, world: int, config_json: str) -> list[dict]:
     results = [Evaluator(dataset, config.eval, rank, world).evaluate(sharded.model, "test")]
     config.eval.score_memory_mb, config.eval.item_cache_mb, config.eval.user_batch = 1, 0, 16
     results.append(Evaluator(dataset, config.eval, rank, world).evaluate(sharded.model, "test"))
+    # score tiles of 7 items inside each chunk, all through one reused buffer
+    evaluate_module.SCORE_TILE_FLOATS = 16 * 7
+    results.append(Evaluator(dataset, config.eval, rank, world).evaluate(sharded.model, "test"))
     config.eval.max_users = 25
     sampled = Evaluator(dataset, config.eval, rank, world)
     results += [sampled.evaluate(sharded.model, "test"), sampled.evaluate(sharded.model, "test"),
@@ -250,13 +254,14 @@ def test_chunked_uncached_evaluation_equals_the_default_and_user_samples_are_sta
     config = _config(ml100k_small, "row_wise", **{"eval.protocol": "both"})
     (single,) = run_ranks(_evaluations, 1, config)
     double = run_ranks(_evaluations, 2, config)
-    default, chunked, sample, again, _ = single
+    default, chunked, tiled, sample, again, _ = single
     # 1 MiB of scores for 16 users at NCF's pair_floats of 98 is 167 items a chunk: several chunks
     for name in ("recall@10", "ndcg@10", "hit@10", "mrr@10", "sampled_hit@10", "sampled_ndcg@10"):
         assert chunked[name] == pytest.approx(default[name], abs=1e-9), name
+        assert tiled[name] == pytest.approx(default[name], abs=1e-9), name
         assert double[0][1][name] == pytest.approx(default[name], abs=1e-9), name
     assert default["users"] == default["eligible_users"] == 60
     assert sample == again and 10 <= sample["users"] <= 40 and sample["eligible_users"] == 60
-    ranked_at_two = sorted(double[0][4]["ranked"] + double[1][4]["ranked"])
-    assert ranked_at_two == single[4]["ranked"] and len(ranked_at_two) == sample["users"]
-    assert double[0][2]["ndcg@10"] == pytest.approx(sample["ndcg@10"], abs=1e-9)
+    ranked_at_two = sorted(double[0][5]["ranked"] + double[1][5]["ranked"])
+    assert ranked_at_two == single[5]["ranked"] and len(ranked_at_two) == sample["users"]
+    assert double[0][3]["ndcg@10"] == pytest.approx(sample["ndcg@10"], abs=1e-9)

@@ -118,9 +118,11 @@ class Trainer:
         self.step += 1
         return loss.detach()
 
-    def evaluate(self, split: str, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-        """Collective. Ranking metrics on `split` ("valid" or "test")."""
-        return self.evaluator.evaluate(self.sharded.model, split, on_batch)
+    def evaluate(self, split: str, on_batch: Callable[[int], None] | None = None,
+                 keep_ranking: bool = False) -> dict[str, Any]:
+        """Collective. Ranking metrics on `split` ("valid" or "test"); keep_ranking: the model may keep
+        its ranking state for another split at the same weights (then end_ranking() drops it)."""
+        return self.evaluator.evaluate(self.sharded.model, split, on_batch, keep_ranking)
 
     # --- state -------------------------------------------------------------------------------------
 
@@ -312,13 +314,16 @@ class Trainer:
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 eval_started = time.perf_counter()
-                record["valid"] = self.evaluate("valid", log.bar_callback("valid"))
+                record["valid"] = self.evaluate("valid", log.bar_callback("valid"), keep_ranking=True)
                 # The test split is ranked only when validation improves: the reported test result is
                 # the one at the best validation epoch, and the others would cost a full pass each.
+                # At the same weights, it reuses what validation's ranking computed (LightGCN's layers).
                 if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
                     record["test"] = self.evaluate("test", log.bar_callback("test"))
                     self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"],
                                  "reached_at": time.time()}
+                else:
+                    self.sharded.model.end_ranking()
                 record["eval_s"] = time.perf_counter() - eval_started
             log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
             for split in ("valid", "test"):
