@@ -81,6 +81,23 @@ def test_windows_make_every_item_but_the_first_a_target_once():
     assert sorted(np.concatenate([r[:n] for r, n in zip(disjoint["sequence"], disjoint["length"])]).tolist()) == list(range(1, 11))
 
 
+@pytest.mark.unit
+def test_windows_cut_batch_by_batch_equal_the_windows_cut_at_once():
+    from core.sequences import window_spans, windows_from_csr
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 40, 200)
+    indptr = np.r_[0, np.cumsum(lengths)]
+    items = rng.integers(0, 1000, indptr[-1])
+    users = np.arange(200) * 3
+    every = windows_from_csr(users, indptr, items, window=8, step=7)
+    spans = window_spans(indptr, window=8, step=7)
+    assert len(spans) == len(every["user_id"]) > 200 and spans.start.dtype == np.int32
+    index = rng.permutation(len(spans))[:64]
+    batch = spans.cut(index, users, indptr, items, window=8)
+    for name in ("user_id", "sequence", "length"):
+        assert np.array_equal(batch[name], every[name][index]), name
+
+
 def _model(name: str, params, num_items: int = 30):
     torch.manual_seed(0)
     model = build_model(name, params, num_users=5, num_items=num_items, device="cpu")

@@ -13,7 +13,7 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler, with_negatives
-from core.sequences import load_sequences, windows_from_csr
+from core.sequences import load_sequences, window_spans
 from trainers.distributed import all_agree
 
 Batch = dict[str, np.ndarray]
@@ -149,26 +149,27 @@ class SequenceWindowsSource:
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:
         shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
-        table = load_sequences(dataset, [int(shard) for shard in shards])
-        self.windows = windows_from_csr(table.users, table.indptr, table.train, params.window,
-                                        params.resolved_window_step, params.min_window)
+        self.table = load_sequences(dataset, [int(shard) for shard in shards])
+        # Where the windows lie, not their padded tokens: each batch cuts its own (O(batch)).
+        self.spans = window_spans(self.table.indptr, params.window, params.resolved_window_step, params.min_window)
+        self.window = params.window
         self.batch_size = batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
 
     def batches_in_epoch(self, epoch: int) -> int:
-        windows = len(self.windows["user_id"])
+        windows = len(self.spans)
         mine = len(range(self.rank, windows, self.world_size)) if self.striped else windows
         return mine // self.batch_size
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if self.striped:  # every rank holds every window: a shared order, every world-th one
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.windows["user_id"]))
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.spans))
             mine = order[self.rank :: self.world_size]
         else:
-            mine = np.random.default_rng((self.seed, self.rank, epoch)).permutation(len(self.windows["user_id"]))
+            mine = np.random.default_rng((self.seed, self.rank, epoch)).permutation(len(self.spans))
         for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
             index = mine[start : start + self.batch_size]
-            yield {name: values[index] for name, values in self.windows.items()}
+            yield self.spans.cut(index, self.table.users, self.table.indptr, self.table.train, self.window)
 
 
 def exact_batches(batches: Iterator[Batch], batch_size: int) -> Iterator[Batch]:
