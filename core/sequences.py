@@ -214,8 +214,9 @@ class WindowSpans:
         position = indptr[owner][:, None] + start[:, None] + np.where(inside, columns[None, :], 0)
         sequence = (np.where(inside, items[np.minimum(position, max(len(items) - 1, 0))] + 1, 0) if len(items)
                     else np.zeros((len(owner), window), dtype=np.int64))
-        return {"user_id": np.asarray(users, dtype=np.int64)[owner], "sequence": sequence.astype(np.int64),
-                "length": width}
+        # index first: converting all of `users` would cost O(users) a batch
+        return {"user_id": np.asarray(users)[owner].astype(np.int64, copy=False),
+                "sequence": sequence.astype(np.int64, copy=False), "length": width}
 
 
 def window_spans(indptr: np.ndarray, window: int, step: int, min_length: int = 2) -> WindowSpans:

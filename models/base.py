@@ -137,7 +137,7 @@ class UserItemModel(RecModel):
 
 def dot_all(users: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """users [U, dim] x items [I, dim] -> [U, I]: the score_all of dot-product models."""
-    return torch.matmul(users, items.T, out=out) if out is not None else users @ items.T
+    return torch.matmul(users, items.T, out=out)
 
 
 def dot_candidates(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

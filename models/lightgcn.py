@@ -81,11 +81,15 @@ class LightGCN(RecModel):
         if self.params.propagation == "full":
             self.adjacency = adjacency_tensor(data.graph).to(self.device)
 
+    def _pooled(self, ids: dict[str, torch.Tensor], width: int | None = None) -> dict[str, torch.Tensor]:
+        """Layer-0 rows of `ids` ("user" and/or "item"), through the sharded tables (collective: every
+        rank makes the same call, so each pads to the same `width`; see padded_kjt)."""
+        return self.tables(padded_kjt(["user", "item"], ids, width=width)).to_dict()
+
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""
         users, items = self.num_users, self.num_items
-        pooled = self.tables(padded_kjt(["user", "item"], {"user": torch.arange(users, device=self.device),
-                                                         "item": torch.arange(items, device=self.device)})).to_dict()
+        pooled = self._pooled({"user": torch.arange(users, device=self.device), "item": torch.arange(items, device=self.device)})
         return torch.cat([pooled["user"][:users], pooled["item"][:items]])
 
     def propagate(self, layer0: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +114,7 @@ class LightGCN(RecModel):
         width = torch.tensor([max(len(users), len(items), 1)], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(width, op=dist.ReduceOp.MAX)
-        pooled = self.tables(padded_kjt(["user", "item"], {"user": users, "item": items}, width=int(width.item()))).to_dict()
+        pooled = self._pooled({"user": users, "item": items}, width=int(width.item()))
         rows = torch.zeros(len(nodes), self.params.embed_dim, dtype=pooled["user"].dtype, device=self.device)
         mask = torch.as_tensor(is_user, device=self.device)
         rows[mask] = pooled["user"][: len(users)]
@@ -153,7 +157,7 @@ class LightGCN(RecModel):
     def _user_layer0(self, users: np.ndarray, width: int) -> torch.Tensor:
         """Layer-0 rows of `users` (collective: every rank passes the same width)."""
         ids = torch.as_tensor(users, dtype=torch.int64, device=self.device)
-        return self.tables(padded_kjt(["user", "item"], {"user": ids}, width=width)).to_dict()["user"][: len(users)]
+        return self._pooled({"user": ids}, width)["user"][: len(users)]
 
     def _item_layer0(self, rank: int, world_size: int) -> torch.Tensor:
         """Every item's layer-0 row on every rank: each rank looks up its share, an all-reduce joins them."""
@@ -162,8 +166,7 @@ class LightGCN(RecModel):
         layer0 = torch.zeros(self.num_items, self.params.embed_dim, device=self.device)
         for start in range(0, per_rank, self.ranking_chunk):  # the same calls on every rank
             items = torch.arange(min(first + start, last), min(first + start + self.ranking_chunk, last), device=self.device)
-            pooled = self.tables(padded_kjt(["user", "item"], {"item": items}, width=self.ranking_chunk)).to_dict()
-            layer0[items] = pooled["item"][: len(items)]
+            layer0[items] = self._pooled({"item": items}, self.ranking_chunk)["item"][: len(items)]
         if world_size > 1:
             dist.all_reduce(layer0)
         return layer0

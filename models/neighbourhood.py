@@ -81,12 +81,12 @@ class NeighbourSampler:
         every_owner = np.repeat(np.flatnonzero(small), kept)
         every_edge = np.repeat(starts[small], kept) + (np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept))
         large = np.flatnonzero(~small)
-        drawn_owner = np.repeat(large, limit) if len(large) else np.zeros(0, dtype=np.int64)
+        drawn_owner = np.repeat(large, limit)
         drawn_degree = degree[drawn_owner]
         drawn_edge = starts[drawn_owner] + (rng.random(len(drawn_owner)) * drawn_degree).astype(np.int64)
         owner = np.concatenate([every_owner, drawn_owner])
         edge = np.concatenate([every_edge, drawn_edge])
-        scale = np.concatenate([np.ones(len(every_edge)), drawn_degree / limit if len(large) else np.zeros(0)])
+        scale = np.concatenate([np.ones(len(every_edge)), drawn_degree / limit])
         return frontier[owner], np.asarray(self.indices[edge]), np.asarray(self.weights[edge]) * scale
 
 

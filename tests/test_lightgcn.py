@@ -57,8 +57,8 @@ def test_normalized_adjacency_by_hand():
     torch.testing.assert_close(dense, expected)
 
 
-def _config(data: Path, layout: str) -> str:
-    return load_config(CONFIG, [("data.path", str(data)), ("sharding.default", layout)]).to_json()
+def _config(data: Path, layout: str, *overrides: tuple[str, str]) -> str:
+    return load_config(CONFIG, [("data.path", str(data)), ("sharding.default", layout), *overrides]).to_json()
 
 
 def _propagation_and_reference(rank: int, world: int, config_json: str) -> float:
@@ -136,17 +136,13 @@ def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str, r
     return worst
 
 
-def _lightgcn_config(data: Path, *overrides: tuple[str, str]) -> str:
-    return load_config(CONFIG, [("data.path", str(data)), ("sharding.default", "row_wise"), *overrides]).to_json()
-
-
 @pytest.mark.parametrize("layers", ["3", "4"])
 def test_sampled_mode_ranks_with_the_exact_propagation(ml100k_small, layers):
     """Ranking in sampled mode (eval_fanout 0) walks the users in chunks and keeps item layers only;
     its vectors equal full mode's. Chunks of 7 users: many walk steps, and the ranks' user ranges
     (30 users each) end inside a chunk."""
-    full = _lightgcn_config(ml100k_small, ("model.n_layers", layers))
-    sampled = _lightgcn_config(ml100k_small, ("model.n_layers", layers), ("model.propagation", "sampled"),
+    full = _config(ml100k_small, "row_wise", ("model.n_layers", layers))
+    sampled = _config(ml100k_small, "row_wise", ("model.n_layers", layers), ("model.propagation", "sampled"),
                                ("model.fanout", "2"))
     assert max(run_ranks(_sampled_vs_full, 2, full, sampled, 7)) < 1e-5
 
@@ -154,16 +150,15 @@ def test_sampled_mode_ranks_with_the_exact_propagation(ml100k_small, layers):
 def test_sampled_neighbourhoods_with_every_neighbour_equal_full_mode(ml100k_small):
     full = _config(ml100k_small, "row_wise")
     # eval_fanout larger than any degree: ranking vectors from sampled neighbourhoods that keep all
-    every = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.eval_fanout", "100000"))
+    every = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.eval_fanout", "100000"))
     assert max(run_ranks(_sampled_vs_full, 2, full, every)) < 1e-5
     # ...and the comparison can fail: keeping 2 neighbours per node changes the vectors.
-    few = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.eval_fanout", "2"))
+    few = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.eval_fanout", "2"))
     assert min(run_ranks(_sampled_vs_full, 2, full, few)) > 1e-3
 
 
 def test_sampled_mode_trains(ml100k_small):
-    config = load_config(CONFIG, [("data.path", str(ml100k_small)), ("sharding.default", "row_wise"),
-                                  ("model.propagation", "sampled"), ("model.fanout", "5")]).to_json()
+    config = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.fanout", "5"))
     losses = mean_over_ranks(run_ranks(_train_losses, 2, config, 8))
     assert losses[-1] < losses[0] - 0.05
 
@@ -243,5 +238,5 @@ def _ranking_kept(rank: int, world: int, config_json: str) -> list[bool]:
 
 
 def test_a_kept_ranking_is_reused_until_the_weights_may_change(ml100k_small):
-    config = _lightgcn_config(ml100k_small, ("model.propagation", "sampled"), ("model.fanout", "2"))
+    config = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.fanout", "2"))
     assert run_ranks(_ranking_kept, 2, config) == [[False, True, True]] * 2

@@ -347,7 +347,10 @@ class _ItemVectors:
     def __init__(self, evaluator: Evaluator, model: RecModel) -> None:
         self.evaluator = evaluator
         self.chunk = evaluator._item_chunk(model.pair_floats)
-        self._buffer: torch.Tensor | None = None  # the score tiles' (see scores)
+        user_batch = max(evaluator.config.user_batch, 1)
+        self.tile = max(1, min(self.chunk, SCORE_TILE_FLOATS // user_batch))
+        """Items scored at once (see scores)."""
+        self._buffer: torch.Tensor | None = None  # user_batch x tile scores, reused by every tile
         probe = evaluator._lookup_padded(model, "item_id", np.zeros(1, dtype=np.int64), 1)
         width = sum(v.shape[1] * v.element_size() for v in probe.values())
         self.cached = (self._gather(model) if evaluator.num_items * width <= evaluator.config.item_cache_mb * 2**20
@@ -381,8 +384,7 @@ class _ItemVectors:
         """(first item, scores [users, tile]) tile after tile; each tile's tensor is overwritten by the
         next, so a consumer finishes with it first (the running top-K does)."""
         first = next(iter(users.values()))
-        rows = len(first)
-        tile = max(1, min(self.chunk, SCORE_TILE_FLOATS // max(self.evaluator.config.user_batch, 1)))
+        rows, tile = len(first), self.tile
         if self._buffer is None or self._buffer.dtype != first.dtype:
             self._buffer = torch.empty(self.evaluator.config.user_batch * tile, dtype=first.dtype, device=first.device)
         for start, items in self.chunks(model):
