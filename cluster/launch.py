@@ -9,6 +9,7 @@ from typing import Any
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
 from cluster.process_group import BoundStoreTorchConfig
 from cluster.rank_stream import RayRankStream
 from cluster.sequences import build_with_ray
@@ -40,6 +41,8 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     Rank 0's console events go to a file the driver renders (`follow_console`)."""
     config = config_from_json(loop_config["config_json"])
     run_dir = Path(loop_config["run_dir"])
+    interactions = not is_sequence_model(config.model.resolved_params())
+    booting = boot_shard_task_worker() if interactions else None  # up while the model is built
     context = setup(config.cluster.backend)
     try:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
@@ -52,6 +55,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
     finally:
+        del booting  # its reference is held for the whole run; nothing waits on the task
         teardown(context)
 
 
@@ -66,6 +70,8 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
     if is_sequence_model(params) and not sequence_files(dataset):
         say("building per-user sequences with Ray Data (once per dataset)")
         build_with_ray(dataset, say)
+    if not is_sequence_model(params):  # interaction models stream through Ray Data
+        start_ray_data_helpers(say)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,

@@ -174,6 +174,10 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
     env = ray_env()
     # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
     env.update(AUTOSCALER_METRIC_PORT=str(free[-2]), DASHBOARD_METRIC_PORT=str(free[-1]))
+    # Ray starts idle worker processes when the first driver connects. In a `shardrec train` run no
+    # task or actor ever ran on them (the session's logs), so they only took CPU from the start-up:
+    # two process starts on 2 cores, while Ray Train's controller starts.
+    env["RAY_prestart_worker_first_driver"] = "0"
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)

@@ -1,15 +1,17 @@
 """The Ray Data training stream of one rank: a pure function of (seed, epoch, rank) and the dataset.
 
 Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt by
-`trainers.batches.rank_shards`, as the torchrun ranks' are): one Ray task per shard, in an order drawn from (seed, epoch), reads the shard,
-shuffles it and draws its negatives with a generator seeded by (seed, epoch, shard), against the
-shard's own positives (shards are user-partitioned). The blocks come back in that order
-(`preserve_order`) and are batched through a shuffle buffer with a seed of its own. So the
-epoch's batches are the same on every run, and a resumed epoch that skips the batches already
-trained continues with exactly the rows that were not (exactly-once positives, as under torchrun).
+`trainers.batches.rank_shards`, as the torchrun ranks' are): in an order drawn from (seed, epoch),
+Ray tasks (a shard each, or several consecutive small ones) read each shard, shuffle it and draw
+its negatives with a generator seeded by (seed, epoch, shard), against the shard's own positives
+(shards are user-partitioned). The blocks come back in that order (`preserve_order`) and are
+batched through a shuffle buffer with a seed of its own. So the epoch's batches are the same on
+every run (however the shards are grouped into tasks), and a resumed epoch that skips the batches
+already trained continues with exactly the rows that were not (exactly-once positives, as under
+torchrun).
 Ray Data still runs the reads and the sampling in parallel tasks, ahead of the training step.
 
-One pipeline serves the whole run (a task per (epoch, shard), epoch after epoch), so Ray Data works
+One pipeline serves the whole run (an epoch's tasks, epoch after epoch), so Ray Data works
 through evaluations into the next epoch, and an epoch costs no new pipeline: at ML-100K size a
 pipeline's start (about 0.3 s) outweighed the epoch's data.
 """
@@ -24,7 +26,7 @@ import ray.data
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
 from cluster.ray_data_pacing import pace_idle_executors
-from cluster.shard_sampling import SampledShard
+from cluster.shard_sampling import SampledShard, group_shards
 from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches
 
 
@@ -38,6 +40,9 @@ class RayRankStream:
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
         self.rows = rank_rows(shard_rows, rank, world_size, self.striped)
         """Positive rows this rank trains on per epoch."""
+        self.shard_positives = {int(shard): rank_rows(shard_rows[i : i + 1], rank, world_size, self.striped)
+                                for i, shard in enumerate(self.shards)}
+        """Positive rows this rank takes from each of its shards."""
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.rank, self.world_size = rank, world_size
@@ -66,16 +71,24 @@ class RayRankStream:
         order = self.shards[rng.permutation(len(self.shards))]
         return order, int(rng.integers(2**31))
 
+    TASK_POSITIVES = 262_144
+    """Consecutive shards of an epoch's order share a task up to this many positives (a larger shard
+    has a task of its own). A task costs Ray Data about 0.1 s on 2 cores whatever its size: at
+    ML-100K (about 20,000 positives a shard) the tasks, not the rows, set the pipeline's pace."""
+
     def pipeline(self, first_epoch: int, last_epoch: int) -> ray.data.Dataset:
-        """One lazy dataset for epochs first..last: a task per (epoch, shard), epoch after epoch,
-        each epoch's shards in its seeded order; blocks come back in that order."""
-        tasks = [{"path": self.files[int(shard)], "shard": int(shard), "epoch": epoch}
-                 for epoch in range(first_epoch, last_epoch + 1) for shard in self._order(epoch)[0]]
+        """One lazy dataset for epochs first..last: tasks of whole shards in each epoch's seeded order,
+        epoch after epoch; blocks come back in that order."""
+        tasks = []
+        for epoch in range(first_epoch, last_epoch + 1):
+            order = self._order(epoch)[0]
+            positives = np.array([self.shard_positives[int(shard)] for shard in order], dtype=np.int64)
+            tasks += [{"epoch": epoch, "shards": group} for group in group_shards(order, positives, self.TASK_POSITIVES)]
         stripe = (self.rank, self.world_size) if self.striped else None
         # Half a CPU a task: with whole-CPU tasks, the 2-core machine's one free CPU ran one rank's
         # shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k samples/s).
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            SampledShard(self.sampler, self.seed, stripe), batch_size=1, batch_format="numpy", num_cpus=0.5)
+            SampledShard(self.sampler, self.seed, stripe, self.files), batch_size=1, batch_format="numpy", num_cpus=0.5)
         dataset.context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
         dataset.context.enable_progress_bars = False
         pace_idle_executors(dataset.context)  # the executor thread shares the trainer's process

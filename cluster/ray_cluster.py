@@ -14,6 +14,13 @@ from cluster.local_head import LOOPBACK_ENV, embedded_head
 from core.config import ClusterSection
 
 
+EMBEDDED_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_USAGE_DISABLED": "1"}
+"""On the embedded (one-machine) cluster, two actors that each cost a process start while the job
+starts: Ray Train's preemption watcher (it reports cloud nodes being reclaimed; this node is the
+machine the command runs on) and Ray Data's usage-statistics collector (the embedded head already
+runs with usage statistics disabled). An attached cluster keeps its own settings."""
+
+
 def rank_env(section: ClusterSection) -> dict[str, str]:
     """Environment every rank (and Ray Train's controller) gets, wherever Ray places it: the
     collectives' interface, how long a start waits for placement, and the driver's SHARDREC_*
@@ -49,13 +56,14 @@ def ray_cluster(section: ClusterSection, log: bool = True,
             ray.shutdown()
         return
     cpus = max(2, int(section.num_workers * section.cpus_per_worker + 1.999))
+    os.environ.update(EMBEDDED_JOB_ENV)
     with embedded_head(cpus, section.object_store_mb, while_starting=while_starting) as head:
         ray.init(
             address=head.gcs_address,
             log_to_driver=log,
             logging_level=logging.INFO if log else logging.WARNING,
             # Ray Train otherwise routes worker print() through its logger as well: every line twice.
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}},
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section), **EMBEDDED_JOB_ENV}},
         )
         try:
             yield (f"embedded local Ray cluster ({cpus} CPUs, {section.object_store_mb} MB object store, "

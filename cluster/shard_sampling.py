@@ -1,4 +1,4 @@
-"""The Ray Data map of the training stream (cluster/rank_stream.py): one train shard's path -> its
+"""The Ray Data map of the training stream (cluster/rank_stream.py): a task's train shards -> their
 positives, shuffled, with their sampled negatives. Its own module, importing numpy, pyarrow and
 the sampler only: Ray Data's task workers import it, and importing torch with it (as the stream's
 module does) cost each new task worker more than a second before its first block."""
@@ -16,19 +16,26 @@ Batch = dict[str, np.ndarray]
 
 
 class SampledShard:
-    """Ray Data map: one (epoch, shard) item -> the shard's (or this rank's stripe of its) positives,
-    shuffled, with their sampled negatives; every draw from (seed, epoch, shard)."""
+    """Ray Data map: one task item {"epoch", "shards"} -> for each of its shards in turn (ids joined
+    by commas, in the epoch's order), the shard's (or this rank's stripe of its) positives, shuffled,
+    with their sampled negatives; every draw from (seed, epoch, shard). A task's output is the
+    concatenation of its shards' outputs, so grouping shards into tasks changes no row."""
 
-    def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None) -> None:
-        self.sampler, self.seed, self.stripe = sampler, seed, stripe
+    def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None,
+                 files: dict[int, str]) -> None:
+        self.sampler, self.seed, self.stripe, self.files = sampler, seed, stripe, files
 
     BLOCK_ROWS = 262_144
     """Rows per output block (about 6 MB)."""
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[Batch]:
-        (path,), (shard,), (epoch,) = batch["path"], batch["shard"], batch["epoch"]
-        rng = np.random.default_rng((self.seed, int(epoch), int(shard)))
-        table = pq.read_table(str(path), columns=["user_id", "item_id"])
+        (epoch,), (shards,) = batch["epoch"], batch["shards"]
+        for shard in str(shards).split(","):
+            yield from self.shard_blocks(int(epoch), int(shard))
+
+    def shard_blocks(self, epoch: int, shard: int) -> Iterator[Batch]:
+        rng = np.random.default_rng((self.seed, epoch, shard))
+        table = pq.read_table(self.files[shard], columns=["user_id", "item_id"])
         positives = {name: table.column(name).to_numpy() for name in ("user_id", "item_id")}
         known = self.sampler.known_keys(positives) if self.sampler.reject_positives else None
         mine = positives
@@ -43,3 +50,18 @@ class SampledShard:
         rows = len(expanded["user_id"])
         for start in range(0, rows, self.BLOCK_ROWS):
             yield {name: values[start : start + self.BLOCK_ROWS] for name, values in expanded.items()}
+
+
+def group_shards(order: np.ndarray, positives: np.ndarray, task_positives: int) -> list[str]:
+    """Consecutive shards of `order` grouped into tasks of at most `task_positives` positive rows
+    (a larger shard alone), each as the task item's comma-joined ids. `positives[i]` is the rows
+    shard order[i] gives this rank."""
+    groups: list[list[int]] = []
+    total = 0
+    for shard, rows in zip(order.tolist(), positives.tolist()):
+        if not groups or total + rows > task_positives:
+            groups.append([])
+            total = 0
+        groups[-1].append(shard)
+        total += rows
+    return [",".join(map(str, group)) for group in groups]

@@ -74,14 +74,38 @@ def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
     from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
-    task = {"path": [str(dataset.shard_file("train", 1))], "shard": [1], "epoch": [2]}
+    task = {"shards": ["1"], "epoch": [2]}
+    files = {1: str(dataset.shard_file("train", 1))}
     sampler = NegativeSampler(dataset.num_items, 4)
-    whole = SampledShard(sampler, 3, None)
+    whole = SampledShard(sampler, 3, None, files)
     whole.BLOCK_ROWS = 10**9
     (single,) = list(whole(task))
-    cut = SampledShard(sampler, 3, None)
+    cut = SampledShard(sampler, 3, None, files)
     cut.BLOCK_ROWS = 1000
     blocks = list(cut(task))
     assert len(blocks) == -(-len(single["label"]) // 1000) > 1
     for name, values in single.items():
         assert np.array_equal(np.concatenate([block[name] for block in blocks]), values)
+
+
+def test_a_task_of_several_shards_yields_each_shards_rows_in_turn(ml100k):
+    """Grouping shards into one Ray Data task changes no row: its output is the shards' outputs in order."""
+    from cluster.shard_sampling import SampledShard
+
+    dataset = PreparedDataset.open(ml100k)
+    files = {shard: str(dataset.shard_file("train", shard)) for shard in (1, 3)}
+    task = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files)
+    grouped = list(task({"shards": ["3,1"], "epoch": [2]}))
+    alone = [*task({"shards": ["3"], "epoch": [2]}), *task({"shards": ["1"], "epoch": [2]})]
+    assert len(grouped) == len(alone) >= 2
+    for a, b in zip(grouped, alone):
+        assert all(np.array_equal(a[name], b[name]) for name in a)
+
+
+def test_group_shards_keeps_the_order_and_caps_a_tasks_positives():
+    from cluster.shard_sampling import group_shards
+
+    order, positives = np.array([4, 0, 2, 1, 3]), np.array([10, 10, 30, 5, 50])
+    assert group_shards(order, positives, 25) == ["4,0", "2", "1", "3"]
+    assert group_shards(order, positives, 1000) == ["4,0,2,1,3"]
+    assert group_shards(order, positives, 1) == ["4", "0", "2", "1", "3"]
