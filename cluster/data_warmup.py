@@ -15,6 +15,7 @@ its own), so only the rank can boot its own.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable
 
@@ -26,12 +27,19 @@ import cluster.shard_sampling  # noqa: F401  (what a task worker booted here has
 
 def start_ray_data_helpers(say: Callable[[str], None]) -> None:
     """Have Ray Data start its per-cluster helper actors now, without waiting for them. A failure
-    only costs the time this would have saved: it is reported and the job goes on."""
+    only costs the time this would have saved: it is reported and the job goes on. Ray Data's own
+    lines about this one-row dataset (its progress-bar notice, "execution finished") are kept off
+    the console, which shows shardrec's lines and errors only."""
+    ray_data_log = logging.getLogger("ray.data")
+    level = ray_data_log.level
+    ray_data_log.setLevel(logging.ERROR)
     try:
         ray.data.from_items([{"row": 0}]).take_all()  # no task: the rows are already in the driver
     except Exception as error:  # noqa: BLE001 (whatever failed, the ranks' first pipelines start them)
         say(f"warning: Ray Data's helpers did not start ahead of training ({error}); "
             "the ranks' first batches will come a few seconds later")
+    finally:
+        ray_data_log.setLevel(level)
 
 
 @ray.remote(num_cpus=0.5)  # the shard tasks' own size (cluster/rank_stream.py)
