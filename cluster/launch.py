@@ -66,11 +66,11 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
     say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
-    params = config.model.resolved_params()
-    if is_sequence_model(params) and not sequence_files(dataset):
-        say("building per-user sequences with Ray Data (once per dataset)")
-        build_with_ray(dataset, say)
-    if not is_sequence_model(params):  # interaction models stream through Ray Data
+    if is_sequence_model(config.model.resolved_params()):
+        if not sequence_files(dataset):
+            say("building per-user sequences with Ray Data (once per dataset)")
+            build_with_ray(dataset, say)
+    else:  # interaction models stream through Ray Data
         start_ray_data_helpers(say)
     trainer = TorchTrainer(
         ray_train_loop,

@@ -38,11 +38,11 @@ class RayRankStream:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
-        self.rows = rank_rows(shard_rows, rank, world_size, self.striped)
-        """Positive rows this rank trains on per epoch."""
         self.shard_positives = {int(shard): rank_rows(shard_rows[i : i + 1], rank, world_size, self.striped)
                                 for i, shard in enumerate(self.shards)}
         """Positive rows this rank takes from each of its shards."""
+        self.rows = sum(self.shard_positives.values())
+        """Positive rows this rank trains on per epoch."""
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
         self.rank, self.world_size = rank, world_size

@@ -32,6 +32,14 @@ EDGE_SLICE = 1 << 20
 """Edges scattered at once into the next item layer: bounds the [edges, dim] temporary (256 MB at 64 dims)."""
 
 
+def share_chunks(count: int, rank: int, world_size: int, chunk: int) -> list[range]:
+    """This rank's even share of ids 0..count-1, in ranges of at most `chunk` ids. Every rank gets the
+    same number of ranges (trailing ones may be empty), so a collective per range stays in step."""
+    per_rank = -(-count // world_size)
+    first, last = min(rank * per_rank, count), min((rank + 1) * per_rank, count)
+    return [range(min(start, last), min(start + chunk, last)) for start in range(first, first + per_rank, chunk)]
+
+
 def user_rows(graph: GraphCSR, users: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CSR rows of `users` (node ids < num_users) as (crow [len+1], item columns, weights),
     gathered with vectorised indexing from the (memory-mapped) graph."""
@@ -74,15 +82,13 @@ def item_layers(graph: GraphCSR, item_layer0: torch.Tensor, n_layers: int, looku
     """Item layers 0..n_layers [items, dim] each, exact. Collective: every rank calls it with the
     same arguments except `rank`; `item_layer0` must be the same on every rank."""
     layers = [item_layer0]
-    per_rank = -(-graph.num_users // world_size)
-    first, last = min(rank * per_rank, graph.num_users), min((rank + 1) * per_rank, graph.num_users)
-    chunks = -(-per_rank // chunk)  # the same count on every rank: the layer-0 lookups are collective
+    chunks = share_chunks(graph.num_users, rank, world_size, chunk)  # layer-0 lookups are collective
     walks = -(-n_layers // 2)
     for walk in range(walks):
         wanted = [m for m in (2 * walk, 2 * walk + 1) if m < n_layers]  # user layers of this walk
         shares = {m + 1: torch.zeros_like(item_layer0) for m in wanted}
-        for index in range(chunks):
-            users = np.arange(min(first + index * chunk, last), min(first + (index + 1) * chunk, last))
+        for index, share in enumerate(chunks):
+            users = np.arange(share.start, share.stop)
             rows = user_rows(graph, users)
             for m in wanted:
                 if m == 0:
@@ -91,7 +97,7 @@ def item_layers(graph: GraphCSR, item_layer0: torch.Tensor, n_layers: int, looku
                     layer = gather_from_items(rows, layers[m - 1])
                 scatter_to_items(rows, layer, shares[m + 1])
             if progress is not None:
-                progress(walk * chunks + index + 1, walks * chunks)
+                progress(walk * len(chunks) + index + 1, walks * len(chunks))
         for m in wanted:
             if dist.is_initialized() and world_size > 1:
                 dist.all_reduce(shares[m + 1])

@@ -161,11 +161,9 @@ class LightGCN(RecModel):
 
     def _item_layer0(self, rank: int, world_size: int) -> torch.Tensor:
         """Every item's layer-0 row on every rank: each rank looks up its share, an all-reduce joins them."""
-        per_rank = -(-self.num_items // world_size)
-        first, last = min(rank * per_rank, self.num_items), min((rank + 1) * per_rank, self.num_items)
         layer0 = torch.zeros(self.num_items, self.params.embed_dim, device=self.device)
-        for start in range(0, per_rank, self.ranking_chunk):  # the same calls on every rank
-            items = torch.arange(min(first + start, last), min(first + start + self.ranking_chunk, last), device=self.device)
+        for share in layerwise.share_chunks(self.num_items, rank, world_size, self.ranking_chunk):
+            items = torch.arange(share.start, share.stop, device=self.device)
             layer0[items] = self._pooled({"item": items}, self.ranking_chunk)["item"][: len(items)]
         if world_size > 1:
             dist.all_reduce(layer0)

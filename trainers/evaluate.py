@@ -172,16 +172,14 @@ class Evaluator:
         keep_ranking: the model may keep what it computed for ranking (see RecModel.end_ranking)."""
         was_training = model.training
         model.eval()
+        keep = False  # a failed evaluation keeps nothing
         try:
             model.begin_ranking(split)
             self._ensure_read()  # collective, at the first evaluation
             sums = self._score_with_model(model, self.ranked[split], split, on_batch)
-        except BaseException:
-            model.end_ranking()
-            raise
-        else:
-            model.end_ranking(keep=keep_ranking)
+            keep = keep_ranking
         finally:
+            model.end_ranking(keep=keep)
             model.train(was_training)
         return self._result(all_sum(sums.tolist()), split)
 
@@ -347,8 +345,8 @@ class _ItemVectors:
     def __init__(self, evaluator: Evaluator, model: RecModel) -> None:
         self.evaluator = evaluator
         self.chunk = evaluator._item_chunk(model.pair_floats)
-        user_batch = max(evaluator.config.user_batch, 1)
-        self.tile = max(1, min(self.chunk, SCORE_TILE_FLOATS // user_batch))
+        self.user_batch = max(evaluator.config.user_batch, 1)
+        self.tile = max(1, min(self.chunk, SCORE_TILE_FLOATS // self.user_batch))
         """Items scored at once (see scores)."""
         self._buffer: torch.Tensor | None = None  # user_batch x tile scores, reused by every tile
         probe = evaluator._lookup_padded(model, "item_id", np.zeros(1, dtype=np.int64), 1)
@@ -386,7 +384,7 @@ class _ItemVectors:
         first = next(iter(users.values()))
         rows, tile = len(first), self.tile
         if self._buffer is None or self._buffer.dtype != first.dtype:
-            self._buffer = torch.empty(self.evaluator.config.user_batch * tile, dtype=first.dtype, device=first.device)
+            self._buffer = torch.empty(self.user_batch * tile, dtype=first.dtype, device=first.device)
         for start, items in self.chunks(model):
             size = len(next(iter(items.values())))
             for offset in range(0, size, tile):
