@@ -110,14 +110,14 @@ class UserItemModel(RecModel):
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
         if isinstance(batch, dict):
             batch = self.pipeline_input(batch)
-        vectors = self.tables(batch.features).to_dict()
-        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
+        pooled = self.tables(batch.features)
+        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(pooled.to_dict()), batch.columns["label"])
         if self.reg_weight:
             # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore their
-            # weight decay argument, and this penalises exactly the rows the step updates.
-            # (by feature name: under the train pipeline's tracer `vectors` is a proxy, not a dict)
-            squares = sum(vectors[feature].square().sum() for feature in self.feature_columns)
-            loss = loss + self.reg_weight * squares / batch.columns["label"].shape[0]
+            # weight decay argument, and this penalises exactly the rows the step updates. The
+            # pooled values hold every feature's rows side by side (the batch's KJT has one feature
+            # per table), so one pass over them replaces a square and a sum per feature.
+            loss = loss + self.reg_weight * SumOfSquares.apply(pooled.values()) / batch.columns["label"].shape[0]
         return loss
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,6 +133,22 @@ class UserItemModel(RecModel):
         pairs = {f: v.repeat_interleave(candidates, 0) for f, v in users.items()}
         pairs.update({f: v.reshape(rows * candidates, v.shape[-1]) for f, v in items.items()})
         return self.score_pairs(pairs).reshape(rows, candidates)
+
+
+class SumOfSquares(torch.autograd.Function):
+    """sum(x ** 2) as one dot product, and 2 x g as its gradient: a single pass each way, where
+    x.square().sum() makes a squared copy forward and two products backward."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        flat = x.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return x * (2 * grad)
 
 
 def dot_all(users: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

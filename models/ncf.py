@@ -41,7 +41,8 @@ class NCF(UserItemModel):
         )
         layers: list[nn.Module] = []
         for width_in, width_out in zip(params.mlp_dims[:-1], params.mlp_dims[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU(), Dropout(params.dropout)]
+            # in place: the linear layer's backward needs its input, not its output
+            layers += [nn.Linear(width_in, width_out), nn.ReLU(inplace=True), Dropout(params.dropout)]
         self.mlp = nn.Sequential(*layers)
         self.output = nn.Linear(params.gmf_dim + params.mlp_dims[-1], 1)
         # score_all's [U, I, h] activations: each hidden layer's input and output live at once
@@ -60,8 +61,10 @@ class NCF(UserItemModel):
         # new tensor (and back apart in the backward pass).
         gmf = vectors["gmf_user"] * vectors["gmf_item"]
         first, half = self.mlp[0], self.params.mlp_dims[0] // 2
-        hidden = torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T) + (
-            vectors["mlp_item"] @ first.weight[:, half:].T)  # not in place: autocast may change dtypes
+        # chained addmm: the item half is added as the product is written (no temporary, no add pass);
+        # not in place, so autocast casts every input of each product alike
+        hidden = torch.addmm(torch.addmm(first.bias, vectors["mlp_user"], first.weight[:, :half].T),
+                             vectors["mlp_item"], first.weight[:, half:].T)
         mlp = self._after_first_layer(hidden)
         w_out, gmf_dim = self.output.weight[0], self.params.gmf_dim
         return gmf @ w_out[:gmf_dim] + mlp @ w_out[gmf_dim:] + self.output.bias[0]

@@ -96,6 +96,11 @@ def test_dropout_drops_at_its_rate_scales_the_rest_and_is_the_identity_in_eval()
     y = layer(x)
     dropped = float((y == 0).float().mean())
     assert abs(dropped - 0.2) < 0.004  # about 6 standard errors
+    # Each random word gives four elements' draws: every lane position must drop at the rate too
+    # (a lane left without random bits would drop all or nothing).
+    for lane in range(4):
+        lane_dropped = float((y.detach().view(-1, 4)[:, lane] == 0).float().mean())
+        assert abs(lane_dropped - 0.2) < 0.008
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.8), rtol=1e-4)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # the gradient goes through the same scaled mask
@@ -204,3 +209,64 @@ def test_shuffled_batches_mix_blocks_and_keep_every_row_once():
     assert all(np.array_equal(a["user_id"], b["user_id"]) for a, b in zip(out, again))  # a function of the seed
     in_order = np.concatenate([b["user_id"] for b in shuffled_batches(iter(blocks), 64, buffer_rows=0, seed=3)])
     assert np.array_equal(in_order, np.arange(total // 64 * 64))
+
+
+def _fit_recording(rank: int, world: int, config_json: str, run_dir: str, record_dir: str) -> list[int]:
+    """Trainer.fit on a pyarrow source, recording each step's positives; returns the epochs whose
+    prefetcher had been started ahead, during the epoch before."""
+    import os
+    from pathlib import Path
+
+    from core.config import config_from_json
+    from trainers.distributed import setup
+    from trainers.trainer import Trainer
+
+    os.environ["SHARDREC_RECORD_BATCHES"] = record_dir
+    config = config_from_json(config_json)
+    dataset = PreparedDataset.open(config.data.path)
+    trainer = Trainer(config, setup(), dataset)
+    sampler = NegativeSampler(dataset.num_items, config.data.negatives, batch_kind="pointwise")
+    source = ParquetFilesSource(dataset, sampler, config.trainer.batch_size, rank, world, seed=config.trainer.seed)
+    adopted: list[int] = []
+    take = trainer._take_ahead
+
+    def watched(epoch: int):
+        ahead = take(epoch)
+        if ahead is not None:
+            adopted.append(epoch)
+        return ahead
+
+    trainer._take_ahead = watched  # type: ignore[method-assign]
+    trainer.fit(source, Path(run_dir))
+    return adopted
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_epochs_read_ahead_train_the_same_batches_as_fresh_epochs(ml100k_small, tmp_path):
+    """The next epoch's batches are prepared during the last steps of the one before: every epoch
+    still trains exactly the batches its own fresh epoch(e) gives, in order."""
+    import json
+
+    from tests.forked_ranks import run_ranks
+
+    epochs, batch = 3, 128
+    config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"),
+                         [("data.path", str(ml100k_small)), ("trainer.batch_size", str(batch)),
+                          ("trainer.epochs", str(epochs)), ("trainer.eval_every", "100"), ("eval.max_users", "20")])
+    adopted = run_ranks(_fit_recording, 2, config.to_json(), str(tmp_path / "run"), str(tmp_path / "rec"))
+    assert adopted == [[2, 3], [2, 3]]  # epochs 2 and 3 were started ahead on both ranks
+    dataset = PreparedDataset.open(ml100k_small)
+    sources = [ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, config.data.negatives, batch_kind="pointwise"),
+                                  batch, rank, 2, seed=config.trainer.seed) for rank in range(2)]
+    for rank, source in enumerate(sources):
+        expected = []
+        for epoch in range(1, epochs + 1):
+            steps = min(planned_batches(other, epoch) for other in sources)
+            for fresh in list(source.epoch(epoch))[:steps]:
+                positive = fresh["label"] > 0
+                expected.append((fresh["user_id"][positive].tolist(), fresh["item_id"][positive].tolist()))
+        lines = (tmp_path / "rec" / f"rank-{rank}.jsonl").read_text().splitlines()
+        recorded = [(row["users"], row["items"]) for row in map(json.loads, lines)]
+        assert len(recorded) == len(expected) > 3 * epochs
+        assert recorded == expected

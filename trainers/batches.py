@@ -20,6 +20,9 @@ Batch = dict[str, np.ndarray]
 
 
 class BatchSource(Protocol):
+    """May also offer `batches_in_epoch(epoch)` (see planned_batches) and `independent_epochs`
+    (True: epochs share no state, so the trainer may start the next while one ends)."""
+
     def epoch(self, epoch: int) -> Iterator[Batch]: ...
 
 
@@ -75,6 +78,9 @@ class ParquetFilesSource:
 
     WINDOW_ROWS = 1_000_000
     """Positives read and shuffled together (whole shards, so at least one shard): about 60 MB."""
+    independent_epochs = True
+    """epoch(e) shares no state with other epochs: the trainer may start reading the next epoch
+    while this one ends (one more window in memory for a few steps)."""
     SLICE_ROWS = 65_536
     """Positives expanded with their negatives at a time."""
 
@@ -145,6 +151,9 @@ class SequenceWindowsSource:
     """For sequence models, under torchrun and Ray Train alike: a rank cuts windows from the
     histories of its own shards' users only (`rank_shards`; windows striped when the shards do not
     divide), and shuffles them each epoch with (seed, rank, epoch)."""
+
+    independent_epochs = True
+    """epoch(e) shares no state with other epochs (see ParquetFilesSource)."""
 
     def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
                  seed: int) -> None:

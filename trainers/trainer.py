@@ -8,6 +8,7 @@ It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a B
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -68,6 +69,9 @@ class Trainer:
         self.step_kind = choose_step(config.trainer.train_pipeline, self.sharded.model, context.device)
         """"plain" or "sparse_dist" (trainers/steps.py)."""
         self._pipeline: SparseDistSteps | None = None
+        self._ahead: tuple[int, Prefetcher] | None = None
+        """(epoch, its prefetcher), started during the previous epoch's last steps (`train_epoch`'s
+        `upcoming`), so an epoch's first batch is ready when it starts."""
 
     # --- the step and the evaluation ---------------------------------------------------------------
 
@@ -213,11 +217,15 @@ class Trainer:
         return every
 
     def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None,
-                    planned: int | None = None) -> dict[str, Any]:
+                    planned: int | None = None, upcoming: Callable[[], Iterator[Batch]] | None = None
+                    ) -> dict[str, Any]:
         """Collective. One epoch over `batches` (after the `epoch_batches` a resumed checkpoint had
         trained); returns its record (loss, steps, samples/s, data wait). `planned`: the number of
         batches this rank's source yields (planned_batches), when it can tell; the ranks then agree
-        on the count once, and no step runs a collective of the loop's own."""
+        on the count once, and no step runs a collective of the loop's own. `upcoming`: the next
+        epoch's batches, for a source whose epochs are independent of each other
+        (`independent_epochs`): their preparation starts during this epoch's last steps, and the
+        next train_epoch takes them over instead of `batches`."""
         self.sharded.dmp.train()
         epoch = self.epoch + 1
         log_every = self.config.trainer.log_every
@@ -234,6 +242,10 @@ class Trainer:
         # checkpoint had trained resumes at the next unseen batch.
         source_batches = batches
         batches = itertools.islice(batches, skipped, None if remaining is None else skipped + remaining)
+        ahead = self._take_ahead(epoch)
+        if ahead is not None and (skipped or remaining is None):  # not an epoch read ahead can serve
+            ahead.close()
+            ahead = None
         recorder = BatchRecorder.from_environment(self.context.rank, epoch)
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
@@ -242,9 +254,12 @@ class Trainer:
         # The pipeline pulls its batches itself (two ahead), so it needs the count agreed up front.
         pipelined = self.step_kind == "sparse_dist" and remaining is not None
         prepare = self.prepare_pipeline_batch if pipelined else self.prepare_batch
-        with Prefetcher(batches, prepare, depth=self.config.trainer.prefetch_batches) as prepared:
+        depth = self.config.trainer.prefetch_batches
+        with ahead or Prefetcher(batches, prepare, depth=depth) as prepared:
             if remaining is None:
                 items: Iterator[Any] = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
+            elif ahead is not None:  # it read its source whole: the agreed count is cut here
+                items = itertools.islice(prepared, remaining)
             else:
                 items = iter(prepared)
             timed = TimedIterator(items)
@@ -268,6 +283,10 @@ class Trainer:
                     log.advance()
                 if every_steps and run_dir is not None and self.step % every_steps == 0:
                     self.save_checkpoint(run_dir, log)
+                if upcoming is not None and remaining is not None and steps == max(remaining - depth, 1):
+                    # `depth` steps before the end this epoch's batches are all prepared or queued:
+                    # the next epoch's preparation overlaps the last steps instead of its first.
+                    self._ahead = (epoch + 1, Prefetcher(upcoming(), prepare, depth=depth))
             waited = timed.waited
         close = getattr(source_batches, "close", None)
         if close is not None:  # a source left before its end (a step limit) releases what it reads from now
@@ -285,32 +304,25 @@ class Trainer:
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
 
-    def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
-            console: Console | None = None) -> dict[str, Any]:
-        """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
-        summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
-        through `console`)."""
-        latest = latest_checkpoint(run_dir) if resume else None
-        if resume and latest is None:
-            raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-        if latest is not None and self.context.is_main:
-            # A run that restarts repeats the steps after its last checkpoint: their records go.
-            prune_metrics(run_dir / "metrics.jsonl", read_progress(latest)["step"])
-        log = RunLog(run_dir, self.context.is_main, console)
+    def _take_ahead(self, epoch: int) -> Prefetcher | None:
+        """The prefetcher started ahead for `epoch`, if any; one for another epoch is stopped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if ahead[0] != epoch:
+            ahead[1].close()
+            return None
+        return ahead[1]
+
+    def _fit_epochs(self, source: BatchSource, run_dir: Path, log: RunLog) -> None:
+        """The epochs left: train, evaluate and checkpoint as the config says."""
         trainer_config, k = self.config.trainer, self.config.eval.k
-        where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
-        log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
-        log.info(f"training step: {self.step_kind}" + (" (TorchRec TrainPipelineSparseDist)" if self.step_kind == "sparse_dist" else ""))
-        if self.context.is_main:
-            (run_dir / "config.json").write_text(self.config.to_json() + "\n")
-            plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
-            (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
-        if latest is not None:
-            self.load_checkpoint(latest)
-            log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
+        independent = bool(getattr(source, "independent_epochs", False))
         while self.epoch < trainer_config.epochs:
-            record = self.train_epoch(source.epoch(self.epoch + 1), log, run_dir,
-                                      planned_batches(source, self.epoch + 1))
+            epoch = self.epoch + 1
+            upcoming = (functools.partial(source.epoch, epoch + 1)
+                        if independent and epoch < trainer_config.epochs else None)
+            record = self.train_epoch(source.epoch(epoch), log, run_dir, planned_batches(source, epoch), upcoming)
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 eval_started = time.perf_counter()
@@ -333,6 +345,33 @@ class Trainer:
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last:
                 self.save_checkpoint(run_dir, log)
+
+    def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
+            console: Console | None = None) -> dict[str, Any]:
+        """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
+        summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
+        through `console`)."""
+        latest = latest_checkpoint(run_dir) if resume else None
+        if resume and latest is None:
+            raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        if latest is not None and self.context.is_main:
+            # A run that restarts repeats the steps after its last checkpoint: their records go.
+            prune_metrics(run_dir / "metrics.jsonl", read_progress(latest)["step"])
+        log = RunLog(run_dir, self.context.is_main, console)
+        where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
+        log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
+        log.info(f"training step: {self.step_kind}" + (" (TorchRec TrainPipelineSparseDist)" if self.step_kind == "sparse_dist" else ""))
+        if self.context.is_main:
+            (run_dir / "config.json").write_text(self.config.to_json() + "\n")
+            plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
+            (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+        if latest is not None:
+            self.load_checkpoint(latest)
+            log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
+        try:
+            self._fit_epochs(source, run_dir, log)
+        finally:
+            self._take_ahead(0)  # stops a read-ahead the run did not reach (an error, the last epoch)
         self.finish_checkpoints()
         close = getattr(source, "close", None)
         if close is not None:  # a source that reads ahead stops
@@ -342,7 +381,7 @@ class Trainer:
             "model": self.config.model.name,
             "world_size": self.context.world_size,
             "plan": self.sharded.plan_rows,
-            "epochs": trainer_config.epochs,
+            "epochs": self.config.trainer.epochs,
             "history": self.history,
             "best": self.best,
             "final": self.history[-1] if self.history else {},
