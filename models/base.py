@@ -111,13 +111,23 @@ class UserItemModel(RecModel):
         if isinstance(batch, dict):
             batch = self.pipeline_input(batch)
         pooled = self.tables(batch.features)
-        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(pooled.to_dict()), batch.columns["label"])
+        vectors = pooled.to_dict()
+        rows = batch.columns["label"].shape[0]
         if self.reg_weight:
             # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore their
-            # weight decay argument, and this penalises exactly the rows the step updates. The
-            # pooled values hold every feature's rows side by side (the batch's KJT has one feature
-            # per table), so one pass over them replaces a square and a sum per feature.
-            loss = loss + self.reg_weight * SumOfSquares.apply(pooled.values()) / batch.columns["label"].shape[0]
+            # weight decay argument, and this penalises exactly the rows the step updates. Its
+            # gradient, 2 w x / rows, joins each feature's gradient where that arrives, and its value
+            # is one dot product over the pooled rows (every feature side by side: the batch's KJT
+            # has one feature per table), so it adds no pass of its own over the batch's vectors.
+            # (by feature name: under the train pipeline's tracer `vectors` is a proxy, not a dict)
+            vectors = {feature: WithL2Gradient.apply(vectors[feature], 2 * self.reg_weight / rows)
+                       for feature in self.feature_columns}
+        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
+        if self.reg_weight:
+            with torch.no_grad():
+                flat = pooled.values().reshape(-1)
+                penalty = torch.dot(flat, flat)
+            loss = loss + self.reg_weight * penalty / rows
         return loss
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,20 +145,20 @@ class UserItemModel(RecModel):
         return self.score_pairs(pairs).reshape(rows, candidates)
 
 
-class SumOfSquares(torch.autograd.Function):
-    """sum(x ** 2) as one dot product, and 2 x g as its gradient: a single pass each way, where
-    x.square().sum() makes a squared copy forward and two products backward."""
+class WithL2Gradient(torch.autograd.Function):
+    """x unchanged forward; backward adds `scale` * x to x's incoming gradient: the gradient of
+    scale / 2 * sum(x ** 2), for a penalty whose value the caller adds to the loss without a graph."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(x)
-        flat = x.reshape(-1)
-        return torch.dot(flat, flat)
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return x * (2 * grad)
+        return torch.add(grad, x, alpha=ctx.scale), None  # type: ignore[attr-defined]
 
 
 def dot_all(users: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
