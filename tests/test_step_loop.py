@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import load_config
+from core.config import ClusterSection, load_config
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler
@@ -270,3 +270,14 @@ def test_epochs_read_ahead_train_the_same_batches_as_fresh_epochs(ml100k_small, 
         recorded = [(row["users"], row["items"]) for row in map(json.loads, lines)]
         assert len(recorded) == len(expected) > 3 * epochs
         assert recorded == expected
+
+
+def test_ray_ranks_start_with_one_malloc_arena_keeping_other_tunables(monkeypatch):
+    """Ray Train trains in a thread: with glibc's per-thread arenas each step faulted its buffers in
+    again. Every rank's environment holds the allocator to the main arena, and a user's own
+    GLIBC_TUNABLES survive beside it."""
+    from cluster.ray_cluster import one_malloc_arena, rank_env
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=8")
+    assert rank_env(ClusterSection())["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1"
+    assert one_malloc_arena(None) == "glibc.malloc.arena_max=1"
