@@ -10,7 +10,7 @@ from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
-from cluster.process_group import BoundStoreTorchConfig
+from cluster.process_group import RankGroupConfig
 from cluster.rank_stream import RayRankStream
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
@@ -76,7 +76,8 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
         ray_train_loop,
         train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
                            "verbose": verbose},
-        torch_config=BoundStoreTorchConfig(backend=section.backend),  # rank 0's store: its node address only
+        # rank 0's store on its node address only; no torch import in Ray Train's controller
+        torch_config=RankGroupConfig(backend=section.backend),
         scaling_config=ScalingConfig(
             num_workers=section.num_workers,
             use_gpu=section.use_gpu,

@@ -84,3 +84,15 @@ def test_the_checker_sees_a_hidden_upward_import(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import os\n\ndef f():\n    from launcher.cli import main\n    return main\n")
     assert (4, "launcher.cli", True) in _imports(sample)
+
+
+def test_ray_trains_backend_config_loads_without_torch():
+    """Ray Train's controller process loads the backend config (cluster.process_group); importing
+    torch there cost seconds of the start-up on 2 cores, so that module must not pull it in."""
+    import subprocess
+    import sys
+
+    probe = "import sys, cluster.process_group; print(sorted(m for m in ('torch', 'torchrec') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core.sockets import bound_listener
 from trainers.memory import keep_freed_memory
 
 
@@ -99,9 +100,7 @@ class BoundTCPStore(dist.TCPStore):
     def __init__(self, host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
                  *args: Any, **kwargs: Any) -> None:
         if is_master and kwargs.get("master_listen_fd") is None:
-            listener = socket.create_server((host_name, port), backlog=512)
-            port = listener.getsockname()[1]
-            kwargs["master_listen_fd"] = listener.detach()  # the store owns the descriptor from here
+            kwargs["master_listen_fd"], port = bound_listener(host_name, port)  # the store owns it from here
         super().__init__(host_name, port, world_size, is_master, *args, **kwargs)
 
 
