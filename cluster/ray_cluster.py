@@ -23,7 +23,8 @@ runs with usage statistics disabled). An attached cluster keeps its own settings
 
 def rank_env(section: ClusterSection) -> dict[str, str]:
     """Environment every rank (and Ray Train's controller) gets, wherever Ray places it: the
-    collectives' interface, how long a start waits for placement, and the driver's SHARDREC_*
+    collectives' interface, how long a start waits for placement, one malloc arena
+    (`one_malloc_arena`), and the driver's SHARDREC_*
     testing aids (batch records, a rank that fails once), which a worker started by a remote node's
     raylet would not otherwise see."""
     aids = {name: value for name, value in os.environ.items() if name.startswith("SHARDREC_")}
@@ -38,8 +39,9 @@ def one_malloc_arena(tunables: str | None) -> str:
     main arena. Ray Train runs the training function in a thread of the worker, and glibc gives
     each thread an arena of its own, made of 64 MB heaps that are unmapped whenever they empty:
     a step's few hundred MB of buffers were faulted in again every step (31,000 minor faults a
-    second in a Ray worker against 1,400 in a torchrun rank, whose training runs on the main
-    thread). In the main arena, `trainers.memory.keep_freed_memory` keeps them mapped."""
+    second in a Ray worker against 22 in a torchrun rank, whose training runs on the main
+    thread; about 400 in a Ray worker after). In the main arena, `trainers.memory.keep_freed_memory`
+    keeps them mapped."""
     setting = "glibc.malloc.arena_max=1"
     kept = [part for part in (tunables or "").split(":") if part and not part.startswith("glibc.malloc.arena_max=")]
     return ":".join([*kept, setting])

@@ -113,6 +113,7 @@ class UserItemModel(RecModel):
         pooled = self.tables(batch.features)
         vectors = pooled.to_dict()
         rows = batch.columns["label"].shape[0]
+        penalty: torch.Tensor | float = 0.0
         if self.reg_weight:
             # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore their
             # weight decay argument, and this penalises exactly the rows the step updates. Its
@@ -122,13 +123,11 @@ class UserItemModel(RecModel):
             # (by feature name: under the train pipeline's tracer `vectors` is a proxy, not a dict)
             vectors = {feature: WithL2Gradient.apply(vectors[feature], 2 * self.reg_weight / rows)
                        for feature in self.feature_columns}
-        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
-        if self.reg_weight:
             with torch.no_grad():
                 flat = pooled.values().reshape(-1)
-                penalty = torch.dot(flat, flat)
-            loss = loss + self.reg_weight * penalty / rows
-        return loss
+                penalty = self.reg_weight * torch.dot(flat, flat) / rows
+        loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
+        return loss + penalty
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()

@@ -304,8 +304,9 @@ class Trainer:
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
 
-    def _take_ahead(self, epoch: int) -> Prefetcher | None:
-        """The prefetcher started ahead for `epoch`, if any; one for another epoch is stopped."""
+    def _take_ahead(self, epoch: int | None) -> Prefetcher | None:
+        """The prefetcher started ahead for `epoch`, if any; one for another epoch (every one, for
+        None) is stopped."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
@@ -371,7 +372,7 @@ class Trainer:
         try:
             self._fit_epochs(source, run_dir, log)
         finally:
-            self._take_ahead(0)  # stops a read-ahead the run did not reach (an error, the last epoch)
+            self._take_ahead(None)  # stops a read-ahead an error left unused
         self.finish_checkpoints()
         close = getattr(source, "close", None)
         if close is not None:  # a source that reads ahead stops
