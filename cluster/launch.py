@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
 from cluster.process_group import RankGroupConfig
+from cluster.rank_trainer import RankTrainer
 from cluster.rank_stream import RayRankStream
 from cluster.sequences import build_with_ray
 from core.config import RunConfig, config_from_json
@@ -72,8 +72,9 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
             build_with_ray(dataset, say)
     else:  # interaction models stream through Ray Data
         start_ray_data_helpers(say)
-    trainer = TorchTrainer(
+    trainer = RankTrainer(
         ray_train_loop,
+        embedded=not section.address,  # ray_cluster's own head, stopped when this driver ends
         train_loop_config={"config_json": config.to_json(), "run_dir": str(run_dir), "resume": resume,
                            "verbose": verbose},
         # rank 0's store on its node address only; no torch import in Ray Train's controller

@@ -3,10 +3,12 @@
 - The embedded cluster of `shardrec train` (`embedded_head`): `ray start --head --block` with every
   port Ray would otherwise take by default (GCS 6379, dashboard 8265, dashboard agent 52365, metrics
   44217/44227, ...) set to a free port on 127.0.0.1, and token authentication. Any number of runs and
-  a user's own `ray start --head` share a machine. The dashboard stays: Ray Train's placement-group
-  cleaner asks the state API whether its controller lives, and without a dashboard of its own that
-  question reaches whichever other Ray cluster runs on the machine, which answers "no" and so gets
-  the run's workers killed.
+  a user's own `ray start --head` share a machine. The dashboard stays, so that Ray's state API
+  answers for this cluster: without a dashboard of its own, a state query (Ray Train's
+  placement-group cleaner asked whether its controller lived) reached whichever other Ray cluster
+  ran on the machine, which answered "no" and so got the run's workers killed. (shardrec's runs no
+  longer start that cleaner on their embedded cluster: `cluster.rank_trainer`.) The autoscaler's
+  monitor is left out: a fixed-size local cluster has no node to add or remove.
 - A head for `ray job submit` (`shardrec cluster start|wait|stop`): Ray's default ports on
   127.0.0.1, token authentication on, the job agent waited for, and shardrec's own executables on
   the jobs' PATH.
@@ -24,6 +26,7 @@ import contextlib
 import json
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -59,12 +62,30 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def private_token_file() -> None:
-    """Ray writes its auth token world-readable (0644); it is a password to the cluster."""
-    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    with contextlib.suppress(OSError):
-        if token.is_file() and token.stat().st_uid == os.getuid():
-            token.chmod(0o600)
+def token_path() -> Path:
+    """Where Ray's clients and heads look for the token file."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+
+
+def ensure_private_token() -> None:
+    """A token file for a head about to start, made private (0600): it is a password to the cluster.
+    With RAY_AUTH_MODE=token set (cluster/__init__.py sets it), `ray start --head` refuses to make
+    the token itself (it does so only while the mode is unset), so on a machine where Ray never ran
+    every head failed to start. Made as Ray makes its own, 256 random bits in hex; an existing
+    token is kept (only its mode is tightened: Ray writes it 0644), and so is RAY_AUTH_TOKEN."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = token_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:  # O_EXCL: two runs starting at once keep one token between them
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == os.getuid():
+                path.chmod(0o600)
+        return
+    with os.fdopen(descriptor, "w") as token:
+        token.write(secrets.token_hex(32))
 
 
 def session_processes(session: int) -> list[int]:
@@ -171,6 +192,9 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
                "--temp-dir", str(temp_dir), "--disable-usage-stats"]
     for flag, port in ports.items():
         command += [flag, str(port)]
+    # The autoscaler's monitor (a Python process, 0.4 s of CPU in a start-up that is CPU-bound on 2
+    # cores) has nothing to do on a fixed-size local cluster: there is no node to add or remove.
+    command.append("--no-monitor")
     env = ray_env()
     # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
     env.update(AUTOSCALER_METRIC_PORT=str(free[-2]), DASHBOARD_METRIC_PORT=str(free[-1]))
@@ -178,6 +202,7 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
     # task or actor ever ran on them (the session's logs), so they only took CPU from the start-up:
     # two process starts on 2 cores, while Ray Train's controller starts.
     env["RAY_prestart_worker_first_driver"] = "0"
+    ensure_private_token()
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)
@@ -186,7 +211,6 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
         if while_starting is not None:
             while_starting()
         address = _wait_for_address(temp_dir, process, timeout_s)
-        private_token_file()
         yield EmbeddedHead(address, temp_dir)
     finally:
         # Nothing in a private cluster outlives its driver's use of it (runs write their results to
@@ -225,6 +249,7 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
     shutil.rmtree(temp_dir, ignore_errors=True)
     env = ray_env()
     env.setdefault("RAY_AUTH_MODE", "token")
+    ensure_private_token()
     command = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                "--object-store-memory", str(object_store_mb * 1024 * 1024), "--temp-dir", str(temp_dir),
@@ -238,7 +263,6 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
     if process.returncode != 0:
         stop_session(process.pid)
         raise RuntimeError(f"ray start failed ({process.returncode}): {stderr[-2000:] or stdout[-2000:]}")
-    private_token_file()
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     _state_file(dashboard_port).write_text(json.dumps({"temp_dir": str(temp_dir), "address": url, "gcs_port": port,
                                                        "session": process.pid}))

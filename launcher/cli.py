@@ -330,13 +330,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from cluster.local_head import start_job_head, stop_job_head, wait_for_jobs  # heavy (Ray)
+    from cluster.local_head import start_job_head, stop_job_head, token_path, wait_for_jobs  # heavy (Ray)
 
     url = f"http://127.0.0.1:{args.dashboard_port}"
     try:
         if args.cluster_command == "start":
             url = start_job_head(args.dashboard_port, args.port, args.num_cpus, args.object_store_mb, args.timeout)
-            print(f"Ray head ready for jobs at {url} (token authentication on; the token is ~/.ray/auth_token)\n"
+            print(f"Ray head ready for jobs at {url} (token authentication on; the token is {token_path()})\n"
                   f"client: export RAY_AUTH_MODE=token\n"
                   f"submit: ray job submit --address {url} --working-dir . -- shardrec train ... --cluster.address auto\n"
                   f"stop:   shardrec cluster stop" + ("" if args.dashboard_port == 8265 else f" --dashboard-port {args.dashboard_port}"))

@@ -77,10 +77,12 @@ def _loopback_only(addresses: list[str]) -> bool:
 
 def test_shardrec_train_through_ray(ml100k_small, tmp_path):
     started = time.monotonic()
+    token = tmp_path / "new-home" / ".ray" / "auth_token"  # a machine where Ray never ran: no token yet
     result = _run([str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, "ray")], 360,
-                  env_extra={"SHARDREC_RECORD_LISTENERS": str(tmp_path / "listeners")})
+                  env_extra={"SHARDREC_RECORD_LISTENERS": str(tmp_path / "listeners"), "RAY_AUTH_TOKEN_PATH": str(token)})
     took = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert token.stat().st_mode & 0o077 == 0  # made for the head, private
     # counted from the command's start: Ray's start-up is in it, and the run's end comes after it
     time_to_best = float(re.search(r"time to best: ([0-9.]+) s", result.stdout).group(1))
     assert 5.0 < time_to_best < took, (time_to_best, took)
