@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.interactions import sorted_positions
+from core.interactions import sorted_contains
 
 
 class NegativeSampler:
@@ -46,7 +46,7 @@ class NegativeSampler:
             return
         suspects = np.arange(len(negatives))
         for _ in range(self.rounds):
-            _, clash = sorted_positions(positives, users[suspects] * self.num_items + negatives[suspects])
+            clash = sorted_contains(positives, users[suspects] * self.num_items + negatives[suspects])
             suspects = suspects[clash]
             if not len(suspects):
                 return

@@ -109,3 +109,22 @@ def test_group_shards_keeps_the_order_and_caps_a_tasks_positives():
     assert group_shards(order, positives, 25) == ["4,0", "2", "1", "3"]
     assert group_shards(order, positives, 1000) == ["4,0,2,1,3"]
     assert group_shards(order, positives, 1) == ["4", "0", "2", "1", "3"]
+
+
+@pytest.mark.parametrize("span", [5_000, 10**12])  # flags over the range; binary search past the budget
+def test_membership_by_flags_or_search_is_exact(span, monkeypatch):
+    from core import interactions
+
+    searches = []
+    search = interactions.sorted_positions
+    monkeypatch.setattr(interactions, "sorted_positions", lambda *args: searches.append(1) or search(*args))
+    rng = np.random.default_rng(span)
+    known = np.sort(rng.integers(10**6, 10**6 + span, 3_000))
+    queries = np.concatenate([rng.choice(known, 500), rng.integers(0, 10**6 + span + 10, 2_000),
+                              [known[0], known[-1], known[0] - 1, known[-1] + 1, -5]]).reshape(-1, 5)
+    found = interactions.sorted_contains(known, queries)
+    assert found.shape == queries.shape and found.dtype == bool
+    assert np.array_equal(found, np.isin(queries, known))
+    assert not interactions.sorted_contains(known[:0], queries).any()
+    # the dense range takes flags; the other (a terabyte of them) the binary search
+    assert searches == ([] if span == 5_000 else [1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.interactions import sorted_positions
+from core.interactions import sorted_contains
 
 NEGATIVE_ROUNDS = 32
 
@@ -54,7 +54,7 @@ def unseen_negatives(users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarr
     draws = (mix64(base ^ mix64(counters)) % np.uint64(num_items)).astype(np.int64)
     keys_of = users.astype(np.int64)[:, None] * num_items
     for _ in range(NEGATIVE_ROUNDS):
-        bad = repeated_in_row(draws) | sorted_positions(seen_keys, keys_of + draws)[1]
+        bad = repeated_in_row(draws) | sorted_contains(seen_keys, keys_of + draws)
         if not bad.any():
             return draws
         counters[bad] += np.uint64(count)
