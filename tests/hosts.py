@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cluster.local_head import NODE_HEALTH_ENV
+from cluster.local_head import NODE_HEALTH_ENV, ensure_private_token
 
 VENV_BIN = Path(sys.executable).parent
 GCS_PORT = 6379  # each host has its own port space: fixed ports cannot clash with the machine's
@@ -126,6 +126,7 @@ def ray_cluster_on(hosts: list[Host]) -> Iterator[str]:
     not used, as it would reach other users' clusters. Temp dirs are short: Ray's socket paths must
     fit in 107 bytes."""
     scratch = Path(tempfile.mkdtemp(prefix="srmh-", dir="/tmp"))
+    ensure_private_token()  # `ray start` with RAY_AUTH_MODE=token makes none on a machine without one
     try:
         for index, host in enumerate(hosts):
             _ray_start(host, scratch / f"n{index}", None if index == 0 else hosts[0])
