@@ -76,16 +76,27 @@ def ensure_private_token() -> None:
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN"):
         return
     path = token_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:  # O_EXCL: two runs starting at once keep one token between them
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.is_file():
         with contextlib.suppress(OSError):
             if path.stat().st_uid == os.getuid():
                 path.chmod(0o600)
         return
-    with os.fdopen(descriptor, "w") as token:
-        token.write(secrets.token_hex(32))
+    # Written whole under a name of this process's, then linked into place: of two runs starting at
+    # once, the second finds the first one's complete token (a link never replaces a file).
+    draft = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as token:
+            token.write(secrets.token_hex(32))
+        with contextlib.suppress(FileExistsError):
+            os.link(draft, path)
+    except OSError as error:
+        raise UserError(f"cannot make Ray's token file {path} ({error.strerror or error}); set "
+                        "RAY_AUTH_TOKEN_PATH to a writable file, or RAY_AUTH_TOKEN to the cluster's token") from error
+    finally:
+        with contextlib.suppress(OSError):
+            draft.unlink()
 
 
 def session_processes(session: int) -> list[int]:

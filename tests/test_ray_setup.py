@@ -35,6 +35,18 @@ def test_a_head_on_a_machine_without_a_token_gets_a_private_one(tmp_path, monkey
     assert token.read_text() == first and _mode(token) == 0o600
 
 
+def test_a_token_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    from core.errors import UserError
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(blocker / "auth_token"))  # its folder is a file
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(UserError, match="cannot make Ray's token file .*RAY_AUTH_TOKEN_PATH"):
+        ensure_private_token()
+
+
 @pytest.mark.parametrize("setting", [{"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_TOKEN": "given-by-the-user"}])
 def test_no_token_file_when_auth_is_off_or_the_token_is_given(tmp_path, monkeypatch, setting):
     token = tmp_path / "auth_token"
