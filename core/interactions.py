@@ -4,6 +4,7 @@ interactions in (evaluation masks and targets, retrieval exclusions, sequences, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -28,29 +29,33 @@ def sorted_positions(sorted_values: np.ndarray, values: np.ndarray) -> tuple[np.
 
 
 FLAGS_PER_VALUE = 64
-"""sorted_contains flags every key of the sorted array's range, one byte each, while the range is at
+"""key_membership flags every key of the sorted array's range, one byte each, while the range is at
 most this many keys per value of the array (or FLAGS_MIN_SPAN): at most 8x the array's own bytes."""
 FLAGS_MIN_SPAN = 1 << 23
 
 
-def sorted_contains(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Whether each of `values` (any shape) is in the sorted array; sorted_positions' `found`.
-    Where the array's range is small against its length (FLAGS_PER_VALUE), a table of flags over
-    that range answers by indexing: the negatives' clash test against a shard's positive pairs
-    (a range of the shard's users x the items) took 32 ms for 320,000 keys by binary search and
-    0.5 ms by flags, and it ran in every rank's data thread, beside the training step, on 2 cores.
-    Larger ranges (a shard of many users x millions of items) keep the binary search."""
-    values = np.asarray(values)
+def key_membership(sorted_values: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A test, built once for many calls, of whether each of `values` (any shape) is in the sorted
+    array: sorted_positions' `found`. Where the array's range is small against its length
+    (FLAGS_PER_VALUE), a table of flags over that range answers by indexing: the negatives' clash
+    test against a shard's positive pairs (a range of the shard's users x the items) took 32 ms for
+    320,000 keys by binary search and 0.5 ms by flags, and it ran in every rank's data thread,
+    beside the training step, on 2 cores. Larger ranges (a shard of many users x millions of items)
+    keep the binary search."""
     if not len(sorted_values):
-        return np.zeros(values.shape, dtype=bool)
+        return lambda values: np.zeros(np.shape(values), dtype=bool)
     low = int(sorted_values[0])
     span = int(sorted_values[-1]) - low + 1
     if span > max(FLAGS_PER_VALUE * len(sorted_values), FLAGS_MIN_SPAN):
-        return sorted_positions(sorted_values, values)[1]
+        return lambda values: sorted_positions(sorted_values, values)[1]
     flags = np.zeros(span + 1, dtype=bool)  # the last flag, never set, answers for out-of-range values
     flags[np.asarray(sorted_values, dtype=np.int64) - low] = True
-    offset = values.astype(np.int64, copy=False) - low
-    return flags[np.where((offset >= 0) & (offset < span), offset, span)]
+
+    def contains(values: np.ndarray) -> np.ndarray:
+        offset = np.asarray(values).astype(np.int64, copy=False) - low
+        return flags[np.where((offset >= 0) & (offset < span), offset, span)]
+
+    return contains
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.interactions import sorted_contains
+from core.interactions import key_membership
 
 
 class NegativeSampler:
@@ -45,8 +45,9 @@ class NegativeSampler:
         if not len(positives):
             return
         suspects = np.arange(len(negatives))
+        known = key_membership(positives)  # built once: every round tests against the same pairs
         for _ in range(self.rounds):
-            clash = sorted_contains(positives, users[suspects] * self.num_items + negatives[suspects])
+            clash = known(users[suspects] * self.num_items + negatives[suspects])
             suspects = suspects[clash]
             if not len(suspects):
                 return

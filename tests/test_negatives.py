@@ -122,9 +122,9 @@ def test_membership_by_flags_or_search_is_exact(span, monkeypatch):
     known = np.sort(rng.integers(10**6, 10**6 + span, 3_000))
     queries = np.concatenate([rng.choice(known, 500), rng.integers(0, 10**6 + span + 10, 2_000),
                               [known[0], known[-1], known[0] - 1, known[-1] + 1, -5]]).reshape(-1, 5)
-    found = interactions.sorted_contains(known, queries)
+    found = interactions.key_membership(known)(queries)
     assert found.shape == queries.shape and found.dtype == bool
     assert np.array_equal(found, np.isin(queries, known))
-    assert not interactions.sorted_contains(known[:0], queries).any()
+    assert not interactions.key_membership(known[:0])(queries).any()
     # the dense range takes flags; the other (a terabyte of them) the binary search
     assert searches == ([] if span == 5_000 else [1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from core.interactions import sorted_contains
+from core.interactions import key_membership
 
 NEGATIVE_ROUNDS = 32
 
@@ -53,8 +53,9 @@ def unseen_negatives(users: np.ndarray, targets: np.ndarray, seen_keys: np.ndarr
     counters = np.broadcast_to(np.arange(count, dtype=np.uint64), (len(users), count)).copy()
     draws = (mix64(base ^ mix64(counters)) % np.uint64(num_items)).astype(np.int64)
     keys_of = users.astype(np.int64)[:, None] * num_items
+    is_seen = key_membership(seen_keys)  # built once for the rounds
     for _ in range(NEGATIVE_ROUNDS):
-        bad = repeated_in_row(draws) | sorted_contains(seen_keys, keys_of + draws)
+        bad = repeated_in_row(draws) | is_seen(keys_of + draws)
         if not bad.any():
             return draws
         counters[bad] += np.uint64(count)
