@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from core.model_data import ModelData
 from models.features import FeatureBatch, column_kjt
@@ -83,55 +85,82 @@ class RecModel(nn.Module):
         raise NotImplementedError
 
 
+class ColumnTables(nn.ModuleDict):
+    """One EmbeddingBagCollection per batch column ("user_id", "item_id"): each of a collection's
+    tables is looked up with that column's ids.
+
+    A collection per column rather than one for every table: TorchRec concatenates the lookups of
+    a collection whose tables it shards in different ways (NCF's user tables table_wise, its item
+    tables data_parallel) into one tensor, and splits its gradient back apart in the backward
+    pass. Per column, a step does neither, builds smaller features and starts the item lookup
+    while the user rows are still in flight: 3 ms less CPU time in a 24 ms NCF step at 16,384
+    rows a rank."""
+
+    def __init__(self, tables: dict[str, list[EmbeddingBagConfig]], device: torch.device) -> None:
+        super().__init__({column: EmbeddingBagCollection(tables=configs, device=device)
+                          for column, configs in tables.items()})
+        # kept here: a sharded collection no longer lists its configs
+        self.feature_names = {column: [c.name for c in configs] for column, configs in tables.items()}
+
+    def features(self, column: str, ids: torch.Tensor) -> KeyedJaggedTensor:
+        return column_kjt(self.feature_names[column], ids)
+
+
 class UserItemModel(RecModel):
     """A pointwise model: each table feature reads one batch column ("user_id" or "item_id"), one id
     per row; the loss is binary cross-entropy of `score_pairs` against the batch's labels."""
 
-    feature_columns: dict[str, str]
-    """feature name -> batch column it reads."""
-
-    def features_of(self, column: str) -> list[str]:
-        return [f for f, c in self.feature_columns.items() if c == column]
+    tables: ColumnTables  # type: ignore[assignment]
 
     def pipeline_input(self, batch: Batch) -> FeatureBatch:
-        features = column_kjt({"user_id": batch["user_id"], "item_id": batch["item_id"]}, self.feature_columns)
-        return FeatureBatch(features, dict(batch))
+        return FeatureBatch({column: self.tables.features(column, batch[column]) for column in self.tables},
+                            dict(batch))
 
     reg_weight: float = 0.0
     """L2 penalty on the batch's looked-up rows: reg_weight * (sum of their squares) / batch rows."""
 
+    def _lookups(self, batch: FeatureBatch) -> dict[str, KeyedTensor]:
+        # Every lookup is started before any is read: the item lookup runs while the user rows'
+        # all-to-all is in flight. (Columns from the collections, not from the batch: under the
+        # train pipeline's tracer the batch is a proxy, whose keys cannot be listed.)
+        return {column: self.tables[column](batch.features[column]) for column in self.tables}
+
     def logits(self, batch: Batch | FeatureBatch) -> torch.Tensor:
-        # A dict is turned into features here; anything else is taken for a FeatureBatch (under the
-        # train pipeline's tracer the batch is a proxy, and its `features` must be read directly).
         if isinstance(batch, dict):
             batch = self.pipeline_input(batch)
-        return self.score_pairs(self.tables(batch.features).to_dict())
+        vectors: dict[str, torch.Tensor] = {}
+        for pooled in self._lookups(batch).values():
+            vectors.update(pooled.to_dict())
+        return self.score_pairs(vectors)
 
     def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
         if isinstance(batch, dict):
             batch = self.pipeline_input(batch)
-        pooled = self.tables(batch.features)
-        vectors = pooled.to_dict()
         rows = batch.columns["label"].shape[0]
+        vectors: dict[str, torch.Tensor] = {}
         penalty: torch.Tensor | float = 0.0
-        if self.reg_weight:
-            # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore their
-            # weight decay argument, and this penalises exactly the rows the step updates. Its
-            # gradient, 2 w x / rows, joins each feature's gradient where that arrives, and its value
-            # is one dot product over the pooled rows (every feature side by side: the batch's KJT
-            # has one feature per table), so it adds no pass of its own over the batch's vectors.
-            # (by feature name: under the train pipeline's tracer `vectors` is a proxy, not a dict)
-            vectors = {feature: WithL2Gradient.apply(vectors[feature], 2 * self.reg_weight / rows)
-                       for feature in self.feature_columns}
-            with torch.no_grad():
-                flat = pooled.values().reshape(-1)
-                penalty = self.reg_weight * torch.dot(flat, flat) / rows
+        for column, pooled in self._lookups(batch).items():
+            if not self.reg_weight:
+                vectors.update(pooled.to_dict())
+            elif not isinstance(pooled, torch.fx.Proxy):
+                # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore
+                # their weight decay argument, and this penalises exactly the rows the step
+                # updates. Its gradient, 2 w x / rows, is added as the features' gradients are put
+                # back together, and its value is one dot product over the pooled rows.
+                blocks = SplitWithL2Gradient.apply(pooled.values(), pooled.length_per_key(), 2 * self.reg_weight / rows)
+                vectors.update(zip(pooled.keys(), blocks))
+                with torch.no_grad():
+                    flat = pooled.values().reshape(-1)
+                    penalty = penalty + self.reg_weight * torch.dot(flat, flat) / rows
+            else:
+                # TorchRec's train pipeline traces forward only to find the lookups' inputs: its
+                # proxy cannot list its keys, and nothing traced from here on is run.
+                vectors.update({feature: pooled[feature] for feature in self.tables.feature_names[column]})
         loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
         return loss + penalty
 
     def vectors(self, column: str, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        pooled = self.tables(column_kjt({column: ids}, self.feature_columns)).to_dict()
-        return {f: pooled[f] for f in self.features_of(column)}
+        return self.tables[column](self.tables.features(column, ids)).to_dict()
 
     def score_pairs(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
         """vectors: feature -> [B, dim] for aligned (user, item) rows. Returns logits [B]."""
@@ -144,20 +173,29 @@ class UserItemModel(RecModel):
         return self.score_pairs(pairs).reshape(rows, candidates)
 
 
-class WithL2Gradient(torch.autograd.Function):
-    """x unchanged forward; backward adds `scale` * x to x's incoming gradient: the gradient of
-    scale / 2 * sum(x ** 2), for a penalty whose value the caller adds to the loss without a graph."""
+class SplitWithL2Gradient(torch.autograd.Function):
+    """values [B, sum(widths)] -> its column blocks of `widths` (views, unchanged). Backward: each
+    block's incoming gradient, concatenated, plus `scale` * values: the gradient of
+    scale / 2 * sum(values ** 2), for a penalty whose value the caller adds to the loss without a
+    graph. One add over the whole batch where an add per block came before the concatenation
+    (1.2 against 2.1 ms for NCF's four blocks at 16,384 rows, one thread)."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        ctx.scale = scale  # type: ignore[attr-defined]
-        return x.view_as(x)
+    def forward(ctx: torch.autograd.function.FunctionCtx, values: torch.Tensor, widths: list[int],
+                scale: float) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(values)
+        ctx.widths, ctx.scale = widths, scale  # type: ignore[attr-defined]
+        return values.split(widths, dim=1)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (x,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return torch.add(grad, x, alpha=ctx.scale), None  # type: ignore[attr-defined]
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (values,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        # (a block the loss does not read has zeros here: autograd materialises missing gradients)
+        # Concatenated, then added in place: writing each block's sum into its columns of the
+        # result directly is twice as slow on CPU (strided rows of a few floats).
+        grad = torch.cat(grads, dim=1)
+        grad.add_(values, alpha=ctx.scale)  # type: ignore[attr-defined]
+        return grad, None, None
 
 
 def dot_all(users: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

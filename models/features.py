@@ -44,30 +44,31 @@ def padded_kjt(
     )
 
 
-def column_kjt(columns: dict[str, torch.Tensor], feature_columns: dict[str, str]) -> KeyedJaggedTensor:
-    """Each feature reads one batch column (feature_columns: feature -> column), one id per row;
-    features whose column is absent get empty samples (e.g. a lookup of only user rows)."""
-    ids = {feature: columns[column] for feature, column in feature_columns.items() if column in columns}
-    return padded_kjt(list(feature_columns), ids)
+def column_kjt(keys: list[str], ids: torch.Tensor) -> KeyedJaggedTensor:
+    """Every feature in `keys` reads the same batch column `ids`, one id per row."""
+    return padded_kjt(keys, {key: ids for key in keys})
 
 
 @dataclass
 class FeatureBatch(Pipelineable):
-    """A training batch whose table features are already one KJT (`features`), beside its id and
-    label columns. TorchRec's train pipeline needs this shape: it finds the sharded lookups whose
-    input is an attribute of the batch and starts their input all-to-all one batch early."""
+    """A training batch whose table features are already built, one KJT per collection of tables
+    (`features`: batch column -> KJT), beside its id and label columns. TorchRec's train pipeline
+    needs this shape: it finds the sharded lookups whose input is an attribute of the batch and
+    starts their input all-to-all one batch early."""
 
-    features: KeyedJaggedTensor
+    features: dict[str, KeyedJaggedTensor]
     columns: dict[str, torch.Tensor]
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "FeatureBatch":
-        return FeatureBatch(self.features.to(device, non_blocking=non_blocking),
+        return FeatureBatch({name: kjt.to(device, non_blocking=non_blocking) for name, kjt in self.features.items()},
                             {name: v.to(device, non_blocking=non_blocking) for name, v in self.columns.items()})
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self.features.record_stream(stream)
+        for kjt in self.features.values():
+            kjt.record_stream(stream)
         for values in self.columns.values():
             values.record_stream(stream)
 
     def pin_memory(self) -> "FeatureBatch":
-        return FeatureBatch(self.features.pin_memory(), {name: v.pin_memory() for name, v in self.columns.items()})
+        return FeatureBatch({name: kjt.pin_memory() for name, kjt in self.features.items()},
+                            {name: v.pin_memory() for name, v in self.columns.items()})

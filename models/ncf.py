@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from models.base import UserItemModel
+from models.base import ColumnTables, UserItemModel
 from models.layers import Dropout
 from core.model_params import NCFParams
 
 
 class NCF(UserItemModel):
-    """Four TorchRec tables (gmf_user, gmf_item, mlp_user, mlp_item); dense MLP and output layer.
+    """Four TorchRec tables (gmf_user, mlp_user read user ids; gmf_item, mlp_item item ids); dense MLP
+    and output layer.
 
     logit = w . [gmf_u * gmf_i, MLP([mlp_u, mlp_i])] + b
     """
@@ -29,14 +29,11 @@ class NCF(UserItemModel):
             ("mlp_user", num_users, mlp_half, "user_id"),
             ("mlp_item", num_items, mlp_half, "item_id"),
         ]
-        self.feature_columns = {name: column for name, _, _, column in specs}
-        self.tables = EmbeddingBagCollection(
-            tables=[
-                EmbeddingBagConfig(
-                    name=name, num_embeddings=rows, embedding_dim=dim, feature_names=[name], pooling=PoolingType.SUM
-                )
-                for name, rows, dim, _ in specs
-            ],
+        self.tables = ColumnTables(
+            {column: [EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim, feature_names=[name],
+                                         pooling=PoolingType.SUM)
+                      for name, rows, dim, reads in specs if reads == column]
+             for column in ("user_id", "item_id")},
             device=torch.device(device),
         )
         layers: list[nn.Module] = []

@@ -78,8 +78,12 @@ def load_plan_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def retarget(raw: dict[str, Any], device: str, world_size: int, table_shapes: dict[str, tuple[int, int]]) -> ShardingPlan:
+def retarget(raw: dict[str, Any], device: str, world_size: int, table_shapes: dict[str, tuple[int, int]],
+             table_modules: dict[str, str] | None = None) -> ShardingPlan:
     """The plan for `device` ranks: same placements, device names and kernels changed as needed.
+    With `table_modules` (table -> path of the module that holds it), each table's placement is
+    filed under the model's module, whatever module the plan was made for (a table-spec plan puts
+    every table in one; NCF keeps its user and item tables in two).
 
     Refuses when the world size or the tables (names and shapes) differ: placements would be meaningless.
     """
@@ -100,6 +104,12 @@ def retarget(raw: dict[str, Any], device: str, world_size: int, table_shapes: di
     if mismatched:
         details = ", ".join(f"{t}: plan {planned[t]} vs model {table_shapes[t]}" for t in mismatched)
         raise UserError(f"the plan's table shapes differ from the model's: {details}")
+    if table_modules is not None:
+        regrouped: dict[str, dict[str, Any]] = {}
+        for tables in raw["modules"].values():
+            for table, entry in tables.items():
+                regrouped.setdefault(table_modules[table], {})[table] = entry
+        raw = {**raw, "modules": regrouped}
     if device == raw["device"]:
         return plan_from_dict(raw)
     if device != "cpu":

@@ -74,6 +74,17 @@ def table_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {config.name: (config.num_embeddings, config.embedding_dim) for config in table_configs(model)}
 
 
+def table_modules(model: nn.Module) -> dict[str, str]:
+    """Each TorchRec table's name -> the path of the collection that holds it (a plan's module key)."""
+    found = {}
+    for path, module in model.named_modules():
+        for attribute in ("embedding_bag_configs", "embedding_configs"):
+            configs = getattr(module, attribute, None)
+            if callable(configs):
+                found.update({config.name: path for config in configs()})
+    return found
+
+
 def make_constraints(
     names: list[str], default: str, per_table: dict[str, str], compute_kernels: list[str] | None = None
 ) -> dict[str, ParameterConstraints]:

@@ -105,6 +105,18 @@ def test_retarget_checks_world_size_and_tables():
         retarget(raw, "cpu", 2, {"b": (100, 16)})
 
 
+def test_retarget_files_each_table_under_the_models_own_module():
+    """A table-spec plan holds every table in one module ("tables"); NCF keeps its user and item
+    tables in a collection each. The placements move over unchanged."""
+    report = run_plan([TableSpec("u", 100, 16), TableSpec("i", 50, 16)], load_topology("cpu-local"), "row_wise")
+    raw = plan_to_dict(report.plan, 2, "cpu")
+    assert list(raw["modules"]) == ["tables"]
+    plan = retarget(raw, "cpu", 2, {"u": (100, 16), "i": (50, 16)}, {"u": "tables.user_id", "i": "tables.item_id"})
+    assert sorted(plan.plan) == ["tables.item_id", "tables.user_id"]
+    assert plan.plan["tables.user_id"]["u"] == report.plan.plan["tables"]["u"]
+    assert plan.plan["tables.item_id"]["i"] == report.plan.plan["tables"]["i"]
+
+
 def test_infeasible_request_says_what_is_missing(capsys, tmp_path):
     spec = tmp_path / "huge.toml"
     spec.write_text('[[table]]\nname = "users"\nrows = 20_000_000_000\ndim = 128\n')
@@ -198,13 +210,15 @@ def test_training_uses_exactly_the_saved_plan(ml100k_small, tmp_path, topology):
     saved = json.loads((out / "plan.json").read_text())
     config = load_config(config_path, [("data.path", str(ml100k_small)), ("sharding.plan", str(out / "plan.json"))])
     held = run_ranks(_placements_from_plan, 2, config.to_json())
-    for table, entry in saved["modules"]["tables"].items():
+    saved_tables = {table: entry for tables in saved["modules"].values() for table, entry in tables.items()}
+    assert len(saved_tables) == 4
+    for table, entry in saved_tables.items():
         for rank in range(2):
             expected = sorted((s["offsets"], s["sizes"]) for s in entry["shards"]
                               if s["placement"].startswith(f"rank:{rank}/"))
             assert held[rank][table] == expected, (table, rank)
-    assert saved["modules"]["tables"]["gmf_user"]["sharding_type"] == "row_wise"
-    assert saved["modules"]["tables"]["gmf_item"]["sharding_type"] == "column_wise"
+    assert saved_tables["gmf_user"]["sharding_type"] == "row_wise"
+    assert saved_tables["gmf_item"]["sharding_type"] == "column_wise"
 
 
 def test_two_tower_at_web_scale_from_its_config(capsys):

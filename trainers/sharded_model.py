@@ -27,7 +27,7 @@ from core.model_data import load_model_data
 from models.base import RecModel
 from models.registry import build_model
 from sharding.plan_io import load_plan_file, retarget
-from sharding.planner import describe_plan, make_sharders, plan_tables, table_shapes
+from sharding.planner import describe_plan, make_sharders, plan_tables, table_modules, table_shapes
 from sharding.tables import specs_from_module, table_configs
 from sharding.topology import ClusterSpec, load_topology, running_cluster
 from trainers.distributed import RankContext
@@ -101,7 +101,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
     model.bind_data(load_model_data(dataset, model.data_needs, own_shards))
     if config.sharding.plan:
         plan = retarget(load_plan_file(config.sharding.plan), context.device.type, context.world_size,
-                        table_shapes(model))
+                        table_shapes(model), table_modules(model))
     else:
         plan, _ = plan_tables(
             model, specs_from_module(model), job_cluster(config.sharding.topology, context),
