@@ -2,7 +2,8 @@
 
 Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt by
 `trainers.batches.rank_shards`, as the torchrun ranks' are): in an order drawn from (seed, epoch),
-Ray tasks (a shard each, or several consecutive small ones) read each shard, shuffle it and draw
+Ray tasks (a shard each, or several consecutive small ones, of one epoch or of consecutive
+epochs) read each shard, shuffle it and draw
 its negatives with a generator seeded by (seed, epoch, shard), against the shard's own positives
 (shards are user-partitioned). The blocks come back in that order (`preserve_order`) and are
 batched through a shuffle buffer with a seed of its own. So the epoch's batches are the same on
@@ -26,7 +27,7 @@ import ray.data
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
 from cluster.ray_data_pacing import pace_idle_executors
-from cluster.shard_sampling import SampledShard, group_shards
+from cluster.shard_sampling import SampledShard, group_units
 from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches
 
 
@@ -72,18 +73,25 @@ class RayRankStream:
         return order, int(rng.integers(2**31))
 
     TASK_POSITIVES = 262_144
-    """Consecutive shards of an epoch's order share a task up to this many positives (a larger shard
-    has a task of its own). A task costs Ray Data about 0.1 s on 2 cores whatever its size: at
-    ML-100K (about 20,000 positives a shard) the tasks, not the rows, set the pipeline's pace."""
+    """Consecutive (epoch, shard) units share a task up to this many positives (a larger shard has
+    a task of its own). A task costs Ray Data about 0.1 s on 2 cores whatever its size: at ML-100K
+    (about 20,000 positives a shard, 50,000 a rank's epoch) the tasks, not the rows, set the
+    pipeline's pace, and a task a rank's epoch kept a Ray worker busy beside the trainer for as
+    long as training ran."""
+
+    def tasks(self, first_epoch: int, last_epoch: int) -> list[dict[str, str]]:
+        """The pipeline's task items for epochs first..last (see SampledShard)."""
+        units: list[tuple[int, int]] = []
+        for epoch in range(first_epoch, last_epoch + 1):
+            units += [(epoch, int(shard)) for shard in self._order(epoch)[0]]
+        positives = [self.shard_positives[shard] for _, shard in units]
+        return [{"units": group} for group in group_units(units, positives, self.TASK_POSITIVES)]
 
     def pipeline(self, first_epoch: int, last_epoch: int) -> ray.data.Dataset:
         """One lazy dataset for epochs first..last: tasks of whole shards in each epoch's seeded order,
-        epoch after epoch; blocks come back in that order."""
-        tasks = []
-        for epoch in range(first_epoch, last_epoch + 1):
-            order = self._order(epoch)[0]
-            positives = np.array([self.shard_positives[int(shard)] for shard in order], dtype=np.int64)
-            tasks += [{"epoch": epoch, "shards": group} for group in group_shards(order, positives, self.TASK_POSITIVES)]
+        epoch after epoch (a task may end one epoch and begin the next); blocks come back in that
+        order."""
+        tasks = self.tasks(first_epoch, last_epoch)
         stripe = (self.rank, self.world_size) if self.striped else None
         # Half a CPU a task: with whole-CPU tasks, the 2-core machine's one free CPU ran one rank's
         # shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k samples/s).
@@ -121,14 +129,16 @@ class RayRankStream:
 
 class _EpochBlocks:
     """The blocks of a pipeline over consecutive epochs, handed out an epoch at a time: an epoch's
-    blocks are the next ones whose rows add up to its row count (a task's blocks never cross an
-    epoch, so the counts meet exactly; a block that crosses means the counts are wrong, and that
-    stops the run rather than mixing two epochs)."""
+    rows are the next ones, up to its row count. Ray Data joins the blocks a task yields into
+    larger ones, so a task that ends one epoch and begins the next can return a block holding
+    both: it is cut where the epoch ends, and the rest opens the next epoch."""
 
     def __init__(self, blocks: Iterable[Batch], before_first: int, last_epoch: int) -> None:
         self.blocks, self.epoch, self.last_epoch = iter(blocks), before_first, last_epoch
         self.unread = 0
         """Rows of `epoch` not yet handed out."""
+        self.carried: Batch | None = None
+        """The rows of a block past the end of `epoch`: the next epoch's first."""
 
     def next_epoch(self, rows: int) -> Iterator[Batch]:
         """Move to the next epoch, of `rows` rows, and return its blocks (read as iterated)."""
@@ -145,17 +155,24 @@ class _EpochBlocks:
 
     def _read(self) -> Iterator[Batch]:
         while self.unread > 0:
-            block = next(self.blocks, None)
+            block, self.carried = self.carried, None
+            if block is None:
+                block = next(self.blocks, None)
             if block is None:
                 raise RuntimeError(f"the Ray Data pipeline ended {self.unread} rows short of epoch {self.epoch}'s end")
             size = len(next(iter(block.values())))
             if size > self.unread:
-                raise RuntimeError(f"a block of {size} rows crosses the end of epoch {self.epoch} ({self.unread} rows "
-                                   "left): the pipeline's rows do not match the epoch's count")
+                if self.epoch == self.last_epoch:
+                    raise RuntimeError(f"the Ray Data pipeline holds more rows than its last epoch, {self.epoch}: "
+                                       "its rows do not match the epochs' counts")
+                block, self.carried = ({name: values[: self.unread] for name, values in block.items()},
+                                       {name: values[self.unread :] for name, values in block.items()})
+                size = self.unread
             self.unread -= size
             yield block
 
     def close(self) -> None:
+        self.carried = None
         close = getattr(self.blocks, "close", None)
         if close is not None:
             close()

@@ -16,10 +16,11 @@ Batch = dict[str, np.ndarray]
 
 
 class SampledShard:
-    """Ray Data map: one task item {"epoch", "shards"} -> for each of its shards in turn (ids joined
-    by commas, in the epoch's order), the shard's (or this rank's stripe of its) positives, shuffled,
-    with their sampled negatives; every draw from (seed, epoch, shard). A task's output is the
-    concatenation of its shards' outputs, so grouping shards into tasks changes no row."""
+    """Ray Data map: one task item {"units"} -> for each of its (epoch, shard) units in turn
+    ("epoch:shard" joined by commas, in the run's order), the shard's (or this rank's stripe of its)
+    positives, shuffled, with their sampled negatives; every draw from (seed, epoch, shard). A
+    task's output is the concatenation of its units' outputs, and a unit's blocks never hold rows
+    of another, so grouping units into tasks changes no row and no block crosses an epoch."""
 
     def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None,
                  files: dict[int, str]) -> None:
@@ -29,9 +30,9 @@ class SampledShard:
     """Rows per output block (about 6 MB)."""
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[Batch]:
-        (epoch,), (shards,) = batch["epoch"], batch["shards"]
-        for shard in str(shards).split(","):
-            yield from self.shard_blocks(int(epoch), int(shard))
+        (units,) = batch["units"]
+        for epoch, shard in parse_units(str(units)):
+            yield from self.shard_blocks(epoch, shard)
 
     def shard_blocks(self, epoch: int, shard: int) -> Iterator[Batch]:
         rng = np.random.default_rng((self.seed, epoch, shard))
@@ -52,16 +53,22 @@ class SampledShard:
             yield {name: values[start : start + self.BLOCK_ROWS] for name, values in expanded.items()}
 
 
-def group_shards(order: np.ndarray, positives: np.ndarray, task_positives: int) -> list[str]:
-    """Consecutive shards of `order` grouped into tasks of at most `task_positives` positive rows
-    (a larger shard alone), each as the task item's comma-joined ids. `positives[i]` is the rows
-    shard order[i] gives this rank."""
-    groups: list[list[int]] = []
+def group_units(units: list[tuple[int, int]], positives: list[int], task_positives: int) -> list[str]:
+    """Consecutive (epoch, shard) units grouped into tasks of at most `task_positives` positive rows
+    (a larger unit alone), each as a task item's "epoch:shard,..." string. `positives[i]` is the
+    rows units[i] gives this rank. Units of consecutive epochs share a task like those of one
+    epoch: at ML-100K size a rank's whole epoch is a fraction of one task's worth."""
+    groups: list[list[str]] = []
     total = 0
-    for shard, rows in zip(order.tolist(), positives.tolist()):
+    for (epoch, shard), rows in zip(units, positives):
         if not groups or total + rows > task_positives:
             groups.append([])
             total = 0
-        groups[-1].append(shard)
+        groups[-1].append(f"{epoch}:{shard}")
         total += rows
-    return [",".join(map(str, group)) for group in groups]
+    return [",".join(group) for group in groups]
+
+
+def parse_units(item: str) -> list[tuple[int, int]]:
+    """A task item's "epoch:shard,..." -> [(epoch, shard), ...]."""
+    return [(int(epoch), int(shard)) for epoch, _, shard in (unit.partition(":") for unit in item.split(","))]

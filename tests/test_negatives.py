@@ -74,7 +74,7 @@ def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
     from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
-    task = {"shards": ["1"], "epoch": [2]}
+    task = {"units": ["2:1"]}
     files = {1: str(dataset.shard_file("train", 1))}
     sampler = NegativeSampler(dataset.num_items, 4)
     whole = SampledShard(sampler, 3, None, files)
@@ -88,27 +88,34 @@ def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
         assert np.array_equal(np.concatenate([block[name] for block in blocks]), values)
 
 
-def test_a_task_of_several_shards_yields_each_shards_rows_in_turn(ml100k):
-    """Grouping shards into one Ray Data task changes no row: its output is the shards' outputs in order."""
+def test_a_task_of_several_units_yields_each_units_rows_in_turn(ml100k):
+    """Grouping (epoch, shard) units into one Ray Data task, within an epoch or across two, changes
+    no row: its output is the units' outputs in order, and no block mixes two units."""
     from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
     files = {shard: str(dataset.shard_file("train", shard)) for shard in (1, 3)}
     task = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files)
-    grouped = list(task({"shards": ["3,1"], "epoch": [2]}))
-    alone = [*task({"shards": ["3"], "epoch": [2]}), *task({"shards": ["1"], "epoch": [2]})]
-    assert len(grouped) == len(alone) >= 2
+    task.BLOCK_ROWS = 7_000  # a shard's rows in several blocks, the last one short
+    grouped = list(task({"units": ["2:3,2:1,3:1"]}))
+    alone = [*task({"units": ["2:3"]}), *task({"units": ["2:1"]}), *task({"units": ["3:1"]})]
+    assert len(grouped) == len(alone) >= 6
     for a, b in zip(grouped, alone):
         assert all(np.array_equal(a[name], b[name]) for name in a)
+    # the epoch is part of every draw: the same shard in the next epoch gives other rows
+    second, third = task({"units": ["2:1"]}), task({"units": ["3:1"]})
+    assert not np.array_equal(next(second)["item_id"], next(third)["item_id"])
 
 
-def test_group_shards_keeps_the_order_and_caps_a_tasks_positives():
-    from cluster.shard_sampling import group_shards
+def test_group_units_keeps_the_order_and_caps_a_tasks_positives_across_epochs():
+    from cluster.shard_sampling import group_units, parse_units
 
-    order, positives = np.array([4, 0, 2, 1, 3]), np.array([10, 10, 30, 5, 50])
-    assert group_shards(order, positives, 25) == ["4,0", "2", "1", "3"]
-    assert group_shards(order, positives, 1000) == ["4,0,2,1,3"]
-    assert group_shards(order, positives, 1) == ["4", "0", "2", "1", "3"]
+    units = [(0, 4), (0, 0), (1, 2), (1, 1), (2, 3)]
+    positives = [10, 10, 30, 5, 50]
+    assert group_units(units, positives, 25) == ["0:4,0:0", "1:2", "1:1", "2:3"]
+    assert group_units(units, positives, 1000) == ["0:4,0:0,1:2,1:1,2:3"]
+    assert group_units(units, positives, 1) == ["0:4", "0:0", "1:2", "1:1", "2:3"]
+    assert parse_units("0:4,0:0,1:2") == [(0, 4), (0, 0), (1, 2)]
 
 
 @pytest.mark.parametrize("span", [5_000, 10**12])  # flags over the range; binary search past the budget

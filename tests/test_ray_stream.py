@@ -30,6 +30,9 @@ def check_stream_epochs(data: str) -> None:
     def ids(batches: list) -> np.ndarray:
         return np.concatenate([np.stack([b["user_id"], b["item_id"], b["label"]]) for b in batches], axis=1)
 
+    # Not vacuous: the run's three epochs are one task, so its blocks cross from one epoch to the next
+    assert [task["units"].split(",")[0][:2] for task in stream(3).tasks(1, 3)] == ["1:"]
+    assert {unit[:2] for unit in stream(3).tasks(1, 3)[0]["units"].split(",")} == {"1:", "2:", "3:"}
     with ray_cluster(ClusterSection(), log=False):
         run = stream(last_epoch=3)
         whole = {epoch: ids(list(run.epoch(epoch))) for epoch in (1, 2, 3)}
