@@ -75,7 +75,7 @@ class RayRankStream:
     TASK_POSITIVES = 262_144
     """Consecutive (epoch, shard) units share a task up to this many positives (a larger shard has
     a task of its own). A task costs Ray Data about 0.1 s on 2 cores whatever its size: at ML-100K
-    (about 20,000 positives a shard, 50,000 a rank's epoch) the tasks, not the rows, set the
+    (about 20,000 positives a shard, 40,000 a rank's epoch) the tasks, not the rows, set the
     pipeline's pace, and a task a rank's epoch kept a Ray worker busy beside the trainer for as
     long as training ran."""
 

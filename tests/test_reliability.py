@@ -301,3 +301,17 @@ def test_search_and_export_on_corrupt_folders_exit_2(ml100k_small, tmp_path):
     assert exported.returncode == 2, exported.stderr[-2000:]
     assert exported.stderr.startswith("shardrec: error:") and "cannot read this checkpoint" in exported.stderr
     assert len(exported.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_without_the_models_tensors_is_refused_in_one_line(tmp_path):
+    """A checkpoint of another layout (NCF's tables were one collection in an earlier release) is a
+    UserError naming a missing tensor, before DCP's loader raises on every rank."""
+    path = tmp_path / "epoch-0001"
+    # Written in a process of its own: DCP's writer threads must not be inherited by later forks.
+    subprocess.run([sys.executable, "-c", "import torch, torch.distributed.checkpoint as dcp; "
+                    f"dcp.save({{'model': {{'tables.gmf_user.weight': torch.zeros(2, 2)}}}}, checkpoint_id={str(path)!r})"],
+                   cwd=REPO, check=True, timeout=120, capture_output=True)
+    checkpoint.check_model_keys({"model": {"tables.gmf_user.weight": torch.zeros(2, 2)}}, path)  # the same layout
+    with pytest.raises(UserError, match=r"holds no model\.tables\.user_id\.embedding_bags\.gmf_user\.weight and 1 more"):
+        checkpoint.check_model_keys({"model": {"tables.user_id.embedding_bags.gmf_user.weight": torch.zeros(2, 2),
+                                               "tables.user_id.embedding_bags.mlp_user.weight": torch.zeros(2, 2)}}, path)

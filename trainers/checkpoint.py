@@ -21,6 +21,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from core.errors import UserError
+
 
 def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
     """Collective. state: {"model": ..., "optim": ...} state dicts (sharded tensors welcome);
@@ -160,11 +162,26 @@ def load(state: dict[str, Any], path: Path, restore_rng: bool = True) -> dict[st
     """Collective. Loads the checkpoint into `state`'s tensors in place (any world size or layout that
     DCP can reshard; pass only {"model": ...} to load weights alone), restores this rank's RNG states
     when asked and present, and returns progress.json."""
+    check_model_keys(state, path)
     dcp.load(state, checkpoint_id=str(path))
     rng_file = path / f"rng-rank{dist.get_rank()}.pt"
     if restore_rng and rng_file.exists():  # absent when resuming at a larger world size
         _set_rng_state(torch.load(rng_file, weights_only=True))  # tensors and numbers only: no code runs
     return json.loads((path / "progress.json").read_text())
+
+
+def check_model_keys(state: dict[str, Any], path: Path) -> None:
+    """Refuse, on every rank alike, a checkpoint that lacks some of the model's tensors (another
+    model, or a layout of an earlier release: NCF's four tables were one collection, and are a
+    collection per id column now), with one line rather than DCP's exception from each rank."""
+    if "model" not in state:
+        return
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    missing = sorted(f"model.{key}" for key in state["model"] if f"model.{key}" not in saved)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"checkpoint {path} holds no {missing[0]}{more}: it was written for another model, or by "
+                        "an earlier shardrec whose model layout differs, and cannot be loaded into this one")
 
 
 def _rng_state() -> dict[str, Any]:
