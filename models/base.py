@@ -184,7 +184,7 @@ class SplitWithL2Gradient(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, values: torch.Tensor, widths: list[int],
                 scale: float) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(values)
-        ctx.widths, ctx.scale = widths, scale  # type: ignore[attr-defined]
+        ctx.scale = scale  # type: ignore[attr-defined]
         return values.split(widths, dim=1)
 
     @staticmethod

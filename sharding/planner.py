@@ -19,7 +19,7 @@ from torchrec.distributed.planner.types import ShardingOption, Stats
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from core.errors import UserError
-from sharding.tables import TableSpec, table_configs
+from sharding.tables import TableSpec, table_configs, tables_by_module
 from sharding.topology import ClusterSpec, to_planner_topology
 
 DEFAULT_RESERVE = 0.15
@@ -76,13 +76,7 @@ def table_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def table_modules(model: nn.Module) -> dict[str, str]:
     """Each TorchRec table's name -> the path of the collection that holds it (a plan's module key)."""
-    found = {}
-    for path, module in model.named_modules():
-        for attribute in ("embedding_bag_configs", "embedding_configs"):
-            configs = getattr(module, attribute, None)
-            if callable(configs):
-                found.update({config.name: path for config in configs()})
-    return found
+    return {config.name: path for path, config in tables_by_module(model)}
 
 
 def make_constraints(

@@ -104,12 +104,17 @@ def specs_from_module(module: nn.Module) -> list[TableSpec]:
 def table_configs(model: nn.Module) -> list[Any]:
     """Configs of every TorchRec table in the model, pooled (EmbeddingBagCollection) or not
     (EmbeddingCollection)."""
+    return [config for _, config in tables_by_module(model)]
+
+
+def tables_by_module(model: nn.Module) -> list[tuple[str, Any]]:
+    """(path of the collection that holds it, config) for every TorchRec table in the model."""
     found = []
-    for module in model.modules():
+    for path, module in model.named_modules():
         for attribute in ("embedding_bag_configs", "embedding_configs"):
             configs = getattr(module, attribute, None)
             if callable(configs):
-                found += list(configs())
+                found += [(path, config) for config in configs()]
     return found
 
 
