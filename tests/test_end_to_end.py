@@ -268,7 +268,9 @@ def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_pat
     def train(name: str) -> subprocess.Popen:
         # Long enough to still be training well after the head is up: Ray Train's placement-group
         # cleaner polls every few seconds, and the wrong answer from another cluster killed runs.
-        args = [str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, name, epochs=12)]
+        # (A Ray epoch of this small dataset takes about 0.7 s now that its tasks span epochs: 12
+        # epochs ended before a slow head had started.)
+        args = [str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, name, epochs=40)]
         return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     before = _ray_pids()
@@ -287,7 +289,9 @@ def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_pat
         job = _run([str(VENV_BIN / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265", "--",
                     "python", "-c", "print('job ran on the new head')"], 240, env_extra={"RAY_AUTH_MODE": "token"})
         assert job.returncode == 0 and "job ran on the new head" in job.stdout, job.stdout[-2000:] + job.stderr[-2000:]
-        assert all(run.poll() is None for run in runs), "a training run ended while the head started"
+        ended = [run for run in runs if run.poll() is not None]
+        assert not ended, "a training run ended while the head started: " + " | ".join(
+            f"exit {run.returncode}: {run.communicate()[0][-1500:]}" for run in ended)
         outputs = [run.communicate(timeout=420)[0] for run in runs]
         for run, output in zip(runs, outputs):
             assert run.returncode == 0, output[-3000:]
