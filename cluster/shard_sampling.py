@@ -19,8 +19,9 @@ class SampledShard:
     """Ray Data map: one task item {"units"} -> for each of its (epoch, shard) units in turn
     ("epoch:shard" joined by commas, in the run's order), the shard's (or this rank's stripe of its)
     positives, shuffled, with their sampled negatives; every draw from (seed, epoch, shard). A
-    task's output is the concatenation of its units' outputs, and a unit's blocks never hold rows
-    of another, so grouping units into tasks changes no row and no block crosses an epoch."""
+    task's output is the concatenation of its units' outputs, and no block it yields holds rows of
+    two units, so grouping units into tasks changes no row. (Ray Data may still join a task's
+    blocks into larger ones: the stream cuts those at each epoch's end.)"""
 
     def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None,
                  files: dict[int, str]) -> None:

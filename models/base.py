@@ -119,43 +119,44 @@ class UserItemModel(RecModel):
     reg_weight: float = 0.0
     """L2 penalty on the batch's looked-up rows: reg_weight * (sum of their squares) / batch rows."""
 
-    def _lookups(self, batch: FeatureBatch) -> dict[str, KeyedTensor]:
+    def _pooled(self, batch: FeatureBatch, reg_weight: float) -> tuple[dict[str, torch.Tensor], torch.Tensor | float]:
+        """feature -> the batch's pooled rows, and the L2 penalty reg_weight * (their sum of squares) /
+        rows, whose gradient reaches the rows through the vectors (0.0 without a penalty)."""
         # Every lookup is started before any is read: the item lookup runs while the user rows'
         # all-to-all is in flight. (Columns from the collections, not from the batch: under the
         # train pipeline's tracer the batch is a proxy, whose keys cannot be listed.)
-        return {column: self.tables[column](batch.features[column]) for column in self.tables}
-
-    def logits(self, batch: Batch | FeatureBatch) -> torch.Tensor:
-        if isinstance(batch, dict):
-            batch = self.pipeline_input(batch)
-        vectors: dict[str, torch.Tensor] = {}
-        for pooled in self._lookups(batch).values():
-            vectors.update(pooled.to_dict())
-        return self.score_pairs(vectors)
-
-    def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
-        if isinstance(batch, dict):
-            batch = self.pipeline_input(batch)
-        rows = batch.columns["label"].shape[0]
+        lookups: dict[str, KeyedTensor] = {column: self.tables[column](batch.features[column]) for column in self.tables}
         vectors: dict[str, torch.Tensor] = {}
         penalty: torch.Tensor | float = 0.0
-        for column, pooled in self._lookups(batch).items():
-            if not self.reg_weight:
+        for column, pooled in lookups.items():
+            if not reg_weight:
                 vectors.update(pooled.to_dict())
             elif not isinstance(pooled, torch.fx.Proxy):
                 # Through the loss rather than the table optimizer: FBGEMM's CPU kernels ignore
                 # their weight decay argument, and this penalises exactly the rows the step
                 # updates. Its gradient, 2 w x / rows, is added as the features' gradients are put
                 # back together, and its value is one dot product over the pooled rows.
-                blocks = SplitWithL2Gradient.apply(pooled.values(), pooled.length_per_key(), 2 * self.reg_weight / rows)
+                rows = batch.columns["label"].shape[0]
+                blocks = SplitWithL2Gradient.apply(pooled.values(), pooled.length_per_key(), 2 * reg_weight / rows)
                 vectors.update(zip(pooled.keys(), blocks))
                 with torch.no_grad():
                     flat = pooled.values().reshape(-1)
-                    penalty = penalty + self.reg_weight * torch.dot(flat, flat) / rows
+                    penalty = penalty + reg_weight * torch.dot(flat, flat) / rows
             else:
                 # TorchRec's train pipeline traces forward only to find the lookups' inputs: its
                 # proxy cannot list its keys, and nothing traced from here on is run.
                 vectors.update({feature: pooled[feature] for feature in self.tables.feature_names[column]})
+        return vectors, penalty
+
+    def logits(self, batch: Batch | FeatureBatch) -> torch.Tensor:
+        if isinstance(batch, dict):
+            batch = self.pipeline_input(batch)
+        return self.score_pairs(self._pooled(batch, 0.0)[0])
+
+    def forward(self, batch: Batch | FeatureBatch) -> torch.Tensor:
+        if isinstance(batch, dict):
+            batch = self.pipeline_input(batch)
+        vectors, penalty = self._pooled(batch, self.reg_weight)
         loss = nn.functional.binary_cross_entropy_with_logits(self.score_pairs(vectors), batch.columns["label"])
         return loss + penalty
 
