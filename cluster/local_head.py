@@ -166,6 +166,53 @@ def remove_tree(path: Path, tries: int = 5) -> None:
         time.sleep(0.5)
 
 
+EMBEDDED_ROOT = Path("/tmp")  # short: Ray's socket paths under it stay < 108 bytes
+EMBEDDED_PREFIX = "shardrec-ray-"
+OWNER_FILE = "shardrec-owner.json"
+"""In an embedded head's temp dir: the (pid, start time) of the driver that made it and of the head's
+`ray start --block`, whose pid is the head's session. A driver ended by SIGKILL runs no clean-up: its
+head stops by itself (it is told when its parent dies) but leaves its folder, which a later run
+removes once no owner is alive (`remove_orphaned_heads`)."""
+
+
+def process_identity(pid: int) -> list[int] | None:
+    """[pid, start time in clock ticks since boot] of a live process, or None: a pid alone may be
+    reused by another process once its owner is gone."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = proc_stat_fields(pid)
+        if fields[0] != "Z":
+            return [pid, int(fields[19])]
+    return None
+
+
+def _write_owner(temp_dir: Path, head_pid: int | None) -> None:
+    owner = {"driver": process_identity(os.getpid()), "head": head_pid}
+    staging = temp_dir / (OWNER_FILE + ".tmp")
+    staging.write_text(json.dumps(owner))
+    staging.replace(temp_dir / OWNER_FILE)  # a reader sees the old record or the new, never half
+
+
+def remove_orphaned_heads(root: Path = EMBEDDED_ROOT) -> list[Path]:
+    """Remove this user's embedded-head folders under `root` whose driver has ended and whose head
+    has no process left; returns them. A folder without a readable owner record (being made right
+    now, or not shardrec's) is left alone, and so is any other user's."""
+    removed = []
+    for folder in root.glob(EMBEDDED_PREFIX + "*"):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            if folder.stat().st_uid != os.getuid():
+                continue
+            owner = json.loads((folder / OWNER_FILE).read_text())
+            driver, head = owner["driver"], owner["head"]
+            if not driver or process_identity(int(driver[0])) == [int(driver[0]), int(driver[1])]:
+                continue  # its run is still going (or its driver could not be told)
+            if head is not None and session_processes(int(head)):
+                continue  # its head is still stopping
+            remove_tree(folder)
+            if not folder.exists():
+                removed.append(folder)
+    return removed
+
+
 def _wait_for_address(temp_dir: Path, process: subprocess.Popen, timeout_s: float) -> str:
     """`ray start` writes the GCS address to TEMP_DIR/ray_current_cluster once the head is up."""
     marker = temp_dir / "ray_current_cluster"
@@ -193,7 +240,9 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
     """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring).
     `while_starting` runs once `ray start` is launched and before the head is waited for (the
     caller's own start-up work overlaps the head's); if it raises, the head is stopped."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="shardrec-ray-", dir="/tmp"))  # short: socket paths < 108 B
+    remove_orphaned_heads()
+    temp_dir = Path(tempfile.mkdtemp(prefix=EMBEDDED_PREFIX, dir=EMBEDDED_ROOT))
+    _write_owner(temp_dir, head_pid=None)  # before the head exists: a driver killed now is seen too
     flags = ("--port", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port")
     free = distinct_free_ports(len(flags) + 2)  # Ray refuses a port given to two of its components
@@ -217,6 +266,7 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
     log = (temp_dir / "ray-start.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                preexec_fn=_stop_with_parent)
+    _write_owner(temp_dir, head_pid=process.pid)
     address = ""
     try:
         if while_starting is not None:
@@ -235,6 +285,9 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
             process.wait(timeout=5)
         log.close()
         remove_tree(temp_dir)
+        if temp_dir.exists():  # a process still writing into it: the next run's start removes it
+            with contextlib.suppress(OSError):
+                _write_owner(temp_dir, head_pid=process.pid)
 
 
 # --- a head for `ray job submit` -------------------------------------------------------------------
