@@ -43,7 +43,7 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     interactions = not is_sequence_model(config.model.resolved_params())
     booting = boot_shard_task_worker() if interactions else None  # up while the model is built
-    context = setup(config.cluster.backend)
+    context = setup(config.cluster.backend, bind_cpus=config.cluster.bind_cpus)
     try:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
             dataset = PreparedDataset.open(config.data.path)

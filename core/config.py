@@ -247,6 +247,10 @@ class ClusterSection:
     placement: str = "PACK"
     """Ray placement of the workers: PACK (fill a node first), SPREAD, STRICT_PACK (one node) or
     STRICT_SPREAD (one worker per node: e.g. one rank per host)."""
+    bind_cpus: bool = True
+    """Bind each rank to its own share of its node's CPUs (the node's CPUs split evenly among its
+    ranks; not done for a node's only rank, or with fewer CPUs than ranks). false: the scheduler
+    moves every thread freely, e.g. where other heavy work shares the machine."""
     interface: str = ""
     """Network interface the ranks' collectives use between hosts (gloo and NCCL), e.g. "eth0". Empty:
     the libraries' default, right on one machine; set it for multi-host jobs whose hostname does not

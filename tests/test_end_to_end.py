@@ -99,6 +99,7 @@ def test_shardrec_train_through_ray(ml100k_small, tmp_path):
     assert all(0.0 <= h["data_wait_frac"] <= 1.0 for h in summary["history"])  # logged per epoch
     ranks_in_plan = {s["rank"] for row in summary["plan"] for s in row["shards"]}
     assert ranks_in_plan == {0, 1}
+    _assert_each_rank_on_its_own_cpus(summary)
     assert "test at best validation epoch" in result.stdout and "run folder" in result.stdout
     kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "epoch" in kinds and "eval" in kinds
@@ -141,13 +142,16 @@ def test_torchrun_resumed_run_equals_an_uninterrupted_one(ml100k_small, tmp_path
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
     straight = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "straight", epochs=4)], 300)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
-    first = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "tr", epochs=2)], 240)
+    # the first part with its ranks' threads unbound: where they run changes no result
+    first = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "tr", epochs=2), "--cluster.bind_cpus", "false"], 240)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "tr"
+    assert [r["cpus"] for r in json.loads((run / "summary.json").read_text())["ranks"]] == [[], []]
     resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "4"], 240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
+    _assert_each_rank_on_its_own_cpus(json.loads((tmp_path / "straight" / "summary.json").read_text()))
     whole = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]
     pieced = json.loads((run / "summary.json").read_text())["history"]
     assert [h["epoch"] for h in pieced] == [1, 2, 3, 4]  # the resumed run's summary keeps epochs 1-2
@@ -211,6 +215,16 @@ def _ray_pids() -> set[int]:
             except OSError:
                 continue
     return found
+
+
+def _assert_each_rank_on_its_own_cpus(summary: dict) -> None:
+    """The run's 2 ranks (one node) were bound to disjoint CPUs, as cluster.bind_cpus says by default,
+    where the machine has 2 CPUs or more; where it has one, neither was."""
+    cpus = [set(rank["cpus"]) for rank in summary["ranks"]]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert len(cpus) == 2 and all(cpus) and not cpus[0] & cpus[1], cpus
+    else:
+        assert cpus == [set(), set()], cpus
 
 
 def _assert_none_left(before: set[int], timeout_s: float = 30.0) -> None:

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")))
     except UserError as exc:
         return report_user_error(exc)
-    context = setup(config.cluster.backend)
+    context = setup(config.cluster.backend, bind_cpus=config.cluster.bind_cpus)
     try:
         # Every rank must use rank 0's run folder name (it may contain a timestamp), and must learn of
         # rank 0's refusal too, or it would wait for the folder name forever.

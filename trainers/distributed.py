@@ -27,17 +27,20 @@ class RankContext:
     device: torch.device
     owns_process_group: bool
     """True when we created the process group (torchrun) and so must destroy it."""
+    cpus: tuple[int, ...] = ()
+    """The CPUs this rank's threads are bound to (`bind_to_own_cpus`); empty: not bound."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
+def setup(backend: str = "gloo", timeout_s: float = 600.0, bind_cpus: bool = False) -> RankContext:
     """Join the job's process group, creating it from the environment if the launcher did not.
 
     Ray Train workers arrive with an initialised group; torchrun ranks arrive with MASTER_ADDR etc.
-    The collective timeout bounds how long a healthy rank waits for a dead one.
+    The collective timeout bounds how long a healthy rank waits for a dead one. bind_cpus: bind
+    this rank to its own share of the node's CPUs (`bind_to_own_cpus`).
     """
     keep_freed_memory()
     owns = False
@@ -54,12 +57,44 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0) -> RankContext:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    context = RankContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, owns)
+    cpus = bind_to_own_cpus(local_rank, local_world_size) if bind_cpus else ()
+    context = RankContext(dist.get_rank(), dist.get_world_size(), local_rank, local_world_size, device, owns, cpus)
     record = os.environ.get("SHARDREC_RECORD_LISTENERS")
     if record:  # testing aid: what this rank listens on once its process group is up
         Path(record).mkdir(parents=True, exist_ok=True)
         (Path(record) / f"rank-{context.rank}.json").write_text(json.dumps(listening_addresses()))
     return context
+
+
+def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
+    """Bind every thread of this process (and so every thread it starts later) to local rank
+    `local_rank`'s share of the CPUs the process may run on: consecutive, disjoint, as equal as
+    they divide. Returns the share; nothing is bound (empty) for a node's only rank, or where there
+    are fewer CPUs than ranks.
+
+    Why: a rank's collectives run on threads of its own (gloo's transport), which need a CPU just
+    when the rank's main thread sleeps in the collective. Unbound, the scheduler also runs them on
+    the CPU where another rank is computing, which delays that rank, and every rank then waits for
+    it at the next collective. Bound, a rank's threads take turns on its own CPUs: NCF at 16,384 rows
+    a rank on a 2-CPU machine trained 12-19% faster (README, Performance)."""
+    share = cpu_share(sorted(os.sched_getaffinity(0)), local_rank, local_world_size)
+    if not share:
+        return ()
+    for thread in os.listdir("/proc/self/task"):  # the threads started so far: gloo's, Ray's, torch's
+        try:
+            os.sched_setaffinity(int(thread), share)
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return tuple(share)
+
+
+def cpu_share(cpus: list[int], local_rank: int, local_world_size: int) -> tuple[int, ...]:
+    """Local rank `local_rank`'s consecutive share of `cpus` split among `local_world_size` ranks
+    (shares differ by one CPU at most); empty for a node's only rank or with fewer CPUs than ranks."""
+    if local_world_size <= 1 or len(cpus) < local_world_size:
+        return ()
+    first, last = local_rank * len(cpus) // local_world_size, (local_rank + 1) * len(cpus) // local_world_size
+    return tuple(cpus[first:last])
 
 
 def listening_addresses(pid: int | str = "self") -> list[str]:

@@ -204,11 +204,13 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------
 
     def rank_resources(self) -> list[dict[str, Any]]:
-        """Collective: per rank, its peak RSS, the MiB of its table shards and optimizer state, and
-        when its first step ended (what the scale benchmark compares across dataset sizes)."""
+        """Collective: per rank, its peak RSS, the MiB of its table shards and optimizer state, the
+        CPUs it is bound to (empty: unbound), and when its first step ended (what the scale
+        benchmark compares across dataset sizes)."""
         state = local_bytes(self.sharded.dmp.state_dict()) + local_bytes(self.sharded.optimizer.state_dict())
         mine = {"rank": self.context.rank, "node_ip": node_address(), "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
                 "peak_rss_before_checkpoint_mb": self.peak_rss_before_checkpoint_mb or peak_rss_mb(),
+                "cpus": list(self.context.cpus),
                 "first_step_at": self.first_step_at}
         if self.context.world_size == 1:
             return [mine]
@@ -362,6 +364,9 @@ class Trainer:
         where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
         log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
         log.info(f"training step: {self.step_kind}" + (" (TorchRec TrainPipelineSparseDist)" if self.step_kind == "sparse_dist" else ""))
+        if self.context.cpus:
+            log.info(f"each of the node's {self.context.local_world_size} ranks bound to its own CPUs (rank 0: "
+                     f"{', '.join(map(str, self.context.cpus))}); cluster.bind_cpus false leaves them unbound")
         if self.context.is_main:
             (run_dir / "config.json").write_text(self.config.to_json() + "\n")
             plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
