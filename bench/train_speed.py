@@ -10,7 +10,8 @@ The plain baseline is the model a user would write in an afternoon: the same NCF
 (GMF and MLP branches, dropout, one output layer) on nn.Embedding tables, Adam on every parameter,
 binary cross-entropy, uniform negatives drawn in numpy, at the same global batch (2 x the per-rank
 batch), with the better of 1 and 2 torch threads. shardrec runs `launcher/configs/ncf_ml100k.toml`
-(its sharding plan, its optimizers) with the batch size and the epochs overridden. At the
+(its sharding plan, its optimizers, and shardrec's defaults, each rank bound to its own CPUs among
+them) with the batch size and the epochs overridden. At the
 recommended batch (the last) it also applies the recommended settings for throughput: by default
 the user tables table_wise, since on gloo a row_wise pooled lookup ends in a reduce-scatter that
 costs more than table_wise's all-to-all (tables of this size fit one rank whole).

@@ -137,7 +137,8 @@ def _final_weights(run: Path, epoch: int, into: Path) -> dict[str, torch.Tensor]
 @pytest.mark.timeout(400)
 def test_torchrun_resumed_run_equals_an_uninterrupted_one(ml100k_small, tmp_path):
     """2 epochs, then --resume to 4, against 4 epochs in one go (same seed): the same epoch losses and
-    the same final weights and optimizer state. The console shows shardrec's lines only; TorchRec's
+    the same final weights and optimizer state, the first 2 epochs with the ranks unbound from CPUs
+    and the rest bound (cluster.bind_cpus). The console shows shardrec's lines only; TorchRec's
     and FBGEMM's go to the run's logs/."""
     torchrun = [str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "-m", "trainers"]
     straight = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "straight", epochs=4)], 300)
@@ -147,9 +148,10 @@ def test_torchrun_resumed_run_equals_an_uninterrupted_one(ml100k_small, tmp_path
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run = tmp_path / "tr"
     assert [r["cpus"] for r in json.loads((run / "summary.json").read_text())["ranks"]] == [[], []]
-    resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "4"], 240)
+    resumed = _run([*torchrun, "--resume", str(run), "--trainer.epochs", "4", "--cluster.bind_cpus", "true"], 240)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
+    _assert_each_rank_on_its_own_cpus(json.loads((run / "summary.json").read_text()))  # bound from here
 
     _assert_each_rank_on_its_own_cpus(json.loads((tmp_path / "straight" / "summary.json").read_text()))
     whole = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]
