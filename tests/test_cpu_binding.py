@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainers.distributed import cpu_share
+from trainers.distributed import cpu_share, cpus_by_core
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -29,6 +29,31 @@ def test_shares_are_consecutive_disjoint_cover_every_cpu_and_differ_by_one_at_mo
 def test_a_nodes_only_rank_and_more_ranks_than_cpus_are_not_bound():
     assert cpu_share([0, 1, 2, 3], 0, 1) == ()
     assert cpu_share([0, 1], 1, 3) == ()
+
+
+def _topology(root: Path, layout: dict[int, tuple[int, int]]) -> Path:
+    for cpu, (socket, core) in layout.items():
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text(f"{socket}\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    return root
+
+
+def test_a_cores_threads_go_to_one_rank_and_a_socket_to_as_few_ranks_as_divide(tmp_path):
+    # 2 sockets x 2 cores x 2 threads, numbered as Linux does: 0-3 the cores, 4-7 their second threads
+    layout = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1), 4: (0, 0), 5: (0, 1), 6: (1, 0), 7: (1, 1)}
+    topology = _topology(tmp_path, layout)
+    ordered = cpus_by_core(list(range(9)), topology)  # CPU 8: no topology folder
+    assert ordered == [0, 4, 1, 5, 2, 6, 3, 7, 8]
+    four = [cpu_share(ordered[:8], rank, 4) for rank in range(4)]
+    assert [{layout[cpu] for cpu in share} for share in four] == [{(0, 0)}, {(0, 1)}, {(1, 0)}, {(1, 1)}]
+    two = [cpu_share(ordered[:8], rank, 2) for rank in range(2)]
+    assert [{layout[cpu][0] for cpu in share} for share in two] == [{0}, {1}]  # a socket each
+
+
+def test_cpus_without_a_readable_topology_keep_their_number_order(tmp_path):
+    assert cpus_by_core([3, 1, 2], tmp_path / "none") == [1, 2, 3]
 
 
 BIND = """
@@ -62,7 +87,7 @@ def test_binding_covers_the_threads_started_before_and_after_it():
         pytest.skip(f"this machine lets tests run on {len(allowed)} CPU: nothing to split between 2 ranks")
     for rank in (0, 1):
         seen = _bind(rank, 2)
-        assert seen["share"] == list(cpu_share(allowed, rank, 2))
+        assert seen["share"] == list(cpu_share(cpus_by_core(allowed), rank, 2))
         assert seen["main"] == seen["before"] == seen["after"] == seen["share"]
     alone = _bind(0, 1)  # a node's only rank keeps every CPU
     assert alone["share"] == [] and alone["main"] == alone["before"] == alone["after"] == allowed

@@ -68,8 +68,8 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0, bind_cpus: bool = Fal
 
 def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
     """Bind every thread of this process (and so every thread it starts later) to local rank
-    `local_rank`'s share of the CPUs the process may run on: consecutive, disjoint, as equal as
-    they divide. Returns the share; nothing is bound (empty) for a node's only rank, or where there
+    `local_rank`'s share of the CPUs the process may run on: whole cores in topology order
+    (`cpus_by_core`), disjoint, as equal as they divide. Returns the share; nothing is bound (empty) for a node's only rank, or where there
     are fewer CPUs than ranks.
 
     Why: a rank's collectives run on threads of its own (gloo's transport), which need a CPU just
@@ -77,7 +77,7 @@ def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
     the CPU where another rank is computing, which delays that rank, and every rank then waits for
     it at the next collective. Bound, a rank's threads take turns on its own CPUs: NCF at 16,384 rows
     a rank on a 2-CPU machine trained 12-19% faster (README, Performance)."""
-    share = cpu_share(sorted(os.sched_getaffinity(0)), local_rank, local_world_size)
+    share = cpu_share(cpus_by_core(sorted(os.sched_getaffinity(0))), local_rank, local_world_size)
     if not share:
         return ()
     for thread in os.listdir("/proc/self/task"):  # the threads started so far: gloo's, Ray's, torch's
@@ -86,6 +86,24 @@ def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
         except OSError:  # a thread that ended meanwhile
             continue
     return tuple(share)
+
+
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
+
+
+def cpus_by_core(cpus: list[int], topology: Path = CPU_TOPOLOGY) -> list[int]:
+    """`cpus` in (socket, physical core, number) order: a core's hardware threads side by side, so
+    that consecutive shares hold whole cores, of one socket where they divide. Linux numbers a
+    core's second thread far from its first (on 2 sockets of 24 cores: 0-47 the cores, 48-95 their
+    second threads), and in number order one rank's share would hold another's second threads.
+    CPUs whose topology cannot be read follow the others, in number order."""
+    def position(cpu: int) -> tuple[int, int, int, int]:
+        try:
+            folder = topology / f"cpu{cpu}" / "topology"
+            return 0, int((folder / "physical_package_id").read_text()), int((folder / "core_id").read_text()), cpu
+        except (OSError, ValueError):
+            return 1, 0, 0, cpu
+    return sorted(cpus, key=position)
 
 
 def cpu_share(cpus: list[int], local_rank: int, local_world_size: int) -> tuple[int, ...]:
