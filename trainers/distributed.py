@@ -76,7 +76,7 @@ def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
     when the rank's main thread sleeps in the collective. Unbound, the scheduler also runs them on
     the CPU where another rank is computing, which delays that rank, and every rank then waits for
     it at the next collective. Bound, a rank's threads take turns on its own CPUs: NCF at 16,384 rows
-    a rank on a 2-CPU machine trained 12-19% faster (README, Performance)."""
+    a rank on a 2-CPU machine trained 14-20% faster (README, Performance)."""
     share = cpu_share(cpus_by_core(sorted(os.sched_getaffinity(0))), local_rank, local_world_size)
     if not share:
         return ()
