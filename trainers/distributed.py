@@ -69,8 +69,8 @@ def setup(backend: str = "gloo", timeout_s: float = 600.0, bind_cpus: bool = Fal
 def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
     """Bind every thread of this process (and so every thread it starts later) to local rank
     `local_rank`'s share of the CPUs the process may run on: whole cores in topology order
-    (`cpus_by_core`), disjoint, as equal as they divide. Returns the share; nothing is bound (empty) for a node's only rank, or where there
-    are fewer CPUs than ranks.
+    (`cpus_by_core`), disjoint, as equal as they divide. Returns the share; nothing is bound
+    (empty) for a node's only rank, or where there are fewer CPUs than ranks.
 
     Why: a rank's collectives run on threads of its own (gloo's transport), which need a CPU just
     when the rank's main thread sleeps in the collective. Unbound, the scheduler also runs them on
@@ -85,7 +85,7 @@ def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
             os.sched_setaffinity(int(thread), share)
         except OSError:  # a thread that ended meanwhile
             continue
-    return tuple(share)
+    return share
 
 
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
