@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 from core.errors import UserError
 from trainers.distributed import free_loopback_port
-from trainers.run_log import proc_stat_fields
+from trainers.run_log import proc_stat_fields, process_start_ticks
 
 RAY = str(Path(sys.executable).parent / "ray")
 STATE_DIR = Path.home() / ".shardrec" / "clusters"
@@ -179,9 +179,8 @@ def process_identity(pid: int) -> list[int] | None:
     """[pid, start time in clock ticks since boot] of a live process, or None: a pid alone may be
     reused by another process once its owner is gone."""
     with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = proc_stat_fields(pid)
-        if fields[0] != "Z":
-            return [pid, int(fields[19])]
+        if proc_stat_fields(pid)[0] != "Z":
+            return [pid, process_start_ticks(pid)]
     return None
 
 

@@ -4,11 +4,11 @@ Each Ray Train worker runs its own Ray Data pipeline over its own train shards (
 `trainers.batches.rank_shards`, as the torchrun ranks' are): in an order drawn from (seed, epoch),
 Ray tasks (a shard each, or several consecutive small ones, of one epoch or of consecutive
 epochs) read each shard, shuffle it and draw its negatives with a generator seeded by (seed,
-epoch, shard), against the shard's own positives (shards are user-partitioned). The blocks come back in that order (`preserve_order`) and are
-batched through a shuffle buffer with a seed of its own. So the epoch's batches are the same on
-every run (however the shards are grouped into tasks), and a resumed epoch that skips the batches
-already trained continues with exactly the rows that were not (exactly-once positives, as under
-torchrun).
+epoch, shard), against the shard's own positives (shards are user-partitioned). The blocks come
+back in that order (`preserve_order`) and are batched through a shuffle buffer with a seed of its
+own. So the epoch's batches are the same on every run (however the shards are grouped into
+tasks), and a resumed epoch that skips the batches already trained continues with exactly the
+rows that were not (exactly-once positives, as under torchrun).
 Ray Data still runs the reads and the sampling in parallel tasks, ahead of the training step.
 
 One pipeline serves the whole run (an epoch's tasks, epoch after epoch), so Ray Data works

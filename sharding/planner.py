@@ -19,6 +19,7 @@ from torchrec.distributed.planner.types import ShardingOption, Stats
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from core.errors import UserError
+from sharding.plan_io import load_plan_file, retarget
 from sharding.tables import TableSpec, table_configs, tables_by_module
 from sharding.topology import ClusterSpec, to_planner_topology
 
@@ -77,6 +78,13 @@ def table_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def table_modules(model: nn.Module) -> dict[str, str]:
     """Each TorchRec table's name -> the path of the collection that holds it (a plan's module key)."""
     return {config.name: path for path, config in tables_by_module(model)}
+
+
+def saved_plan(path: str, device: str, world_size: int, model: nn.Module) -> ShardingPlan:
+    """The plan saved at `path` (`shardrec plan --out`, a run's plan.json) for this job's `device`
+    ranks, its tables filed under `model`'s own collections; refused when the world size or the
+    tables differ (`retarget`)."""
+    return retarget(load_plan_file(path), device, world_size, table_shapes(model), table_modules(model))
 
 
 def make_constraints(

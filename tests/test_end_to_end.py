@@ -153,8 +153,9 @@ def test_torchrun_resumed_run_equals_an_uninterrupted_one(ml100k_small, tmp_path
     assert "resumed from" in resumed.stdout
     _assert_each_rank_on_its_own_cpus(json.loads((run / "summary.json").read_text()))  # bound from here
 
-    _assert_each_rank_on_its_own_cpus(json.loads((tmp_path / "straight" / "summary.json").read_text()))
-    whole = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"]
+    straight_summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    _assert_each_rank_on_its_own_cpus(straight_summary)
+    whole = straight_summary["history"]
     pieced = json.loads((run / "summary.json").read_text())["history"]
     assert [h["epoch"] for h in pieced] == [1, 2, 3, 4]  # the resumed run's summary keeps epochs 1-2
     np.testing.assert_allclose([h["loss"] for h in pieced], [h["loss"] for h in whole], rtol=1e-5)

@@ -10,8 +10,7 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.model_params import LightGCNParams
-from sharding.plan_io import load_plan_file, retarget
-from sharding.planner import make_constraints, table_modules, table_names, table_shapes
+from sharding.planner import make_constraints, saved_plan, table_names
 from trainers.sharded_model import model_for_sharding
 
 
@@ -28,7 +27,7 @@ def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int) -> N
     make_constraints(table_names(model), config.sharding.default, config.sharding.tables)  # unknown tables
     if config.sharding.plan:
         device = "cuda" if config.cluster.backend == "nccl" else "cpu"
-        retarget(load_plan_file(config.sharding.plan), device, world_size, table_shapes(model), table_modules(model))
+        saved_plan(config.sharding.plan, device, world_size, model)
 
 
 def full_graph_bytes(params: LightGCNParams, nodes: int) -> int:

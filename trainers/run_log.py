@@ -34,15 +34,21 @@ def proc_stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
+def process_start_ticks(pid: int) -> int:
+    """When process `pid` started, in clock ticks since boot (field 22 of its stat): with the pid,
+    what tells a process from a later one given the same pid. Raises OSError when it is gone."""
+    return int(proc_stat_fields(pid)[19])
+
+
 def process_started_at(pid: int | None = None) -> float | None:
     """Wall-clock time (epoch seconds) at which process `pid` (default: this one) started, from
     /proc; None where /proc is missing. The run report's "time to best" counts from the command's
     start, imports and cluster start-up included, not from this module's import."""
     try:
-        fields = proc_stat_fields(pid or os.getpid())
+        ticks = process_start_ticks(pid or os.getpid())
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
 

@@ -26,8 +26,7 @@ from core.errors import UserError
 from core.model_data import load_model_data
 from models.base import RecModel
 from models.registry import build_model
-from sharding.plan_io import load_plan_file, retarget
-from sharding.planner import describe_plan, make_sharders, plan_tables, table_modules, table_shapes
+from sharding.planner import describe_plan, make_sharders, plan_tables, saved_plan
 from sharding.tables import specs_from_module, table_configs
 from sharding.topology import ClusterSpec, load_topology, running_cluster
 from trainers.distributed import RankContext
@@ -100,8 +99,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
     own_shards = list(range(context.rank, dataset.num_shards, context.world_size))
     model.bind_data(load_model_data(dataset, model.data_needs, own_shards))
     if config.sharding.plan:
-        plan = retarget(load_plan_file(config.sharding.plan), context.device.type, context.world_size,
-                        table_shapes(model), table_modules(model))
+        plan = saved_plan(config.sharding.plan, context.device.type, context.world_size, model)
     else:
         plan, _ = plan_tables(
             model, specs_from_module(model), job_cluster(config.sharding.topology, context),
