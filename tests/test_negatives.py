@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from core.dataset_format import PreparedDataset
@@ -79,10 +80,10 @@ def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
     sampler = NegativeSampler(dataset.num_items, 4)
     whole = SampledShard(sampler, 3, None, files)
     whole.BLOCK_ROWS = 10**9
-    (single,) = list(whole(task))
+    (single,) = map(columns, whole(task))
     cut = SampledShard(sampler, 3, None, files)
     cut.BLOCK_ROWS = 1000
-    blocks = list(cut(task))
+    blocks = list(map(columns, cut(task)))
     assert len(blocks) == -(-len(single["label"]) // 1000) > 1
     for name, values in single.items():
         assert np.array_equal(np.concatenate([block[name] for block in blocks]), values)
@@ -97,14 +98,22 @@ def test_a_task_of_several_units_yields_each_units_rows_in_turn(ml100k):
     files = {shard: str(dataset.shard_file("train", shard)) for shard in (1, 3)}
     task = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files)
     task.BLOCK_ROWS = 7_000  # a shard's rows in several blocks, the last one short
-    grouped = list(task({"units": ["2:3,2:1,3:1"]}))
-    alone = [*task({"units": ["2:3"]}), *task({"units": ["2:1"]}), *task({"units": ["3:1"]})]
+    grouped = list(map(columns, task({"units": ["2:3,2:1,3:1"]})))
+    alone = list(map(columns, [*task({"units": ["2:3"]}), *task({"units": ["2:1"]}), *task({"units": ["3:1"]})]))
     assert len(grouped) == len(alone) >= 6
     for a, b in zip(grouped, alone):
         assert all(np.array_equal(a[name], b[name]) for name in a)
     # the epoch is part of every draw: the same shard in the next epoch gives other rows
     second, third = task({"units": ["2:1"]}), task({"units": ["3:1"]})
-    assert not np.array_equal(next(second)["item_id"], next(third)["item_id"])
+    assert not np.array_equal(columns(next(second))["item_id"], columns(next(third))["item_id"])
+
+
+def columns(block: pa.Table) -> dict[str, np.ndarray]:
+    """A shard task's block as numpy columns, after checking it is a typed Arrow table: a dict of
+    arrays would make Ray Data infer each column's type element by element in the task."""
+    assert isinstance(block, pa.Table), type(block)
+    assert block.schema.types == [pa.int64(), pa.int64(), pa.float32()], block.schema
+    return {name: block.column(name).to_numpy() for name in block.column_names}
 
 
 def test_group_units_keeps_the_order_and_caps_a_tasks_positives_across_epochs():
