@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import subprocess
 import sys
 
@@ -68,61 +67,3 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
         cwd=REPO, capture_output=True, text=True, timeout=200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-
-def check_backpressured_executor_sleeps(data: str) -> None:
-    """The checks of the test below, in a process of their own."""
-    import time
-
-    from cluster.rank_stream import RayRankStream  # first: the cluster package sets Ray's authentication mode
-    from cluster.ray_cluster import ray_cluster
-    from cluster.ray_data_pacing import IdleLoopPause, blocks_waiting
-
-    pauses: list[tuple[float, float]] = []
-    """(when, how long) of each pause the executor took after a step with a block waiting."""
-    pause = IdleLoopPause.on_execution_step
-
-    def timed_pause(self: IdleLoopPause, executor: object) -> None:
-        began, waiting = time.perf_counter(), blocks_waiting(executor)
-        pause(self, executor)
-        if waiting:
-            pauses.append((began, time.perf_counter() - began))
-
-    IdleLoopPause.on_execution_step = timed_pause
-    dataset = PreparedDataset.open(data)
-    with ray_cluster(ClusterSection(), log=False):
-        # A long run's pipeline (150 epochs of ML-100K, about 600 MB of blocks against a 512 MB object
-        # store) read by a slow trainer: Ray Data holds its streaming task back for the whole run.
-        stream = RayRankStream(dataset, NegativeSampler(dataset.num_items, 4), 16384, 20000, rank=0,
-                               world_size=2, seed=3, last_epoch=150)
-        started = time.perf_counter()
-        epoch = 0
-        while time.perf_counter() - started < 6:
-            epoch += 1
-            for _ in stream.epoch(epoch):
-                time.sleep(0.03)  # a training step
-        slow_until = time.perf_counter()
-        # The rest is read at once, to the pipeline's end: Ray Data (2.60) leaves a closed iterator's
-        # block prefetcher thread running, and at interpreter exit it would call into the stopped Ray.
-        while epoch < 150:
-            epoch += 1
-            assert sum(len(batch["label"]) for batch in stream.epoch(epoch)) == stream.batches_in_epoch(epoch) * 16384
-        stream.close()
-    slow = [length for began, length in pauses if started + 2 < began < slow_until]  # after the first tasks
-    print(f"{len(slow)} pauses after a step with a block waiting for the slow reader, "
-          f"median {1000 * statistics.median(slow):.0f} ms")
-    assert len(slow) >= 10, "not the case under test: a block rarely waited for the reader"
-    # The short pause alone gave 5 ms, and often none (207 steps in 4 s, 175 with a block waiting).
-    assert statistics.median(slow) >= 0.045, "the executor did not sleep while a block waited for a slow reader"
-
-
-def test_a_backpressured_ray_data_executor_sleeps_while_its_consumer_is_fed(ml100k):
-    """A long run's pipeline stays backpressured: Ray Data's executor, a thread of the trainer's
-    process, steps without waiting. While a block waits for the trainer it must sleep between steps
-    (cluster/ray_data_pacing.py), not spin beside the training step. (When the pause ends for a
-    reader that takes its block sooner: tests/test_ray_data_pacing.py.)"""
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_ray_stream import check_backpressured_executor_sleeps; "
-                               f"check_backpressured_executor_sleeps({str(ml100k)!r})"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    print(result.stdout[-500:])
