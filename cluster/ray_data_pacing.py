@@ -51,9 +51,11 @@ class IdleLoopPause(ExecutionCallback):
             # In slices, looking at the queue alone (no Ray call): a consumer that takes its block
             # sooner (a fast reader, not a training step) finds the next one at most a slice late.
             until = now + self.FED_PAUSE_S
-            while now < until and blocks_waiting(executor):
+            while True:  # the block was just seen waiting: the first slice needs no second look
                 time.sleep(self.FED_SLICE_S)
                 now = time.perf_counter()
+                if now >= until or not blocks_waiting(executor):
+                    break
         elif now - self._last < self.FAST_STEP_S:
             time.sleep(self.PAUSE_S)
             now = time.perf_counter()
