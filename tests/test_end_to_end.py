@@ -3,6 +3,7 @@ and `ray job submit` against a `ray start --head` cluster on loopback. Each test
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from cluster.local_head import stop_job_head
+from cluster.local_head import STATE_DIR, distinct_free_ports, stop_job_head
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.sequences import build_reference, load_sequences, sequence_files
@@ -266,14 +267,45 @@ def test_readme_job_submit_recipe_as_written(ml100k_small, tmp_path):
         result = _run(["bash", "-c", script], 540)
     finally:
         _stop_job_head_if_running()
-    output = result.stdout + result.stderr
-    assert "Ray head ready for jobs at http://127.0.0.1:8265" in result.stdout, output[-3000:]
-    assert "exit codes: 0 " in result.stdout, output[-3000:]
-    assert "exit codes: 0 0" not in result.stdout, output[-3000:]  # the failing job's code came back
+    output = _both_ends(result.stdout + result.stderr)
+    assert "Ray head ready for jobs at http://127.0.0.1:8265" in result.stdout, output
+    assert "exit codes: 0 " in result.stdout, output
+    assert "exit codes: 0 0" not in result.stdout, output  # the failing job's code came back
     assert (tmp_path / "job" / "summary.json").exists()
     assert "stopped the Ray head" in result.stdout and not JOB_HEAD_DIR.exists()
     _assert_none_left(before)
     assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the token is private
+
+
+def _both_ends(text: str, chars: int = 3000) -> str:
+    """A failure message with the start of a script's output (why its first command failed) and its end."""
+    return text if len(text) <= 2 * chars else f"{text[:chars]}\n[...]\n{text[-chars:]}"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_cluster_start_stops_and_retries_a_head_whose_dashboard_never_comes_up(tmp_path):
+    """Ray's dashboard gives each of its module processes 30 s to start; one that misses it (here:
+    given no time at all) leaves a dashboard that never serves the job API, and `ray start` exits 0
+    all the same. `shardrec cluster start` stops that head, starts it once more, and after the second
+    failure exits 1 with the dashboard's own error, leaving no process, state file or temp dir."""
+    dashboard_port, gcs_port = distinct_free_ports(2)
+    never_ready = {"RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "0.001",
+                   "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "5"}  # how long `ray start` waits for the dashboard
+    before = _ray_pids()
+    try:
+        result = _run([str(VENV_BIN / "shardrec"), "cluster", "start", "--dashboard-port", str(dashboard_port),
+                       "--port", str(gcs_port), "--timeout", "60"], 240, env_extra=never_ready)
+    finally:
+        with contextlib.suppress(UserError):
+            stop_job_head(dashboard_port)
+    assert result.returncode == 1, _both_ends(result.stdout + result.stderr)
+    assert result.stderr.count("`ray start` says: Failed to start the dashboard") == 2, result.stderr
+    assert "starting the head again (attempt 2 of 2)" in result.stderr
+    assert result.stderr.count("failed to start. Timeout after 0.001 seconds") == 2, result.stderr  # Ray's reason
+    assert not (STATE_DIR / f"head-{dashboard_port}.json").exists()
+    assert not Path(f"/tmp/shardrec-head-{dashboard_port}").exists()
+    _assert_none_left(before)
 
 
 @pytest.mark.ray
