@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,3 +93,42 @@ def test_a_killed_drivers_head_stops_and_the_next_run_removes_its_folder():
             driver.wait()
         if head_pid is not None:
             stop_session(head_pid, grace_s=0.0)
+
+
+IDLE_WORKERS_AFTER_TASKS = """
+import json, time
+from cluster.local_head import OWNER_FILE, embedded_head, session_processes
+import ray
+
+with embedded_head(2, 100) as head:
+    ray.init(address=head.gcs_address)
+    session = json.loads((head.temp_dir / OWNER_FILE).read_text())["head"]
+    @ray.remote(num_cpus=0.5)
+    def hold(seconds):
+        time.sleep(seconds)
+    ray.get([hold.remote(2.0) for _ in range(4)])  # 4 worker processes on a 2-CPU head
+    time.sleep(4.0)  # idle 4 s: past Ray's default 1 s before it kills the workers beyond 2
+    titles = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in session_processes(session)]
+    print("idle workers", sum(title.startswith(b"ray::IDLE") for title in titles), flush=True)
+    ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("user_setting, kept", [(None, True), ("1000", False)])
+def test_the_head_keeps_idle_workers_unless_the_user_says_otherwise(user_setting, kept):
+    """An embedded head keeps the workers of finished tasks (their exits ran beside the ranks and
+    slowed an epoch); with Ray's own 1 s set in the user's environment, it kills those beyond one
+    per CPU, so the setting is what keeps them."""
+    env = dict(os.environ)
+    env.pop("RAY_idle_worker_killing_time_threshold_ms", None)
+    if user_setting is not None:
+        env["RAY_idle_worker_killing_time_threshold_ms"] = user_setting
+    result = subprocess.run([sys.executable, "-c", IDLE_WORKERS_AFTER_TASKS], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = re.search(r"idle workers (\d+)", result.stdout)
+    assert found, result.stdout + result.stderr[-2000:]
+    # Kept: the 4 task workers at least (Ray may have started one more). Killed: one per CPU is left.
+    assert int(found[1]) >= 4 if kept else int(found[1]) <= 2, found[0]
