@@ -343,45 +343,49 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
     ensure_private_token()
     for attempt in range(1, attempts):
         try:
-            _start_job_head_once(command, env, temp_dir, dashboard_port, port, timeout_s)
+            _start_job_head_once(command, env, temp_dir, url, dashboard_port, port, timeout_s)
             return url
         except HeadDidNotStart as exc:
             print(f"shardrec: {exc}\nshardrec: starting the head again (attempt {attempt + 1} of {attempts})",
                   file=sys.stderr, flush=True)
-    _start_job_head_once(command, env, temp_dir, dashboard_port, port, timeout_s)
+    _start_job_head_once(command, env, temp_dir, url, dashboard_port, port, timeout_s)
     return url
 
 
-def _start_job_head_once(command: list[str], env: dict[str, str], temp_dir: Path, dashboard_port: int, port: int,
-                         timeout_s: float) -> None:
-    url = f"http://127.0.0.1:{dashboard_port}"
+def _start_job_head_once(command: list[str], env: dict[str, str], temp_dir: Path, url: str, dashboard_port: int,
+                         port: int, timeout_s: float) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
     # A new session: the daemons `ray start` leaves behind keep its session id, which `stop` signals.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        why = f"`ray start` did not return within {timeout_s:.0f} s{_dashboard_log_tail(temp_dir)}"
-        stop_session(process.pid, grace_s=0.0)
-        process.communicate()
-        remove_tree(temp_dir)
-        raise HeadDidNotStart(why) from None
-    if process.returncode != 0:  # a refused flag or port: starting again would fail the same way
-        stop_session(process.pid)
-        remove_tree(temp_dir)
-        raise RuntimeError(f"ray start failed ({process.returncode}): {stderr[-2000:] or stdout[-2000:]}")
+    # Recorded at once, so that every way this start can fail stops the head the same way (and a
+    # start interrupted from here on is still stopped by `shardrec cluster stop`).
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     _state_file(dashboard_port).write_text(json.dumps({"temp_dir": str(temp_dir), "address": url, "gcs_port": port,
                                                        "session": process.pid}))
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        failure = _stopped(dashboard_port, temp_dir, f"`ray start` did not return within {timeout_s:.0f} s")
+        process.communicate()
+        raise failure from None
+    if process.returncode != 0:  # a refused flag or port: starting again would fail the same way
+        stop_job_head(dashboard_port)
+        raise RuntimeError(f"ray start failed ({process.returncode}): {stderr[-2000:] or stdout[-2000:]}")
     try:
         if DASHBOARD_FAILED in stdout + stderr:
             raise RuntimeError(f"`ray start` says: {DASHBOARD_FAILED}")
         wait_for_jobs(url, timeout_s)
     except RuntimeError as exc:
-        why = f"{exc}{_dashboard_log_tail(temp_dir)}"
-        stop_job_head(dashboard_port, grace_s=0.0)  # nothing of a head that never ran a job to keep
-        raise HeadDidNotStart(f"{why}\n(that head has been stopped)") from None
+        raise _stopped(dashboard_port, temp_dir, str(exc)) from None
+
+
+def _stopped(dashboard_port: int, temp_dir: Path, why: str) -> HeadDidNotStart:
+    """Stop a head that never accepted a job (no grace: it has nothing to finish) and say why, with
+    the end of its dashboard's log, read before the stop removes it."""
+    why += _dashboard_log_tail(temp_dir)
+    stop_job_head(dashboard_port, grace_s=0.0)
+    return HeadDidNotStart(f"{why}\n(that head has been stopped)")
 
 
 def _dashboard_log_tail(temp_dir: Path, lines: int = 12) -> str:
