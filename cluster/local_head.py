@@ -3,11 +3,13 @@
 - The embedded cluster of `shardrec train` (`embedded_head`): `ray start --head --block` with every
   port Ray would otherwise take by default (GCS 6379, dashboard 8265, dashboard agent 52365, metrics
   44217/44227, ...) set to a free port on 127.0.0.1, and token authentication. Any number of runs and
-  a user's own `ray start --head` share a machine. The dashboard stays, so that Ray's state API
-  answers for this cluster: without a dashboard of its own, a state query (Ray Train's
-  placement-group cleaner asked whether its controller lived) reached whichever other Ray cluster
-  ran on the machine, which answered "no" and so got the run's workers killed. (shardrec's runs no
-  longer start that cleaner on their embedded cluster: `cluster.rank_trainer`.) The autoscaler's
+  a user's own `ray start --head` share a machine. Ray's dashboard is started without its modules
+  (`--include-dashboard false`) unless asked for (`cluster.embedded_dashboard`): its nine module
+  processes took 0.04 of a core while idle and their start-up CPU, on the ranks' cores, and a run
+  of its own uses none of them (no job API, no state query: `cluster.rank_trainer`). Ray still runs
+  the dashboard's bare process and records its address in the head's GCS, so a state query made
+  here fails at this head ("ServerUnavailable") rather than reaching another Ray cluster on the
+  machine (an earlier release found one answering for a run's head, wrongly). The autoscaler's
   monitor is left out: a fixed-size local cluster has no node to add or remove.
 - A head for `ray job submit` (`shardrec cluster start|wait|stop`): Ray's default ports on
   127.0.0.1, token authentication on, the job agent waited for, and shardrec's own executables on
@@ -241,14 +243,17 @@ def _wait_for_address(temp_dir: Path, process: subprocess.Popen, timeout_s: floa
 class EmbeddedHead:
     gcs_address: str
     temp_dir: Path
+    dashboard_url: str | None = None
+    """Ray's dashboard, when the head was started with it."""
 
 
 @contextlib.contextmanager
 def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
-                  while_starting: Callable[[], None] | None = None) -> Iterator[EmbeddedHead]:
+                  while_starting: Callable[[], None] | None = None, dashboard: bool = False) -> Iterator[EmbeddedHead]:
     """A private single-node Ray cluster on 127.0.0.1 for the duration (see the module docstring).
     `while_starting` runs once `ray start` is launched and before the head is waited for (the
-    caller's own start-up work overlaps the head's); if it raises, the head is stopped."""
+    caller's own start-up work overlaps the head's); if it raises, the head is stopped. `dashboard`:
+    Ray's dashboard with its modules (state API, job API, web UI), for a user watching the run."""
     remove_orphaned_heads()
     temp_dir = Path(tempfile.mkdtemp(prefix=EMBEDDED_PREFIX, dir=EMBEDDED_ROOT))
     _write_owner(temp_dir, head_pid=None)  # before the head exists: a driver killed now is seen too
@@ -264,6 +269,8 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
     # The autoscaler's monitor (a Python process, 0.4 s of CPU in a start-up that is CPU-bound on 2
     # cores) has nothing to do on a fixed-size local cluster: there is no node to add or remove.
     command.append("--no-monitor")
+    if not dashboard:
+        command += ["--include-dashboard", "false"]
     env = ray_env()
     # Two more fixed ports (autoscaler and dashboard metrics), set only through the environment.
     env.update(AUTOSCALER_METRIC_PORT=str(free[-2]), DASHBOARD_METRIC_PORT=str(free[-1]))
@@ -281,7 +288,8 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
         if while_starting is not None:
             while_starting()
         address = _wait_for_address(temp_dir, process, timeout_s)
-        yield EmbeddedHead(address, temp_dir)
+        url = f"http://127.0.0.1:{ports['--dashboard-port']}" if dashboard else None
+        yield EmbeddedHead(address, temp_dir, url)
     finally:
         # Nothing in a private cluster outlives its driver's use of it (runs write their results to
         # the run folder), so every process of its session is stopped at once. Stopping `ray start

@@ -72,7 +72,8 @@ def ray_cluster(section: ClusterSection, log: bool = True,
         return
     cpus = max(2, int(section.num_workers * section.cpus_per_worker + 1.999))
     os.environ.update(EMBEDDED_JOB_ENV)
-    with embedded_head(cpus, section.object_store_mb, while_starting=while_starting) as head:
+    with embedded_head(cpus, section.object_store_mb, while_starting=while_starting,
+                       dashboard=section.embedded_dashboard) as head:
         ray.init(
             address=head.gcs_address,
             log_to_driver=log,
@@ -81,7 +82,9 @@ def ray_cluster(section: ClusterSection, log: bool = True,
             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section), **EMBEDDED_JOB_ENV}},
         )
         try:
+            dashboard = (f"dashboard {head.dashboard_url}" if head.dashboard_url
+                         else "no dashboard: cluster.embedded_dashboard")
             yield (f"embedded local Ray cluster ({cpus} CPUs, {section.object_store_mb} MB object store, "
-                   f"{head.temp_dir}; free ports on 127.0.0.1, token authentication)")
+                   f"{head.temp_dir}; free ports on 127.0.0.1, token authentication; {dashboard})")
         finally:
             ray.shutdown()

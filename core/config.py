@@ -233,6 +233,9 @@ class ClusterSection:
     """torch.distributed backend: gloo on CPU, nccl on GPUs."""
     object_store_mb: int = 512
     """Object store cap of the embedded local cluster."""
+    embedded_dashboard: bool = False
+    """Start Ray's dashboard (web UI, state and job APIs) on the embedded local cluster; its address
+    is printed. Off by default: its module processes take CPU from the ranks, and a run uses none."""
     max_failures: int = 0
     """Times a failed job restarts its whole group of ranks (from the last checkpoint)."""
     placement_timeout_s: float = 60.0

@@ -132,3 +132,55 @@ def test_the_head_keeps_idle_workers_unless_the_user_says_otherwise(user_setting
     assert found, result.stdout + result.stderr[-2000:]
     # Kept: the 4 task workers at least (Ray may have started one more). Killed: one per CPU is left.
     assert int(found[1]) >= 4 if kept else int(found[1]) <= 2, found[0]
+
+
+DASHBOARD_PARTS = """
+import json, sys
+from cluster.local_head import OWNER_FILE, embedded_head, session_processes
+import ray
+import ray.experimental.internal_kv as kv
+from ray.util.state import list_actors
+from ray.util.state.exception import ServerUnavailable
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self):
+        return 1
+
+with embedded_head(2, 100, dashboard=sys.argv[1] == "on") as head:
+    ray.init(address=head.gcs_address)
+    actor = Idle.remote()
+    ray.get(actor.ping.remote())
+    session = json.loads((head.temp_dir / OWNER_FILE).read_text())["head"]
+    titles = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in session_processes(session)]
+    print("dashboard modules", sum(title.startswith(b"ray-dashboard-") for title in titles), flush=True)
+    print("recorded", kv._internal_kv_get("dashboard", namespace="dashboard").decode(), "url", head.dashboard_url, flush=True)
+    try:
+        print("actors listed", len(list_actors(timeout=20)), flush=True)
+    except ServerUnavailable as error:
+        print("state query failed:", str(error).split(". ")[0], flush=True)
+    ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("dashboard", ["off", "on"])
+def test_the_dashboard_modules_run_only_when_asked_for(dashboard):
+    """By default the embedded head starts no dashboard module (their processes took CPU from the
+    ranks), and a state query then fails at this head's own address, never reaching another
+    cluster; with the dashboard asked for, the modules run and the state API answers for this head."""
+    result = subprocess.run([sys.executable, "-c", DASHBOARD_PARTS, dashboard], cwd=REPO,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    modules = re.search(r"dashboard modules (\d+)", out)
+    recorded = re.search(r"recorded (\S+) url (\S+)", out)
+    assert modules and recorded, out + result.stderr[-2000:]
+    if dashboard == "off":
+        assert int(modules[1]) == 0 and recorded[2] == "None", out
+        assert f"state query failed: Failed to make request to http://{recorded[1]}/api/v0/actors" in out, out
+    else:
+        assert int(modules[1]) >= 5, out  # Ray 2.60 runs 9 (state, jobs, reports, ...)
+        assert recorded[2] == f"http://{recorded[1]}", out
+        assert "actors listed" in out and int(re.search(r"actors listed (\d+)", out)[1]) >= 1, out
