@@ -7,10 +7,11 @@
   (`--include-dashboard false`) unless asked for (`cluster.embedded_dashboard`): its nine module
   processes took 0.04 of a core while idle and their start-up CPU, on the ranks' cores, and a run
   of its own uses none of them (no job API, no state query: `cluster.rank_trainer`). Ray still runs
-  the dashboard's bare process and records its address in the head's GCS, so a state query made
-  here fails at this head ("ServerUnavailable") rather than reaching another Ray cluster on the
-  machine (an earlier release found one answering for a run's head, wrongly). The autoscaler's
-  monitor is left out: a fixed-size local cluster has no node to add or remove.
+  the dashboard's bare process and records its address in the head's GCS, so a state query
+  addressed to this head fails with Ray's "ServerUnavailable". (A query given no address goes to
+  whichever cluster Ray finds on the machine, with or without a dashboard here: an earlier release
+  found Ray Train's placement-group cleaner asking another cluster about a run's controller.) The
+  autoscaler's monitor is left out: a fixed-size local cluster has no node to add or remove.
 - A head for `ray job submit` (`shardrec cluster start|wait|stop`): Ray's default ports on
   127.0.0.1, token authentication on, the job agent waited for, and shardrec's own executables on
   the jobs' PATH.
