@@ -95,21 +95,38 @@ def test_a_killed_drivers_head_stops_and_the_next_run_removes_its_folder():
             stop_session(head_pid, grace_s=0.0)
 
 
-IDLE_WORKERS_AFTER_TASKS = """
-import json, time
+HEAD_SCRIPT_PRELUDE = """
+import json
 from cluster.local_head import OWNER_FILE, embedded_head, session_processes
+
+def head_titles(head):
+    \"\"\"The command lines (process titles) of every process in the head's session.\"\"\"
+    session = json.loads((head.temp_dir / OWNER_FILE).read_text())["head"]
+    return [open(f"/proc/{pid}/cmdline", "rb").read() for pid in session_processes(session)]
+"""
+
+
+def run_head_script(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `script` (after HEAD_SCRIPT_PRELUDE) in a fresh interpreter, as a run's driver would;
+    its stdout, once it has exited 0."""
+    result = subprocess.run([sys.executable, "-c", HEAD_SCRIPT_PRELUDE + script, *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+IDLE_WORKERS_AFTER_TASKS = """
+import time
 import ray
 
 with embedded_head(2, 100) as head:
     ray.init(address=head.gcs_address)
-    session = json.loads((head.temp_dir / OWNER_FILE).read_text())["head"]
     @ray.remote(num_cpus=0.5)
     def hold(seconds):
         time.sleep(seconds)
     ray.get([hold.remote(2.0) for _ in range(4)])  # 4 worker processes on a 2-CPU head
     time.sleep(4.0)  # idle 4 s: past Ray's default 1 s before it kills the workers beyond 2
-    titles = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in session_processes(session)]
-    print("idle workers", sum(title.startswith(b"ray::IDLE") for title in titles), flush=True)
+    print("idle workers", sum(title.startswith(b"ray::IDLE") for title in head_titles(head)), flush=True)
     ray.shutdown()
 """
 
@@ -125,18 +142,15 @@ def test_the_head_keeps_idle_workers_unless_the_user_says_otherwise(user_setting
     env.pop("RAY_idle_worker_killing_time_threshold_ms", None)
     if user_setting is not None:
         env["RAY_idle_worker_killing_time_threshold_ms"] = user_setting
-    result = subprocess.run([sys.executable, "-c", IDLE_WORKERS_AFTER_TASKS], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = re.search(r"idle workers (\d+)", result.stdout)
-    assert found, result.stdout + result.stderr[-2000:]
+    out = run_head_script(IDLE_WORKERS_AFTER_TASKS, env=env)
+    found = re.search(r"idle workers (\d+)", out)
+    assert found, out
     # Kept: the 4 task workers at least (Ray may have started one more). Killed: one per CPU is left.
     assert int(found[1]) >= 4 if kept else int(found[1]) <= 2, found[0]
 
 
 DASHBOARD_PARTS = """
-import json, sys
-from cluster.local_head import OWNER_FILE, embedded_head, session_processes
+import sys
 import ray
 import ray.experimental.internal_kv as kv
 from ray.util.state import list_actors
@@ -151,9 +165,7 @@ with embedded_head(2, 100, dashboard=sys.argv[1] == "on") as head:
     ray.init(address=head.gcs_address)
     actor = Idle.remote()
     ray.get(actor.ping.remote())
-    session = json.loads((head.temp_dir / OWNER_FILE).read_text())["head"]
-    titles = [open(f"/proc/{pid}/cmdline", "rb").read() for pid in session_processes(session)]
-    print("dashboard modules", sum(title.startswith(b"ray-dashboard-") for title in titles), flush=True)
+    print("dashboard modules", sum(title.startswith(b"ray-dashboard-") for title in head_titles(head)), flush=True)
     print("recorded", kv._internal_kv_get("dashboard", namespace="dashboard").decode(), "url", head.dashboard_url, flush=True)
     try:
         # Addressed to this head: without an address Ray picks whichever cluster it finds on the
@@ -172,13 +184,10 @@ def test_the_dashboard_modules_run_only_when_asked_for(dashboard):
     """By default the embedded head starts no dashboard module (their processes took CPU from the
     ranks), and a state query addressed to it fails at its own dashboard address with Ray's
     "ServerUnavailable"; with the dashboard asked for, the modules run and the state API answers."""
-    result = subprocess.run([sys.executable, "-c", DASHBOARD_PARTS, dashboard], cwd=REPO,
-                            capture_output=True, text=True, timeout=150)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = run_head_script(DASHBOARD_PARTS, dashboard)
     modules = re.search(r"dashboard modules (\d+)", out)
     recorded = re.search(r"recorded (\S+) url (\S+)", out)
-    assert modules and recorded, out + result.stderr[-2000:]
+    assert modules and recorded, out
     if dashboard == "off":
         assert int(modules[1]) == 0 and recorded[2] == "None", out
         assert f"state query failed: Failed to make request to http://{recorded[1]}/api/v0/actors" in out, out
