@@ -19,8 +19,9 @@ class SampledShard:
     ("epoch:shard" joined by commas, in the run's order), the shard's (or this rank's stripe of its)
     positives, shuffled, with their sampled negatives; every draw from (seed, epoch, shard). A
     task's output is the concatenation of its units' outputs, and no block it yields holds rows of
-    two units, so grouping units into tasks changes no row. (Ray Data may still join a task's
-    blocks into larger ones: the stream cuts those at each epoch's end.)
+    two units, so grouping units into tasks changes no row. (Ray Data may still join a unit's last,
+    shorter block to the next unit's first: the stream cuts blocks at each epoch's end, and its
+    shuffle takes rows in chunks of a fixed size, whatever the blocks.)
 
     The blocks are Arrow tables, not dicts of numpy arrays. Ray Data (2.60) turns a dict into a
     table column by column after asking `pyarrow.infer_type` for each column's type, which walks
@@ -29,12 +30,19 @@ class SampledShard:
     (py-spy), and the task workers are not bound to a rank's CPUs: they took CPU from the ranks. A
     synthetic 10M dataset's shard (4.67M rows) now costs its task 0.85 s of CPU instead of 2.1-2.3."""
 
-    def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None,
-                 files: dict[int, str]) -> None:
-        self.sampler, self.seed, self.stripe, self.files = sampler, seed, stripe, files
-
     BLOCK_ROWS = 262_144
-    """Rows per output block (about 6 MB)."""
+    """Rows per output block, at most (about 5 MB): each block is one slice of the shard's shuffled
+    positives with their negatives."""
+
+    def __init__(self, sampler: NegativeSampler, seed: int, stripe: tuple[int, int] | None,
+                 files: dict[int, str], block_rows: int = BLOCK_ROWS) -> None:
+        self.sampler, self.seed, self.stripe, self.files = sampler, seed, stripe, files
+        self.positives_per_block = max(1, block_rows // sampler.expanded_rows(1))
+
+    def block_bytes(self) -> int:
+        """Bytes of a whole block (the last one of a shard is shorter)."""
+        one = self.sampler({"user_id": np.zeros(1, np.int64), "item_id": np.zeros(1, np.int64)}, np.random.default_rng(0))
+        return self.positives_per_block * sum(values.nbytes for values in one.values())
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         (units,) = batch["units"]
@@ -51,13 +59,16 @@ class SampledShard:
             rank, world = self.stripe
             mine = {name: values[rank::world] for name, values in positives.items()}
         order = rng.permutation(len(mine["user_id"]))
-        expanded = with_negatives(self.sampler, {name: values[order] for name, values in mine.items()}, rng, known)
-        # Blocks of BLOCK_ROWS rather than one per shard: a 100M-interaction dataset's shard expands to
-        # about 7M rows (170 MB), which a 512 MB object store would spill to disk, and a block is
-        # only released when its last row has been trained on.
-        rows = len(expanded["user_id"])
-        for start in range(0, rows, self.BLOCK_ROWS):
-            yield pa.table({name: values[start : start + self.BLOCK_ROWS] for name, values in expanded.items()})
+        # Negatives are drawn a block's worth of positives at a time (as ParquetFilesSource does under
+        # torchrun), and each block is yielded as soon as it is drawn: Ray holds a task back while its
+        # consumer leaves blocks unread, so the sampling runs at the trainer's pace rather than a
+        # whole shard at once beside it (at 100M interactions, 7M rows that slowed both ranks at
+        # every shard boundary), and the task holds one block of expanded rows, not its shard's.
+        # (The stream keeps Ray Data from joining these blocks: RayRankStream.pipeline.)
+        for first in range(0, len(order), self.positives_per_block):
+            index = order[first : first + self.positives_per_block]
+            expanded = with_negatives(self.sampler, {name: values[index] for name, values in mine.items()}, rng, known)
+            yield pa.table(expanded)
 
 
 def group_units(units: list[tuple[int, int]], positives: list[int], task_positives: int) -> list[str]:

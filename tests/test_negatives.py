@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from core.dataset_format import PreparedDataset
@@ -70,23 +71,50 @@ def test_an_epoch_is_the_same_for_the_same_seed_and_differs_across_epochs(ml100k
     assert not all((a["item_id"] == b["item_id"]).all() for a, b in zip(first, other))
 
 
-def test_ray_shard_task_yields_the_same_rows_in_blocks(ml100k):
-    """A Ray Data shard task's output, cut into blocks, is the one-block output in the same order."""
+class CountingSampler(NegativeSampler):
+    """A NegativeSampler that records how many positives each call expanded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.expanded: list[int] = []
+
+    def __call__(self, batch, rng=None, known_keys=None):
+        self.expanded.append(len(batch["user_id"]))
+        return super().__call__(batch, rng, known_keys)
+
+
+def test_ray_shard_task_yields_each_block_as_soon_as_its_negatives_are_drawn(ml100k):
+    """A shard task draws negatives one block's worth of positives at a time and yields that block
+    before drawing the next: its first block does not wait for the whole shard's sampling (at 100M
+    interactions that wait stalled both ranks at every shard boundary). Together its blocks hold
+    each of the shard's positives once, each block with its own positives' negatives, and the same
+    seed gives the same blocks."""
     from cluster.shard_sampling import SampledShard
 
     dataset = PreparedDataset.open(ml100k)
     task = {"units": ["2:1"]}
     files = {1: str(dataset.shard_file("train", 1))}
-    sampler = NegativeSampler(dataset.num_items, 4)
-    whole = SampledShard(sampler, 3, None, files)
-    whole.BLOCK_ROWS = 10**9
-    (single,) = map(columns, whole(task))
-    cut = SampledShard(sampler, 3, None, files)
-    cut.BLOCK_ROWS = 1000
-    blocks = list(map(columns, cut(task)))
-    assert len(blocks) == -(-len(single["label"]) // 1000) > 1
-    for name, values in single.items():
-        assert np.array_equal(np.concatenate([block[name] for block in blocks]), values)
+    sampler = CountingSampler(dataset.num_items, 4)
+    cut = SampledShard(sampler, 3, None, files, block_rows=1000)  # 200 positives and their 800 negatives a block
+    blocks = cut(task)
+    first = columns(next(blocks))
+    assert sampler.expanded == [200]  # nothing beyond the first block was drawn yet
+    rest = list(map(columns, blocks))
+    shard = pq.read_table(files[1], columns=["user_id", "item_id"])
+    assert len(rest) + 1 == -(-shard.num_rows // 200) > 1
+    key = lambda users, items: np.sort(users.astype(np.int64) * dataset.num_items + items)  # noqa: E731
+    positive_keys = []
+    for block in [first, *rest]:
+        positive, negative = block["label"] == 1, block["label"] == 0
+        assert len(block["label"]) <= 1000 and negative.sum() == 4 * positive.sum()
+        # a block's negatives belong to its own positives' users, four each
+        assert np.array_equal(np.sort(block["user_id"][negative]), np.sort(np.repeat(block["user_id"][positive], 4)))
+        positive_keys.append(block["user_id"][positive] * dataset.num_items + block["item_id"][positive])
+    assert np.array_equal(np.sort(np.concatenate(positive_keys)),
+                          key(shard.column("user_id").to_numpy(), shard.column("item_id").to_numpy()))
+    repeat = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files, block_rows=1000)
+    for a, b in zip([first, *rest], map(columns, repeat(task)), strict=True):
+        assert all(np.array_equal(a[name], b[name]) for name in a)
 
 
 def test_a_task_of_several_units_yields_each_units_rows_in_turn(ml100k):
@@ -96,8 +124,7 @@ def test_a_task_of_several_units_yields_each_units_rows_in_turn(ml100k):
 
     dataset = PreparedDataset.open(ml100k)
     files = {shard: str(dataset.shard_file("train", shard)) for shard in (1, 3)}
-    task = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files)
-    task.BLOCK_ROWS = 7_000  # a shard's rows in several blocks, the last one short
+    task = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files, block_rows=7_000)  # a shard in several blocks, the last one short
     grouped = list(map(columns, task({"units": ["2:3,2:1,3:1"]})))
     alone = list(map(columns, [*task({"units": ["2:3"]}), *task({"units": ["2:1"]}), *task({"units": ["3:1"]})]))
     assert len(grouped) == len(alone) >= 6

@@ -211,6 +211,26 @@ def test_shuffled_batches_mix_blocks_and_keep_every_row_once():
     assert np.array_equal(in_order, np.arange(total // 64 * 64))
 
 
+def test_shuffled_batches_depend_on_the_rows_not_on_where_the_blocks_end(monkeypatch):
+    """The Ray stream's blocks end wherever Ray Data's buffers did (a resumed epoch's pipeline cuts
+    them elsewhere than the run's): the batches must be the same for the same rows in any blocks."""
+    import trainers.batches
+    from trainers.batches import shuffled_batches
+
+    monkeypatch.setattr(trainers.batches, "SHUFFLE_CHUNK_ROWS", 250)  # several chunks in 1,107 rows
+    rows = np.arange(1107)
+
+    def in_blocks(ends: list[int]) -> list[dict[str, np.ndarray]]:
+        return [{"user_id": rows[a:b], "label": rows[a:b] * 2.0} for a, b in zip([0, *ends], [*ends, len(rows)])]
+
+    splits = [[], [250, 500, 750, 1000], [40, 300, 301, 840], [7, 600, 610, 620]]
+    runs = [list(shuffled_batches(iter(in_blocks(ends)), 64, buffer_rows=100, seed=3)) for ends in splits]
+    for other in runs[1:]:
+        assert len(other) == len(runs[0]) == 1107 // 64
+        assert all(np.array_equal(a["user_id"], b["user_id"]) and np.array_equal(a["label"], b["label"])
+                   for a, b in zip(runs[0], other))
+
+
 def _fit_recording(rank: int, world: int, config_json: str, run_dir: str, record_dir: str) -> list[int]:
     """Trainer.fit on a pyarrow source, recording each step's positives; returns the epochs whose
     prefetcher had been started ahead, during the epoch before."""
