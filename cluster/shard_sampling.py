@@ -41,8 +41,10 @@ class SampledShard:
 
     def block_bytes(self) -> int:
         """Bytes of a whole block (the last one of a shard is shorter)."""
-        one = self.sampler({"user_id": np.zeros(1, np.int64), "item_id": np.zeros(1, np.int64)}, np.random.default_rng(0))
-        return self.positives_per_block * sum(values.nbytes for values in one.values())
+        # The columns' widths from expanding no positive at all (no draw, no redraw counted)
+        none = {"user_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}
+        row_bytes = sum(values.itemsize for values in self.sampler(none, np.random.default_rng(0)).values())
+        return self.sampler.expanded_rows(self.positives_per_block) * row_bytes
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         (units,) = batch["units"]
