@@ -34,8 +34,7 @@ class RayRankStream:
     """A BatchSource for one Ray Train worker (see the module docstring)."""
 
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
-                 rank: int, world_size: int, seed: int, last_epoch: int | None = None,
-                 block_rows: int = SampledShard.BLOCK_ROWS) -> None:
+                 rank: int, world_size: int, seed: int, last_epoch: int | None = None) -> None:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
@@ -50,8 +49,6 @@ class RayRankStream:
         self.seed = seed + 1000 * rank
         self.last_epoch = last_epoch
         """The pipeline runs through this epoch (None: one epoch per pipeline)."""
-        self.block_rows = block_rows
-        """Rows of a whole block of the shard tasks (see SampledShard)."""
         self._blocks: _EpochBlocks | None = None
 
     def batches_in_epoch(self, epoch: int) -> int:
@@ -89,36 +86,24 @@ class RayRankStream:
         positives = [self.shard_positives[shard] for _, shard in units]
         return [{"units": group} for group in group_units(units, positives, self.TASK_POSITIVES)]
 
-    BLOCKS_AHEAD = 8
-    """Object store a rank's pipeline may fill ahead of its trainer, in whole blocks (about 40 MB)."""
-
     def pipeline(self, first_epoch: int, last_epoch: int) -> ray.data.Dataset:
         """One lazy dataset for epochs first..last: tasks of whole shards in each epoch's seeded order,
         epoch after epoch (a task may end one epoch and begin the next); blocks come back in that
         order."""
         tasks = self.tasks(first_epoch, last_epoch)
         stripe = (self.rank, self.world_size) if self.striped else None
-        shard_task = SampledShard(self.sampler, self.seed, stripe, self.files, self.block_rows)
         # Half a CPU a task: with whole-CPU tasks, the 2-core machine's one free CPU ran one rank's
         # shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k samples/s).
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            shard_task, batch_size=1, batch_format="numpy", num_cpus=0.5)
-        context = dataset.context
-        context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
-        context.enable_progress_bars = False
-        # Each block the task yields goes out on its own. Left at Ray Data's default (128 MB), a task's
-        # blocks were joined into 128 MB ones: the first came out only when most of a 100M dataset's
-        # shard was sampled, and a task was never held back by its consumer (Ray pauses a task two
-        # of *those* blocks ahead). A whole block is above 0.8 of its size, and below the 1.5 times
-        # of it at which Ray Data would cut a block.
-        context.target_max_block_size = int(0.8 * shard_task.block_bytes())
-        # Each rank's pipeline runs its own executor, and each took the node's whole object-store
-        # share for itself: at 100M the two ranks' pipelines sampled 3-4 shards ahead (1.2 GB) into
-        # a 512 MB store, which spilled 700 MB to disk. A few blocks cover a task's start (its shard's
-        # read and pair keys, well under a second), and tasks then run at the trainer's pace.
-        context.execution_options.resource_limits = ray.data.ExecutionResources.for_limits(
-            object_store_memory=self.BLOCKS_AHEAD * shard_task.block_bytes())
-        pace_idle_executors(context)  # the executor thread shares the trainer's process
+            SampledShard(self.sampler, self.seed, stripe, self.files), batch_size=1, batch_format="numpy", num_cpus=0.5)
+        dataset.context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
+        dataset.context.enable_progress_bars = False
+        # Not set: Ray Data's block size (it joins a task's blocks into blocks of up to 128 MB, so a
+        # 100M dataset's shard task runs ahead unchecked) and an object-store cap per pipeline. Both
+        # together removed the shard-boundary stalls in 2,500-step runs at 100M, but a whole epoch
+        # then hung after 4,800 steps: one rank's executor stopped reading its paused task's blocks
+        # while that rank waited for them.
+        pace_idle_executors(dataset.context)  # the executor thread shares the trainer's process
         return dataset
 
     DRAIN_ROWS = 2_000_000

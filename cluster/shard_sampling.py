@@ -19,9 +19,9 @@ class SampledShard:
     ("epoch:shard" joined by commas, in the run's order), the shard's (or this rank's stripe of its)
     positives, shuffled, with their sampled negatives; every draw from (seed, epoch, shard). A
     task's output is the concatenation of its units' outputs, and no block it yields holds rows of
-    two units, so grouping units into tasks changes no row. (Ray Data may still join a unit's last,
-    shorter block to the next unit's first: the stream cuts blocks at each epoch's end, and its
-    shuffle takes rows in chunks of a fixed size, whatever the blocks.)
+    two units, so grouping units into tasks changes no row. (Ray Data may still join a task's
+    blocks into larger ones: the stream cuts blocks at each epoch's end, and its shuffle takes
+    rows in chunks of a fixed size, whatever the blocks.)
 
     The blocks are Arrow tables, not dicts of numpy arrays. Ray Data (2.60) turns a dict into a
     table column by column after asking `pyarrow.infer_type` for each column's type, which walks
@@ -39,13 +39,6 @@ class SampledShard:
         self.sampler, self.seed, self.stripe, self.files = sampler, seed, stripe, files
         self.positives_per_block = max(1, block_rows // sampler.expanded_rows(1))
 
-    def block_bytes(self) -> int:
-        """Bytes of a whole block (the last one of a shard is shorter)."""
-        # The columns' widths from expanding no positive at all (no draw, no redraw counted)
-        none = {"user_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}
-        row_bytes = sum(values.itemsize for values in self.sampler(none, np.random.default_rng(0)).values())
-        return self.sampler.expanded_rows(self.positives_per_block) * row_bytes
-
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         (units,) = batch["units"]
         for epoch, shard in parse_units(str(units)):
@@ -62,11 +55,10 @@ class SampledShard:
             mine = {name: values[rank::world] for name, values in positives.items()}
         order = rng.permutation(len(mine["user_id"]))
         # Negatives are drawn a block's worth of positives at a time (as ParquetFilesSource does under
-        # torchrun), and each block is yielded as soon as it is drawn: Ray holds a task back while its
-        # consumer leaves blocks unread, so the sampling runs at the trainer's pace rather than a
-        # whole shard at once beside it (at 100M interactions, 7M rows that slowed both ranks at
-        # every shard boundary), and the task holds one block of expanded rows, not its shard's.
-        # (The stream keeps Ray Data from joining these blocks: RayRankStream.pipeline.)
+        # torchrun), and each block is yielded as soon as it is drawn: the task never holds its
+        # shard's expanded rows (about 140 MB at 100M interactions), only one block of them. (Ray
+        # Data still joins the blocks into ones of up to 128 MB before its executor sees them, so the
+        # task is not yet held to its trainer's pace: RayRankStream.pipeline says why.)
         for first in range(0, len(order), self.positives_per_block):
             index = order[first : first + self.positives_per_block]
             expanded = with_negatives(self.sampler, {name: values[index] for name, values in mine.items()}, rng, known)

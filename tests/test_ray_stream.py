@@ -67,35 +67,3 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
         cwd=REPO, capture_output=True, text=True, timeout=200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-
-def check_pipeline_blocks(data: str) -> None:
-    """The checks of the test below, in a process of their own."""
-    from cluster.rank_stream import RayRankStream
-    from cluster.ray_cluster import ray_cluster
-
-    dataset = PreparedDataset.open(data)
-    stream = RayRankStream(dataset, NegativeSampler(dataset.num_items, 4), 512, 0, rank=0, world_size=2, seed=7,
-                           last_epoch=2, block_rows=1000)
-    # Not vacuous: the two epochs' units are one task, whose rows Ray Data's default would join
-    tasks = stream.tasks(1, 2)
-    assert len(tasks) == 1 and len(tasks[0]["units"].split(",")) >= 4
-    with ray_cluster(ClusterSection(), log=False):
-        pipeline = stream.pipeline(1, 2)
-        limit = pipeline.context.execution_options.resource_limits.object_store_memory
-        assert limit == RayRankStream.BLOCKS_AHEAD * 200 * (8 + 8 + 4) * 5  # blocks of 200 positives, 1000 rows
-        sizes = [len(block["label"]) for block in pipeline.iter_batches(batch_size=None, batch_format="numpy")]
-    assert sum(sizes) == 2 * stream.epoch_rows()
-    # each 1,000-row block of the task on its own; a unit's last, shorter one may join the next unit's first
-    assert max(sizes) < 2000 and sizes.count(1000) >= 0.9 * len(sizes) > 100, sizes
-
-
-def test_the_pipeline_hands_out_the_shard_tasks_blocks_as_they_are_made(ml100k):
-    """Ray Data joins what a task yields into blocks of up to 128 MB before its executor sees them,
-    and a task is held back only two such blocks ahead of its consumer: at 100M interactions a
-    shard's first rows came out after most of the shard was sampled, and the ranks' pipelines
-    sampled shards ahead into a spilling object store. The stream's pipeline keeps the task's
-    blocks as they are, and bounds the object store it may fill."""
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_ray_stream import check_pipeline_blocks; check_pipeline_blocks({str(ml100k)!r})"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
