@@ -66,4 +66,3 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
         [sys.executable, "-c", f"from tests.test_ray_stream import check_stream_epochs; check_stream_epochs({str(ml100k)!r})"],
         cwd=REPO, capture_output=True, text=True, timeout=200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-

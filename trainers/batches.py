@@ -202,6 +202,7 @@ def fixed_chunks(blocks: Iterator[Batch], rows: int) -> Iterator[Batch]:
 
 
 def _joined(parts: list[Batch]) -> Batch:
+    """The rows of `parts`, in order, as one batch (the one part itself, uncopied, when alone)."""
     if len(parts) == 1:
         return parts[0]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
@@ -241,7 +242,7 @@ def shuffled_batches(blocks: Iterator[Batch], batch_size: int, buffer_rows: int,
     # that begins inside a task's output, or a pipeline started at a resumed epoch, gives other
     # block boundaries), and a resumed epoch must see the same batches as the original one.
     for block in fixed_chunks(blocks, SHUFFLE_CHUNK_ROWS):
-        pool = block if pool is None else {name: np.concatenate([pool[name], block[name]]) for name in pool}
+        pool = block if pool is None else _joined([pool, block])
         rows = len(next(iter(pool.values())))
         whole = (rows - buffer_rows) // batch_size * batch_size
         if whole <= 0:
