@@ -22,7 +22,7 @@ from typing import Callable
 import ray
 import ray.data
 
-import cluster.shard_sampling  # noqa: F401  (what a task worker booted here has imported)
+from cluster.shard_sampling import SHARD_TASK_CPUS  # also what a task worker booted here has imported
 
 
 def start_ray_data_helpers(say: Callable[[str], None]) -> None:
@@ -42,7 +42,7 @@ def start_ray_data_helpers(say: Callable[[str], None]) -> None:
         ray_data_log.setLevel(level)
 
 
-@ray.remote(num_cpus=0.5)  # the shard tasks' own size (cluster/rank_stream.py)
+@ray.remote(num_cpus=SHARD_TASK_CPUS)  # the shard tasks' own size
 def _import_shard_sampler() -> int:
     """Runs in a new task worker, which imports this module, and with it the shard sampler."""
     return os.getpid()

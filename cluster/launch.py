@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 
 from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
@@ -13,9 +14,10 @@ from cluster.process_group import RankGroupConfig
 from cluster.rank_trainer import RankTrainer
 from cluster.rank_stream import RayRankStream
 from cluster.sequences import build_with_ray
-from core.config import RunConfig, config_from_json
+from cluster.shard_sampling import SHARD_TASK_CPUS
+from core.config import ClusterSection, RunConfig, config_from_json
 from core.dataset_format import PreparedDataset
-from core.errors import TrainingFailed
+from core.errors import TrainingFailed, UserError
 from core.model_params import is_sequence_model
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
@@ -71,6 +73,7 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
             say("building per-user sequences with Ray Data (once per dataset)")
             build_with_ray(dataset, say)
     else:  # interaction models stream through Ray Data
+        check_task_cpus(section, ray.cluster_resources().get("CPU", 0.0))
         start_ray_data_helpers(say)
     trainer = RankTrainer(
         ray_train_loop,
@@ -105,6 +108,19 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
     if not summary_file.exists():
         raise TrainingFailed(f"training ended without writing {summary_file}")
     return json.loads(summary_file.read_text())
+
+
+def check_task_cpus(section: ClusterSection, cluster_cpus: float) -> None:
+    """Refuse a cluster without the CPU for one shard task per rank beside the ranks' own. Each
+    rank's Ray Data pipeline runs one shard task at a time (RayRankStream.pipeline), and a paused
+    task keeps its CPU: with fewer, some rank's task could never start, and the job would hang."""
+    needed = section.num_workers * (section.cpus_per_worker + SHARD_TASK_CPUS)
+    if cluster_cpus + 1e-9 < needed:
+        raise UserError(
+            f"the Ray cluster has {cluster_cpus:g} CPUs; {section.num_workers} workers need {needed:g}: "
+            f"cluster.cpus_per_worker ({section.cpus_per_worker:g}) each, and {SHARD_TASK_CPUS:g} each for "
+            "their Ray Data shard tasks. Add CPUs (or nodes), lower cluster.cpus_per_worker, or use "
+            "fewer workers")
 
 
 def _ray_error_head(exc: Exception, max_lines: int = 12) -> str:

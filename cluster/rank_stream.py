@@ -9,7 +9,8 @@ back in that order (`preserve_order`) and are batched through a shuffle buffer w
 own. So the epoch's batches are the same on every run (however the shards are grouped into
 tasks), and a resumed epoch that skips the batches already trained continues with exactly the
 rows that were not (exactly-once positives, as under torchrun).
-Ray Data still runs the reads and the sampling in parallel tasks, ahead of the training step.
+Ray Data still runs the reads and the sampling in a task beside the training step, held to the
+trainer's pace (`pipeline`).
 
 One pipeline serves the whole run (an epoch's tasks, epoch after epoch), so Ray Data works
 through evaluations into the next epoch, and an epoch costs no new pipeline: at ML-100K size a
@@ -26,7 +27,7 @@ import ray.data
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
 from cluster.ray_data_pacing import pace_idle_executors
-from cluster.shard_sampling import SampledShard, group_units
+from cluster.shard_sampling import SHARD_TASK_CPUS, SampledShard, group_units
 from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches
 
 
@@ -34,7 +35,8 @@ class RayRankStream:
     """A BatchSource for one Ray Train worker (see the module docstring)."""
 
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
-                 rank: int, world_size: int, seed: int, last_epoch: int | None = None) -> None:
+                 rank: int, world_size: int, seed: int, last_epoch: int | None = None,
+                 block_rows: int = SampledShard.BLOCK_ROWS) -> None:
         self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
@@ -49,6 +51,8 @@ class RayRankStream:
         self.seed = seed + 1000 * rank
         self.last_epoch = last_epoch
         """The pipeline runs through this epoch (None: one epoch per pipeline)."""
+        self.block_rows = block_rows
+        """Rows of a whole block of the shard tasks (see SampledShard)."""
         self._blocks: _EpochBlocks | None = None
 
     def batches_in_epoch(self, epoch: int) -> int:
@@ -92,18 +96,26 @@ class RayRankStream:
         order."""
         tasks = self.tasks(first_epoch, last_epoch)
         stripe = (self.rank, self.world_size) if self.striped else None
-        # Half a CPU a task: with whole-CPU tasks, the 2-core machine's one free CPU ran one rank's
-        # shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k samples/s).
+        shard_task = SampledShard(self.sampler, self.seed, stripe, self.files, self.block_rows)
+        # One shard task at a time per rank (`concurrency=1`). A task that Ray pauses because its
+        # blocks wait unread keeps its CPU, and the ranks' pipelines share the cluster's free CPUs:
+        # with tasks of their own queued behind a rank's paused ones, another rank could get none, and
+        # wait for a block for ever while the first waited for it in a collective. (That hung a whole
+        # 100M epoch after 800 steps, with every free CPU held by the tasks of one rank.) The next
+        # task starts as soon as one ends; the blocks already made cover its shard's read.
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            SampledShard(self.sampler, self.seed, stripe, self.files), batch_size=1, batch_format="numpy", num_cpus=0.5)
-        dataset.context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
-        dataset.context.enable_progress_bars = False
-        # Not set: Ray Data's block size (it joins a task's blocks into blocks of up to 128 MB, so a
-        # 100M dataset's shard task runs ahead unchecked) and an object-store cap per pipeline. Both
-        # together removed the shard-boundary stalls in 2,500-step runs at 100M, but a whole epoch
-        # then hung after 4,800 steps: one rank's executor stopped reading its paused task's blocks
-        # while that rank waited for them.
-        pace_idle_executors(dataset.context)  # the executor thread shares the trainer's process
+            shard_task, batch_size=1, batch_format="numpy", num_cpus=SHARD_TASK_CPUS, concurrency=1)
+        context = dataset.context
+        context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
+        context.enable_progress_bars = False
+        # Each block the task yields goes out on its own. Left at Ray Data's default (128 MB), a task's
+        # blocks were joined into 128 MB ones: the first came out only when most of a 100M dataset's
+        # shard was sampled, so the task was never held back by its consumer (Ray pauses a task two
+        # of *those* blocks ahead), and the ranks' tasks sampled whole shards in bursts beside
+        # training, which slowed the steps at every shard boundary. A whole block is above 0.8 of
+        # the target, and below the 1.5 times of it at which Ray Data would cut a block.
+        context.target_max_block_size = int(0.8 * shard_task.block_bytes())
+        pace_idle_executors(context)  # the executor thread shares the trainer's process
         return dataset
 
     DRAIN_ROWS = 2_000_000
@@ -133,9 +145,10 @@ class RayRankStream:
 
 class _EpochBlocks:
     """The blocks of a pipeline over consecutive epochs, handed out an epoch at a time: an epoch's
-    rows are the next ones, up to its row count. Ray Data joins the blocks a task yields into
-    larger ones, so a task that ends one epoch and begins the next can return a block holding
-    both: it is cut where the epoch ends, and the rest opens the next epoch."""
+    rows are the next ones, up to its row count. Ray Data may join the blocks a task yields (a
+    shard's last, short block with the next shard's first), so a task that ends one epoch and
+    begins the next can return a block holding both: it is cut where the epoch ends, and the rest
+    opens the next epoch."""
 
     def __init__(self, blocks: Iterable[Batch], before_first: int, last_epoch: int) -> None:
         self.blocks, self.epoch, self.last_epoch = iter(blocks), before_first, last_epoch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from typing import Callable, Iterator
 
@@ -11,6 +12,7 @@ import ray
 import ray.data
 
 from cluster.local_head import LOOPBACK_ENV, embedded_head
+from cluster.shard_sampling import SHARD_TASK_CPUS
 from core.config import ClusterSection
 
 
@@ -47,6 +49,12 @@ def one_malloc_arena(tunables: str | None) -> str:
     return ":".join([*kept, setting])
 
 
+def embedded_cpus(section: ClusterSection) -> int:
+    """CPUs of an embedded cluster: the workers' own and a shard task's for each of them
+    (cluster.launch.check_task_cpus), and at least 2."""
+    return max(2, math.ceil(section.num_workers * (section.cpus_per_worker + SHARD_TASK_CPUS) - 1e-9))
+
+
 @contextlib.contextmanager
 def ray_cluster(section: ClusterSection, log: bool = True,
                 while_starting: Callable[[], None] | None = None) -> Iterator[str]:
@@ -70,7 +78,7 @@ def ray_cluster(section: ClusterSection, log: bool = True,
         finally:
             ray.shutdown()
         return
-    cpus = max(2, int(section.num_workers * section.cpus_per_worker + 1.999))
+    cpus = embedded_cpus(section)
     os.environ.update(EMBEDDED_JOB_ENV)
     with embedded_head(cpus, section.object_store_mb, while_starting=while_starting,
                        dashboard=section.embedded_dashboard) as head:

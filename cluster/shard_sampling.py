@@ -14,13 +14,20 @@ import pyarrow.parquet as pq
 from core.negatives import NegativeSampler, with_negatives
 
 
+SHARD_TASK_CPUS = 0.5
+"""Ray CPU resource of a shard task. Half a CPU: with whole-CPU tasks, the 2-core machine's one free
+CPU ran one rank's shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k
+samples/s). Every rank runs one shard task at a time (RayRankStream.pipeline), so a cluster needs
+this much CPU per rank beside its workers' own (`cluster.launch.check_task_cpus`)."""
+
+
 class SampledShard:
     """Ray Data map: one task item {"units"} -> for each of its (epoch, shard) units in turn
     ("epoch:shard" joined by commas, in the run's order), the shard's (or this rank's stripe of its)
     positives, shuffled, with their sampled negatives; every draw from (seed, epoch, shard). A
     task's output is the concatenation of its units' outputs, and no block it yields holds rows of
-    two units, so grouping units into tasks changes no row. (Ray Data may still join a task's
-    blocks into larger ones: the stream cuts blocks at each epoch's end, and its shuffle takes
+    two units, so grouping units into tasks changes no row. (Where Ray Data joins or cuts a task's
+    blocks does not matter either: the stream cuts blocks at each epoch's end, and its shuffle takes
     rows in chunks of a fixed size, whatever the blocks.)
 
     The blocks are Arrow tables, not dicts of numpy arrays. Ray Data (2.60) turns a dict into a
@@ -39,6 +46,13 @@ class SampledShard:
         self.sampler, self.seed, self.stripe, self.files = sampler, seed, stripe, files
         self.positives_per_block = max(1, block_rows // sampler.expanded_rows(1))
 
+    def block_bytes(self) -> int:
+        """Bytes of a whole block (a shard's last one is shorter)."""
+        # The columns' widths from expanding no positive at all (no draw, no redraw counted)
+        none = {"user_id": np.zeros(0, np.int64), "item_id": np.zeros(0, np.int64)}
+        row_bytes = sum(values.itemsize for values in self.sampler(none, np.random.default_rng(0)).values())
+        return self.sampler.expanded_rows(self.positives_per_block) * row_bytes
+
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
         (units,) = batch["units"]
         for epoch, shard in parse_units(str(units)):
@@ -56,9 +70,9 @@ class SampledShard:
         order = rng.permutation(len(mine["user_id"]))
         # Negatives are drawn a block's worth of positives at a time (as ParquetFilesSource does under
         # torchrun), and each block is yielded as soon as it is drawn: the task never holds its
-        # shard's expanded rows (about 140 MB at 100M interactions), only one block of them. (Ray
-        # Data still joins the blocks into ones of up to 128 MB before its executor sees them, so the
-        # task is not yet held to its trainer's pace: RayRankStream.pipeline says why.)
+        # shard's expanded rows (about 140 MB at 100M interactions), only one block of them, and the
+        # rank's pipeline passes each block on as it is (RayRankStream.pipeline): Ray pauses the
+        # task while its blocks wait unread, so it samples at its trainer's pace.
         for first in range(0, len(order), self.positives_per_block):
             index = order[first : first + self.positives_per_block]
             expanded = with_negatives(self.sampler, {name: values[index] for name, values in mine.items()}, rng, known)

@@ -78,3 +78,27 @@ def test_ray_train_starts_no_dataset_manager_and_no_cleaner_on_an_embedded_clust
     assert _callbacks(RankTrainer, tmp_path, embedded=False) == [n for n in ray_train_own if n != unused[0]]
     with pytest.raises(ValueError, match="takes no datasets"):
         RankTrainer(lambda config: None, embedded=True, datasets={"train": object()})
+
+
+def test_a_cluster_without_a_shard_task_cpu_per_rank_is_refused_before_training():
+    """Each rank's pipeline runs one shard task at a time, and a paused task keeps its CPU: a cluster
+    without that CPU for every rank, beside the ranks' own, would hang a job (see
+    test_ray_stream.py), so it is refused with a message that says what to change."""
+    from cluster.launch import check_task_cpus
+    from cluster.ray_cluster import embedded_cpus
+    from core.config import ClusterSection
+    from core.errors import UserError
+
+    two = ClusterSection(num_workers=2, cpus_per_worker=0.5)
+    check_task_cpus(two, 2.0)  # the 2-core machine's embedded cluster: 1 CPU for the ranks, 1 for their tasks
+    with pytest.raises(UserError, match=r"has 1.5 CPUs; 2 workers need 2: .*cpus_per_worker \(0.5\) each, and 0.5"):
+        check_task_cpus(two, 1.5)
+    four = ClusterSection(num_workers=4, cpus_per_worker=1.0)
+    with pytest.raises(UserError, match="4 workers need 6"):
+        check_task_cpus(four, 4.0)
+    # An embedded cluster is sized to pass the check: the workers' CPUs and a task's for each
+    for section in (two, four, ClusterSection(num_workers=3, cpus_per_worker=0.25), ClusterSection(num_workers=1)):
+        cpus = embedded_cpus(section)
+        check_task_cpus(section, cpus)
+        assert cpus >= 2
+    assert embedded_cpus(two) == 2 and embedded_cpus(four) == 6
