@@ -97,14 +97,15 @@ class RayRankStream:
         tasks = self.tasks(first_epoch, last_epoch)
         stripe = (self.rank, self.world_size) if self.striped else None
         shard_task = SampledShard(self.sampler, self.seed, stripe, self.files, self.block_rows)
-        # One shard task at a time per rank (`concurrency=1`). A task that Ray pauses because its
+        # One shard task at a time per rank (a task pool of one). A task that Ray pauses because its
         # blocks wait unread keeps its CPU, and the ranks' pipelines share the cluster's free CPUs:
         # with tasks of their own queued behind a rank's paused ones, another rank could get none, and
         # wait for a block for ever while the first waited for it in a collective. (That hung a whole
         # 100M epoch after 800 steps, with every free CPU held by the tasks of one rank.) The next
         # task starts as soon as one ends; the blocks already made cover its shard's read.
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
-            shard_task, batch_size=1, batch_format="numpy", num_cpus=SHARD_TASK_CPUS, concurrency=1)
+            shard_task, batch_size=1, batch_format="numpy", num_cpus=SHARD_TASK_CPUS,
+            compute=ray.data.TaskPoolStrategy(size=1))
         context = dataset.context
         context.execution_options.preserve_order = True  # blocks in the seeded (epoch, shard) order
         context.enable_progress_bars = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -14,6 +16,16 @@ from core.negatives import NegativeSampler
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
+
+
+def in_own_process(check: Callable[[str], None], data: Path) -> None:
+    """Run `check(data)` in a process of its own, as every Ray test here: Ray settles its
+    authentication mode when it is first imported, and in the test process that happens under
+    whatever environment came first."""
+    result = subprocess.run(
+        [sys.executable, "-c", f"from tests.test_ray_stream import {check.__name__}; {check.__name__}({str(data)!r})"],
+        cwd=REPO, capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def check_stream_epochs(data: str) -> None:
@@ -60,12 +72,7 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
     """One Ray Data pipeline serves a run's epochs. Each epoch's batches must still be a function of
     (seed, rank, epoch) alone: the same whether the epoch comes from the run's pipeline, after an
     epoch the trainer stopped early, or from a pipeline started at it (a resumed run)."""
-    # In a process of its own, as every Ray test here: Ray settles its authentication mode when it is
-    # first imported, and in the test process that happens under whatever environment came first.
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_ray_stream import check_stream_epochs; check_stream_epochs({str(ml100k)!r})"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    in_own_process(check_stream_epochs, ml100k)
 
 
 
@@ -93,10 +100,7 @@ def test_the_pipeline_hands_out_the_shard_tasks_blocks_as_they_are_made(ml100k):
     shard's first rows came out after most of the shard was sampled, and the ranks' tasks sampled
     whole shards in bursts beside training. The stream's pipeline keeps the task's blocks as they
     are, so Ray holds the task to its trainer's pace."""
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_ray_stream import check_pipeline_blocks; check_pipeline_blocks({str(ml100k)!r})"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    in_own_process(check_pipeline_blocks, ml100k)
 
 def check_lockstep_ranks(data: str) -> None:
     """The checks of the test below, in a process of their own."""
@@ -157,7 +161,4 @@ def test_ranks_read_in_lockstep_each_get_a_shard_task_when_tasks_pause(ml100k):
     pause mid-shard; two Ray Train workers' CPUs are reserved as Ray Train does, leaving one CPU:
     two half-CPU tasks. With a rank's tasks unbounded, its first two ran and paused and the other
     rank's first block never came (a whole 100M epoch hung that way after 800 steps)."""
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.test_ray_stream import check_lockstep_ranks; check_lockstep_ranks({str(ml100k)!r})"],
-        cwd=REPO, capture_output=True, text=True, timeout=200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    in_own_process(check_lockstep_ranks, ml100k)
