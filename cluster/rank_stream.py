@@ -99,10 +99,12 @@ class RayRankStream:
         shard_task = SampledShard(self.sampler, self.seed, stripe, self.files, self.block_rows)
         # One shard task at a time per rank (a task pool of one). A task that Ray pauses because its
         # blocks wait unread keeps its CPU, and the ranks' pipelines share the cluster's free CPUs:
-        # with tasks of their own queued behind a rank's paused ones, another rank could get none, and
-        # wait for a block for ever while the first waited for it in a collective. (That hung a whole
-        # 100M epoch after 800 steps, with every free CPU held by the tasks of one rank.) The next
-        # task starts as soon as one ends; the blocks already made cover its shard's read.
+        # one rank's paused tasks could hold them all, and the other rank's task wait for a CPU for
+        # ever while the first rank waited for that rank in a collective. (That hung a whole 100M
+        # epoch after 800 steps, both free half-CPUs held by one rank's tasks.) The next task starts
+        # as soon as one ends; the blocks already made cover its shard's read. No object-store cap
+        # either: Ray Data's default budget holds the task back (with a cap and several tasks, a
+        # later task's blocks, waiting for the task before them, filled it, and the pipeline stopped).
         dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks)).map_batches(
             shard_task, batch_size=1, batch_format="numpy", num_cpus=SHARD_TASK_CPUS,
             compute=ray.data.TaskPoolStrategy(size=1))
