@@ -13,6 +13,7 @@ from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
 from cluster.process_group import RankGroupConfig
 from cluster.rank_trainer import RankTrainer
 from cluster.rank_stream import RayRankStream
+from cluster.ray_cluster import ray_train_cpus
 from cluster.sequences import build_with_ray
 from cluster.shard_sampling import SHARD_TASK_CPUS
 from core.config import ClusterSection, RunConfig, config_from_json
@@ -114,7 +115,7 @@ def check_task_cpus(section: ClusterSection, cluster_cpus: float) -> None:
     """Refuse a cluster without the CPU for one shard task per rank beside the ranks' own. Each
     rank's Ray Data pipeline runs one shard task at a time (RayRankStream.pipeline), and a paused
     task keeps its CPU: with fewer, some rank's task could never start, and the job would hang."""
-    needed = section.num_workers * (section.cpus_per_worker + SHARD_TASK_CPUS)
+    needed = ray_train_cpus(section)
     if cluster_cpus + 1e-9 < needed:
         raise UserError(
             f"the Ray cluster has {cluster_cpus:g} CPUs; {section.num_workers} workers need {needed:g}: "

@@ -49,10 +49,15 @@ def one_malloc_arena(tunables: str | None) -> str:
     return ":".join([*kept, setting])
 
 
+def ray_train_cpus(section: ClusterSection) -> float:
+    """CPUs a Ray Train job of interaction models needs: each worker's own, and a shard task's for
+    each of them (one at a time per rank: RayRankStream.pipeline)."""
+    return section.num_workers * (section.cpus_per_worker + SHARD_TASK_CPUS)
+
+
 def embedded_cpus(section: ClusterSection) -> int:
-    """CPUs of an embedded cluster: the workers' own and a shard task's for each of them
-    (cluster.launch.check_task_cpus), and at least 2."""
-    return max(2, math.ceil(section.num_workers * (section.cpus_per_worker + SHARD_TASK_CPUS) - 1e-9))
+    """CPUs of an embedded cluster: what the job needs (`ray_train_cpus`), and at least 2."""
+    return max(2, math.ceil(ray_train_cpus(section) - 1e-9))
 
 
 @contextlib.contextmanager

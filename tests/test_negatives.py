@@ -102,16 +102,16 @@ def test_ray_shard_task_yields_each_block_as_soon_as_its_negatives_are_drawn(ml1
     rest = list(map(columns, blocks))
     shard = pq.read_table(files[1], columns=["user_id", "item_id"])
     assert len(rest) + 1 == -(-shard.num_rows // 200) > 1
-    key = lambda users, items: np.sort(users.astype(np.int64) * dataset.num_items + items)  # noqa: E731
-    positive_keys = []
+    positives = []  # each block's positive (user, item) keys
     for block in [first, *rest]:
         positive, negative = block["label"] == 1, block["label"] == 0
         assert len(block["label"]) <= 1000 and negative.sum() == 4 * positive.sum()
         # a block's negatives belong to its own positives' users, four each
         assert np.array_equal(np.sort(block["user_id"][negative]), np.sort(np.repeat(block["user_id"][positive], 4)))
-        positive_keys.append(block["user_id"][positive] * dataset.num_items + block["item_id"][positive])
-    assert np.array_equal(np.sort(np.concatenate(positive_keys)),
-                          key(shard.column("user_id").to_numpy(), shard.column("item_id").to_numpy()))
+        positives.append(block["user_id"][positive] * dataset.num_items + block["item_id"][positive])
+    assert np.array_equal(np.sort(np.concatenate(positives)),
+                          np.sort(shard.column("user_id").to_numpy().astype(np.int64) * dataset.num_items
+                                  + shard.column("item_id").to_numpy()))
     repeat = SampledShard(NegativeSampler(dataset.num_items, 4), 3, None, files, block_rows=1000)
     for a, b in zip([first, *rest], map(columns, repeat(task)), strict=True):
         assert all(np.array_equal(a[name], b[name]) for name in a)

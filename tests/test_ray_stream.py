@@ -75,7 +75,6 @@ def test_ray_stream_epochs_are_the_same_from_the_run_pipeline_or_fresh_ones(ml10
     in_own_process(check_stream_epochs, ml100k)
 
 
-
 def check_pipeline_blocks(data: str) -> None:
     """The checks of the test below, in a process of their own."""
     from cluster.rank_stream import RayRankStream
@@ -101,6 +100,7 @@ def test_the_pipeline_hands_out_the_shard_tasks_blocks_as_they_are_made(ml100k):
     whole shards in bursts beside training. The stream's pipeline keeps the task's blocks as they
     are, so Ray holds the task to its trainer's pace."""
     in_own_process(check_pipeline_blocks, ml100k)
+
 
 def check_lockstep_ranks(data: str) -> None:
     """The checks of the test below, in a process of their own."""
