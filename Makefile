@@ -29,7 +29,7 @@ demo: data
 	$(VENV)/bin/shardrec train --config launcher/configs/ncf_ml100k.toml --data.path $(DATA)
 
 test: venv
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=25 tests
 
 test-fast: venv
 	$(PY) -m pytest -ra -m "unit or distributed" tests

@@ -26,6 +26,7 @@ import time
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
 from core.config import ClusterSection, DataSection
+from core.rank_plan import RankPlan
 from trainers.batches import ParquetFilesSource
 
 BATCH = 1024
@@ -38,7 +39,7 @@ def pyarrow_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int)
         started = time.perf_counter()
         rows = 0
         for rank in range(2):  # sequentially: the ranks would run in parallel, so this is conservative
-            source = ParquetFilesSource(dataset, sampler, BATCH, rank, 2, seed=0)
+            source = ParquetFilesSource(dataset, sampler, BATCH, RankPlan(rank, 2, dataset.num_shards))
             rows += sum(len(b["label"]) for b in source.epoch(epoch))
         rates.append(rows / (time.perf_counter() - started))
     return rates
@@ -57,7 +58,7 @@ def ray_data_rows_per_s(dataset: PreparedDataset, data: DataSection, epochs: int
         start_ray_data_helpers(print)
         ray.get([boot_shard_task_worker() for _ in range(2)])
         # one pipeline for all the epochs, as a training run has (last_epoch)
-        streams = [RayRankStream(dataset, sampler, BATCH, data.shuffle_buffer, rank, 2, seed=0, last_epoch=epochs - 1)
+        streams = [RayRankStream(dataset, sampler, BATCH, data.shuffle_buffer, RankPlan(rank, 2, dataset.num_shards), last_epoch=epochs - 1)
                    for rank in range(2)]
         rates = []
         for epoch in range(epochs):

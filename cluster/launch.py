@@ -11,7 +11,7 @@ from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 
 from cluster.data_warmup import boot_shard_task_worker, start_ray_data_helpers
 from cluster.process_group import RankGroupConfig
-from cluster.rank_trainer import RankTrainer
+from upstream.ray_private import RankTrainer
 from cluster.rank_stream import RayRankStream
 from cluster.ray_cluster import ray_train_cpus
 from cluster.sequences import build_with_ray
@@ -22,6 +22,7 @@ from core.errors import TrainingFailed, UserError
 from core.model_params import is_sequence_model
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
+from core.rank_plan import RankPlan
 from trainers.batches import rank_source
 from trainers.distributed import setup, teardown
 from trainers.run_log import (
@@ -51,9 +52,10 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
             dataset = PreparedDataset.open(config.data.path)
             # Interaction models: this worker's own Ray Data pipeline over its own shards.
-            source = rank_source(config, dataset, context.rank, context.world_size, lambda sampler: RayRankStream(
-                dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, context.rank,
-                context.world_size, config.trainer.seed, last_epoch=config.trainer.epochs))
+            plan = RankPlan(context.rank, context.world_size, dataset.num_shards, config.trainer.seed)
+            source = rank_source(config, dataset, plan, lambda sampler: RayRankStream(
+                dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, plan,
+                last_epoch=config.trainer.epochs))
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
             Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)

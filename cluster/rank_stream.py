@@ -1,7 +1,7 @@
 """The Ray Data training stream of one rank: a pure function of (seed, epoch, rank) and the dataset.
 
 Each Ray Train worker runs its own Ray Data pipeline over its own train shards (dealt by
-`trainers.batches.rank_shards`, as the torchrun ranks' are): in an order drawn from (seed, epoch),
+`core.rank_plan.RankPlan`, as the torchrun ranks' are): in an order drawn from (seed, epoch),
 Ray tasks (a shard each, or several consecutive small ones, of one epoch or of consecutive
 epochs) read each shard, shuffle it and draw its negatives with a generator seeded by (seed,
 epoch, shard), against the shard's own positives (shards are user-partitioned). The blocks come
@@ -26,29 +26,30 @@ import ray.data
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
-from cluster.ray_data_pacing import pace_idle_executors
+from upstream.ray_private import pace_idle_executors
 from cluster.shard_sampling import SHARD_TASK_CPUS, SampledShard, group_units
-from trainers.batches import Batch, rank_rows, rank_shards, shuffled_batches
+from core.rank_plan import RankPlan
+from trainers.batches import Batch, shuffled_batches
 
 
 class RayRankStream:
     """A BatchSource for one Ray Train worker (see the module docstring)."""
 
+    independent_epochs = False
+    """Epochs share one pipeline: the next epoch continues where this one's blocks end."""
+
     def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, shuffle_buffer: int,
-                 rank: int, world_size: int, seed: int, last_epoch: int | None = None,
-                 block_rows: int = SampledShard.BLOCK_ROWS) -> None:
-        self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
+                 plan: RankPlan, last_epoch: int | None = None, block_rows: int = SampledShard.BLOCK_ROWS) -> None:
+        self.plan = plan
+        self.shards = plan.train_shards
         self.files = {int(shard): str(dataset.shard_file("train", int(shard))) for shard in self.shards}
         shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
-        self.shard_positives = {int(shard): rank_rows(shard_rows[i : i + 1], rank, world_size, self.striped)
-                                for i, shard in enumerate(self.shards)}
+        self.shard_positives = {int(shard): plan.rows_of(int(rows)) for shard, rows in zip(self.shards, shard_rows)}
         """Positive rows this rank takes from each of its shards."""
         self.rows = sum(self.shard_positives.values())
         """Positive rows this rank trains on per epoch."""
         self.sampler = sampler
         self.batch_size, self.shuffle_buffer = batch_size, shuffle_buffer
-        self.rank, self.world_size = rank, world_size
-        self.seed = seed + 1000 * rank
         self.last_epoch = last_epoch
         """The pipeline runs through this epoch (None: one epoch per pipeline)."""
         self.block_rows = block_rows
@@ -71,7 +72,7 @@ class RayRankStream:
 
     def _order(self, epoch: int) -> tuple[np.ndarray, int]:
         """(the epoch's shard order, the seed of its shuffle buffer), from (seed, rank, epoch)."""
-        rng = np.random.default_rng((self.seed, epoch))
+        rng = np.random.default_rng((self.plan.rank_seed, epoch))
         order = self.shards[rng.permutation(len(self.shards))]
         return order, int(rng.integers(2**31))
 
@@ -95,8 +96,7 @@ class RayRankStream:
         epoch after epoch (a task may end one epoch and begin the next); blocks come back in that
         order."""
         tasks = self.tasks(first_epoch, last_epoch)
-        stripe = (self.rank, self.world_size) if self.striped else None
-        shard_task = SampledShard(self.sampler, self.seed, stripe, self.files, self.block_rows)
+        shard_task = SampledShard(self.sampler, self.plan.rank_seed, self.plan.stripe, self.files, self.block_rows)
         # One shard task at a time per rank (a task pool of one). A task that Ray pauses because its
         # blocks wait unread keeps its CPU, and the ranks' pipelines share the cluster's free CPUs:
         # one rank's paused tasks could hold them all, and the other rank's task wait for a CPU for

@@ -11,7 +11,8 @@ from typing import Callable, Iterator
 import ray
 import ray.data
 
-from cluster.local_head import LOOPBACK_ENV, embedded_head
+from cluster.embedded_head import embedded_head
+from cluster.head_env import LOOPBACK_ENV
 from cluster.shard_sampling import SHARD_TASK_CPUS
 from core.config import ClusterSection
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import read_toml
-from core.model_params import MODEL_PARAMS
+from core.model_params import MODEL_PARAMS, is_sequence_model
 
 SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
@@ -40,7 +40,10 @@ class DataSection:
     reject_positives: bool = True
     """Resample negatives that are in the user's training items (exact, vectorised membership test)."""
     shuffle_buffer: int = 20_000
-    """Rows in each rank's local shuffle buffer."""
+    """Rows in each rank's local shuffle buffer, across the blocks of its Ray Data stream (interaction
+    models under cluster.launcher = "ray_train"). The other paths shuffle whole windows instead (a
+    rank's shards under torchrun, about a million rows at a time; a sequence model's windows each
+    epoch) and refuse another value here rather than ignore it."""
 
     def validate(self) -> None:
         if self.negatives < 1:
@@ -80,6 +83,7 @@ class ModelSection:
 @dataclass
 class TrainerSection:
     epochs: int = 20
+    """Epochs to train (a resumed run trains up to this many in all)."""
     batch_size: int = 1024
     """Rows per step on each rank (positives and their negatives together)."""
     sparse_lr: float = 0.05
@@ -87,6 +91,7 @@ class TrainerSection:
     dense_lr: float = 0.001
     """Learning rate of Adam on the dense (replicated) parameters."""
     seed: int = 0
+    """Seed of the dense initialisation, the table rows' initialisation, every rank's data order and negatives, and the evaluation's user sample."""
     log_every: int = 50
     """Steps between JSONL step records."""
     eval_every: int = 1
@@ -185,7 +190,9 @@ class EvalSection:
     """"full": rank every item. "sampled": the held-out item against `sampled_negatives` items the user
     never interacted with. "both": full, plus the sampled metrics under sampled_<metric> names."""
     k: int = 10
+    """Cut-off of every ranking metric (Recall@k, NDCG@k, Hit@k, MRR@k)."""
     sampled_negatives: int = 99
+    """Items each held-out item is ranked against in the sampled protocol."""
     user_batch: int = 256
     """Users scored at once in full ranking (memory ~ user_batch x items floats)."""
     history: str = "auto"
@@ -229,6 +236,7 @@ class ClusterSection:
     cpus_per_worker: float = 0.5
     """Ray CPU resource per worker. Below 1 on small machines so Ray Data read tasks still get a CPU."""
     use_gpu: bool = False
+    """Give each Ray Train worker a GPU (with backend = "nccl")."""
     backend: str = "gloo"
     """torch.distributed backend: gloo on CPU, nccl on GPUs."""
     object_store_mb: int = 512
@@ -299,6 +307,10 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.cluster.launcher == "torchrun":
+            refuse_stream_only_settings(self, "cluster.launcher = 'torchrun'")
+        if is_sequence_model(self.model.resolved_params()):
+            refuse_stream_only_settings(self, f"the sequence model {self.model.name!r}")
         if self.trainer.table_optimizer == "adam" and self.cluster.backend != "nccl":
             raise UserError("trainer.table_optimizer = 'adam' runs on CUDA only (cluster.backend nccl): FBGEMM has "
                             "no CPU kernel for fused Adam; on CPU use rowwise_adagrad (the default) or sgd")
@@ -365,6 +377,15 @@ class RunConfig:
             value = float(value)
         _check_type(dotted, value, expected)
         setattr(section, key, value)
+
+
+def refuse_stream_only_settings(config: RunConfig, path: str) -> None:
+    """Settings of the Ray Data stream alone, refused on a path (`path`) that would ignore them."""
+    default = DataSection.shuffle_buffer
+    if config.data.shuffle_buffer != default:
+        raise UserError(f"data.shuffle_buffer ({config.data.shuffle_buffer}) sets the Ray Data stream's buffer; "
+                        f"with {path} each rank shuffles whole windows of its data instead: leave it at "
+                        f"{default:_}")
 
 
 def _field_type(cls: type, name: str) -> Any:

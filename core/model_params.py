@@ -17,10 +17,13 @@ class NCFParams:
 
     batch_kind: ClassVar[str] = "pointwise"
     gmf_dim: int = 32
+    """Width of the GMF user and item tables."""
     mlp_dims: list[int] = field(default_factory=lambda: [64, 32, 16])
     """MLP layer widths; the first is the concatenated user+item MLP embedding width (each half)."""
     dropout: float = 0.2
+    """Dropout between the MLP layers."""
     init_std: float = 0.01
+    """Standard deviation of the normal initialisation of every table row."""
     reg_weight: float = 5e-3
     """L2 penalty on each step's looked-up embedding rows, per batch row. Without it the row-wise
     Adagrad tables overfit ML-100K within 10 epochs (test NDCG@10 0.267 against 0.279-0.294)."""
@@ -44,14 +47,18 @@ class LightGCNParams:
 
     batch_kind: ClassVar[str] = "pairwise"
     embed_dim: int = 64
+    """Width of the layer-0 user and item tables."""
     n_layers: int = 3
+    """Propagation layers K (0: matrix factorisation with a BPR loss)."""
     reg_weight: float = 1e-4
     """L2 on the layer-0 embeddings of each batch's users, positives and negatives (per row, halved)."""
     init_std: float = 0.1
+    """Standard deviation of the normal initialisation of every table row."""
     propagation: str = "full"
     """"full": every step propagates the whole graph (exact). "sampled": only the batch's K-hop
     neighbourhood, with at most `fanout` sampled neighbours per node (unbiased estimate)."""
     fanout: int = 20
+    """Sampled mode: neighbours drawn per node and hop (a node with fewer keeps all of them)."""
     eval_fanout: int = 0
     """Ranking in sampled mode: 0 (default) propagates exactly, walking the users in chunks and keeping
     only item layers (models/layerwise.py); N > 0 estimates each evaluated chunk's vectors from
@@ -71,10 +78,13 @@ class TwoTowerParams:
     """Two-tower retrieval: user and item towers over ID and side-feature embeddings, dot-product score."""
 
     id_dim: int = 64
+    """Width of the user-id and item-id tables."""
     side_dim: int = 16
     """Width of each side-feature table (ML-100K: user age, gender, occupation, zip; item decade, genres)."""
     embed_dim: int = 64
+    """Width of each tower's output, the vectors that are scored (and exported)."""
     dropout: float = 0.2
+    """Dropout inside the towers."""
     loss: str = "softmax"
     """"pairwise": the seed's -log sigmoid(pos - neg) with sampled negatives; "softmax": in-batch
     sampled softmax with log-Q popularity correction."""
@@ -82,7 +92,9 @@ class TwoTowerParams:
     """Softmax logits are dot / temperature. Tower outputs are LayerNorm-ed (norm ~ sqrt(embed_dim)),
     so dot / embed_dim is about a cosine; 3.2 = 0.05 x 64."""
     side_features: bool = True
+    """Use the dataset's side features (user_features.parquet, item_features.parquet) in the towers; false: ids only."""
     init_std: float = 0.05
+    """Standard deviation of the normal initialisation of every table row."""
 
     @property
     def batch_kind(self) -> str:
@@ -110,16 +122,20 @@ class SequenceParams:
     max_len: int = 50
     """Items of history the model reads (the most recent ones)."""
     embed_dim: int = 64
+    """Width of the item table (and of the model's hidden states)."""
     dropout: float = 0.2
+    """Dropout inside the sequence encoder."""
     loss: str = "auto"
     """"softmax": cross-entropy over every item; "sampled": against `negatives` uniform items shared
     by the batch (for catalogues too large to score in full each step). "auto": softmax up to
     SOFTMAX_MAX_ITEMS items, sampled above (a full softmax over 1M items costs batch x 1M x dim a step)."""
     negatives: int = 100
+    """Items the sampled softmax scores each target against."""
     tie_output: bool = True
     """Score with the item table itself (dot product), so the output layer is the sharded table. False
     adds a second sharded table `item_output` in the place of the seed's dense n_items output layer."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialisation of every table row."""
     window_step: int = 0
     """Items between the ends of a user's training windows. 0: the model's default (next-item models:
     windows overlap by one item, so every item but a user's first is a target once; BERT4Rec:
@@ -162,7 +178,9 @@ class GRU4RecParams(SequenceParams):
     """GRU4Rec: embed 64, GRU hidden 128, dropout between GRU layers; the last hidden state scores."""
 
     hidden_dim: int = 128
+    """GRU hidden state width."""
     n_layers: int = 1
+    """Stacked GRU layers."""
     input_dropout: float = 0.2
     """Dropout on the item embeddings entering the GRU (the seed has none; it helps at ML-100K scale)."""
 
@@ -177,7 +195,9 @@ class SASRecParams(SequenceParams):
     """SASRec: item + learned position embeddings, causal Transformer, a prediction at every position."""
 
     n_heads: int = 2
+    """Attention heads per layer (embed_dim must divide by it)."""
     n_layers: int = 2
+    """Transformer layers."""
 
     def validate(self) -> None:
         super().validate()
@@ -192,6 +212,7 @@ class BERT4RecParams(SASRecParams):
 
     dropout: float = 0.1
     mask_prob: float = 0.2
+    """Share of a training window's items replaced by the MASK token (the cloze targets)."""
     last_item_prob: float = 0.1
     """Share of training rows that mask only their last item, the position inference predicts."""
 

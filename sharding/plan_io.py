@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
 from core.errors import UserError
 from core.files import read_json
+from upstream.torch_private import EnumerableShardingSpec, ShardMetadata
 
 FORMAT = "shardrec.plan/1"
 # Kernels that need an accelerator, and what a CPU dry run uses instead.

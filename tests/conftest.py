@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from core.prepare import PrepareOptions, prepare_ml100k, sample_dataset
+from core.ml100k import prepare_ml100k
+from core.prepare import PrepareOptions, sample_dataset
 
 REPO = Path(__file__).resolve().parents[1]
+
+TIERS = ("unit", "distributed", "ray", "slow", "multihost", "gpu")
+"""Each test carries exactly one (pyproject.toml describes them); `make test-fast` runs the first two."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = []
+    for item in items:
+        tiers = sorted({marker.name for marker in item.iter_markers()} & set(TIERS))
+        if len(tiers) != 1:
+            wrong.append(f"{item.nodeid}: {', '.join(tiers) or 'none'}")
+    if wrong:
+        raise pytest.UsageError("each test needs exactly one tier marker of " + ", ".join(TIERS) + ":\n" + "\n".join(wrong))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_one_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit test that starts a process (a subprocess, a fork, a Ray cluster) fails here: it belongs
+    to another tier. Session fixtures are set up before this runs, so they may."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("a unit test runs in one process: mark a test that starts processes "
+                             "distributed, ray or slow")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cluster.local_head import NODE_HEALTH_ENV, ensure_private_token
+from cluster.head_env import NODE_HEALTH_ENV, ensure_private_token
 
 VENV_BIN = Path(sys.executable).parent
 GCS_PORT = 6379  # each host has its own port space: fixed ports cannot clash with the machine's

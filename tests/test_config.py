@@ -87,3 +87,12 @@ def test_sequence_models_refuse_a_random_split_before_starting_anything(ml100k_s
     assert "sequence models need a leave-one-out split" in err and "--split loo" in err
     assert main(["train", "--config", "launcher/configs/gru4rec_ml100k.toml", "--model.max_len", "1"]) == 2
     assert "model.max_len must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[("cluster.launcher", "torchrun")], [("model.name", "sasrec")]])
+def test_a_shuffle_buffer_that_a_path_would_ignore_is_refused(extra):
+    overrides = [("data.shuffle_buffer", "5000"), *extra]
+    with pytest.raises(UserError, match="data.shuffle_buffer"):
+        load_config(None, overrides).validate()
+    load_config(None, [("data.shuffle_buffer", "5000")]).validate()  # the Ray stream uses it
+    load_config(None, extra).validate()  # the default is accepted everywhere

@@ -13,11 +13,12 @@ import pytest
 
 from trainers.distributed import cpu_share, cpus_by_core
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("count,ranks", [(2, 2), (16, 3), (5, 2), (7, 7), (64, 8)])
 def test_shares_are_consecutive_disjoint_cover_every_cpu_and_differ_by_one_at_most(count, ranks):
     cpus = [c * 2 + 1 for c in range(count)]  # any set of CPU numbers, not only 0..n-1
@@ -26,6 +27,7 @@ def test_shares_are_consecutive_disjoint_cover_every_cpu_and_differ_by_one_at_mo
     assert all(shares) and max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
+@pytest.mark.unit
 def test_a_nodes_only_rank_and_more_ranks_than_cpus_are_not_bound():
     assert cpu_share([0, 1, 2, 3], 0, 1) == ()
     assert cpu_share([0, 1], 1, 3) == ()
@@ -40,6 +42,7 @@ def _topology(root: Path, layout: dict[int, tuple[int, int]]) -> Path:
     return root
 
 
+@pytest.mark.unit
 def test_a_cores_threads_go_to_one_rank_and_a_socket_to_as_few_ranks_as_divide(tmp_path):
     # 2 sockets x 2 cores x 2 threads, numbered as Linux does: 0-3 the cores, 4-7 their second threads
     layout = {0: (0, 0), 1: (0, 1), 2: (1, 0), 3: (1, 1), 4: (0, 0), 5: (0, 1), 6: (1, 0), 7: (1, 1)}
@@ -52,6 +55,7 @@ def test_a_cores_threads_go_to_one_rank_and_a_socket_to_as_few_ranks_as_divide(t
     assert [{layout[cpu][0] for cpu in share} for share in two] == [{0}, {1}]  # a socket each
 
 
+@pytest.mark.unit
 def test_cpus_without_a_readable_topology_keep_their_number_order(tmp_path):
     assert cpus_by_core([3, 1, 2], tmp_path / "none") == [1, 2, 3]
 
@@ -81,6 +85,7 @@ def _bind(local_rank: int, local_world_size: int) -> dict[str, list[int]]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_binding_covers_the_threads_started_before_and_after_it():
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < 2:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.local_head import NODE_HEALTH_ENV
+from cluster.head_env import NODE_HEALTH_ENV
 from launcher.cli import main
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]

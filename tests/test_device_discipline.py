@@ -21,6 +21,7 @@ from core.config import config_from_json, load_config
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler
+from core.rank_plan import RankPlan
 from tests.conftest import REPO
 from tests.forked_ranks import run_ranks
 from trainers.batches import ParquetFilesSource, SequenceWindowsSource
@@ -80,10 +81,10 @@ def _step_and_evaluate(rank: int, world: int, config_json: str) -> list[str]:
         trainer = Trainer(config, context, dataset)
         params = config.model.resolved_params()
         if batch_kind_of(params) == "sequence":
-            source = SequenceWindowsSource(dataset, params, 16, rank, world, 0)
+            source = SequenceWindowsSource(dataset, params, 16, RankPlan(rank, world, dataset.num_shards))
         else:
             sampler = NegativeSampler(dataset.num_items, config.data.negatives, True, batch_kind=batch_kind_of(params))
-            source = ParquetFilesSource(dataset, sampler, 64, rank, world, 0)
+            source = ParquetFilesSource(dataset, sampler, 64, RankPlan(rank, world, dataset.num_shards))
         trainer.train_step(next(iter(source.epoch(1))))
         trainer.evaluate("valid")
     return mode.violations

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import cluster  # noqa: F401  (Ray's environment, as every run sets it)
-from cluster.local_head import (EMBEDDED_PREFIX, OWNER_FILE, embedded_head, process_identity,
-                                remove_orphaned_heads, session_processes, stop_session)
+from cluster.embedded_head import EMBEDDED_PREFIX, OWNER_FILE, embedded_head, remove_orphaned_heads
+from cluster.head_session import process_identity, session_processes, stop_session
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,7 +30,7 @@ def _folder(root: Path, name: str, owner: object) -> Path:
     return folder
 
 
-@pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_only_folders_whose_driver_and_head_are_gone_are_removed(tmp_path):
     ended = subprocess.Popen(["sleep", "60"])
@@ -67,7 +67,7 @@ def test_only_folders_whose_driver_and_head_are_gone_are_removed(tmp_path):
 @pytest.mark.timeout(180)
 def test_a_killed_drivers_head_stops_and_the_next_run_removes_its_folder():
     driver = subprocess.Popen(
-        [sys.executable, "-c", "import time\nfrom cluster.local_head import embedded_head\n"
+        [sys.executable, "-c", "import time\nfrom cluster.embedded_head import embedded_head\n"
                                "with embedded_head(1, 100) as head:\n    print(head.temp_dir, flush=True)\n"
                                "    time.sleep(300)\n"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -97,7 +97,8 @@ def test_a_killed_drivers_head_stops_and_the_next_run_removes_its_folder():
 
 HEAD_SCRIPT_PRELUDE = """
 import json
-from cluster.local_head import OWNER_FILE, embedded_head, session_processes
+from cluster.embedded_head import OWNER_FILE, embedded_head
+from cluster.head_session import session_processes
 
 def head_titles(head):
     \"\"\"The command lines (process titles) of every process in the head's session.\"\"\"

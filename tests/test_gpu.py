@@ -11,9 +11,10 @@ import torch
 
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: gpu_check runs for real there")
 def test_gpu_check_says_there_is_no_gpu_and_exits_0():
     result = subprocess.run(["bash", str(REPO / "tools/gpu_check.sh"), sys.executable], capture_output=True,

@@ -17,7 +17,7 @@ from tests.forked_ranks import mean_over_ranks, run_ranks, train_step
 from trainers.distributed import setup
 from trainers.sharded_model import build_sharded_model
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.timeout(240)]
 CONFIG = str(Path(__file__).resolve().parents[1] / "launcher/configs/lightgcn_ml100k.toml")
 
 
@@ -85,6 +85,7 @@ def _propagation_and_reference(rank: int, world: int, config_json: str) -> float
     return float((final.double() - reference).abs().max())
 
 
+@pytest.mark.distributed
 def test_full_graph_propagation_equals_dense_reference(ml100k_small):
     errors = run_ranks(_propagation_and_reference, 2, _config(ml100k_small, "row_wise"))
     assert max(errors) < 1e-5
@@ -106,6 +107,7 @@ def _train_losses(rank: int, world: int, config_json: str, steps: int) -> list[f
     return [train_step(sharded, batch, rank, world) for _ in range(steps)]
 
 
+@pytest.mark.distributed
 def test_sharded_lightgcn_training_matches_unsharded(ml100k_small):
     (reference,) = run_ranks(_train_losses, 1, _config(ml100k_small, "table_wise"), 8)
     per_rank = run_ranks(_train_losses, 2, _config(ml100k_small, "row_wise"), 8)
@@ -136,6 +138,7 @@ def _sampled_vs_full(rank: int, world: int, full_json: str, sampled_json: str, r
     return worst
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("layers", ["3", "4"])
 def test_sampled_mode_ranks_with_the_exact_propagation(ml100k_small, layers):
     """Ranking in sampled mode (eval_fanout 0) walks the users in chunks and keeps item layers only;
@@ -147,6 +150,7 @@ def test_sampled_mode_ranks_with_the_exact_propagation(ml100k_small, layers):
     assert max(run_ranks(_sampled_vs_full, 2, full, sampled, 7)) < 1e-5
 
 
+@pytest.mark.distributed
 def test_sampled_neighbourhoods_with_every_neighbour_equal_full_mode(ml100k_small):
     full = _config(ml100k_small, "row_wise")
     # eval_fanout larger than any degree: ranking vectors from sampled neighbourhoods that keep all
@@ -157,6 +161,7 @@ def test_sampled_neighbourhoods_with_every_neighbour_equal_full_mode(ml100k_smal
     assert min(run_ranks(_sampled_vs_full, 2, full, few)) > 1e-3
 
 
+@pytest.mark.distributed
 def test_sampled_mode_trains(ml100k_small):
     config = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.fanout", "5"))
     losses = mean_over_ranks(run_ranks(_train_losses, 2, config, 8))
@@ -237,6 +242,7 @@ def _ranking_kept(rank: int, world: int, config_json: str) -> list[bool]:
     return answers
 
 
+@pytest.mark.distributed
 def test_a_kept_ranking_is_reused_until_the_weights_may_change(ml100k_small):
     config = _config(ml100k_small, "row_wise", ("model.propagation", "sampled"), ("model.fanout", "2"))
     assert run_ranks(_ranking_kept, 2, config) == [[False, True, True]] * 2

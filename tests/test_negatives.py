@@ -5,6 +5,7 @@ import pytest
 
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
+from core.rank_plan import RankPlan
 from trainers.batches import ParquetFilesSource
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
@@ -51,7 +52,7 @@ def test_torchrun_source_never_returns_a_known_positive(ml100k):
     train = dataset.read_split("train")
     known = set((train["user_id"] * dataset.num_items + train["item_id"]).tolist())
     for rank in range(2):
-        source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 4, rounds=20), 512, rank, 2, 0,
+        source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 4, rounds=20), 512, RankPlan(rank, 2, dataset.num_shards),
                                     window_rows=10_000)  # several windows per epoch
         negatives = positives = 0
         for batch in source.epoch(0):
@@ -65,7 +66,7 @@ def test_torchrun_source_never_returns_a_known_positive(ml100k):
 
 def test_an_epoch_is_the_same_for_the_same_seed_and_differs_across_epochs(ml100k_small):
     dataset = PreparedDataset.open(ml100k_small)
-    source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 2), 64, 0, 2, 5, window_rows=500)
+    source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 2), 64, RankPlan(0, 2, dataset.num_shards, seed=5), window_rows=500)
     first, again, other = (list(source.epoch(e)) for e in (0, 0, 1))
     assert all((a["item_id"] == b["item_id"]).all() for a, b in zip(first, again)) and len(first) == len(again)
     assert not all((a["item_id"] == b["item_id"]).all() for a, b in zip(first, other))

@@ -22,10 +22,11 @@ from tests.forked_ranks import run_ranks
 from trainers.distributed import setup
 from trainers.sharded_model import build_sharded_model, table_weights
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120)]
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_presets_load_with_their_world_sizes():
     sizes = {name: load_topology(name).world_size for name in
              ("1x8xH100", "8x8xH100", "16x8xH100", "128x8xH100", "1x8xA100-40GB", "cpu-local")}
@@ -34,6 +35,7 @@ def test_presets_load_with_their_world_sizes():
     assert load_topology("1x8xA100-40GB").hbm_gb == 40
 
 
+@pytest.mark.unit
 def test_bad_topology_and_table_spec_files(tmp_path):
     with pytest.raises(UserError, match="no such file or preset"):
         load_topology("3x3xTPU")
@@ -50,12 +52,14 @@ def test_bad_topology_and_table_spec_files(tmp_path):
         read_table_specs(spec)
 
 
+@pytest.mark.unit
 def test_csv_table_specs(tmp_path):
     spec = tmp_path / "tables.csv"
     spec.write_text("name,rows,dim,pooling,optimizer\nusers,1_000,16,sum,adam\nitems,500,8,mean,\n")
     assert read_table_specs(spec) == [TableSpec("users", 1000, 16, "sum", "adam"), TableSpec("items", 500, 8, "mean")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "strategy, shards",
     [("table_wise", 1), ("row_wise", 8), ("column_wise", None), ("table_row_wise", 8), ("data_parallel", 8)],
@@ -74,6 +78,7 @@ def test_forced_sharding_types_on_a_simulated_gpu_node(strategy, shards):
     assert covered == 1_000_000 * 128 * (8 if strategy == "data_parallel" else 1)
 
 
+@pytest.mark.unit
 def test_memory_accounting_matches_hand_computed_sizes():
     specs = [TableSpec("u", 1000, 16, optimizer="rowwise_adagrad"), TableSpec("i", 600, 8, optimizer="adam")]
     report = run_plan(specs, load_topology("cpu-local"), "row_wise")
@@ -86,6 +91,7 @@ def test_memory_accounting_matches_hand_computed_sizes():
     assert totals["weights_gib"] == pytest.approx((1000 * 16 + 600 * 8) * 4 / 1024**3)
 
 
+@pytest.mark.unit
 def test_plan_json_round_trip():
     report = run_plan([TableSpec("a", 10_000, 64), TableSpec("b", 300, 32)], load_topology("8x8xH100"), "planner")
     as_dict = plan_to_dict(report.plan, 64, "cuda")
@@ -94,6 +100,7 @@ def test_plan_json_round_trip():
     assert again.plan["tables"] == report.plan.plan["tables"]  # ParameterSharding objects compare equal
 
 
+@pytest.mark.unit
 def test_retarget_checks_world_size_and_tables():
     report = run_plan([TableSpec("a", 100, 16)], load_topology("cpu-local"), "row_wise")
     raw = plan_to_dict(report.plan, 2, "cpu")
@@ -105,6 +112,7 @@ def test_retarget_checks_world_size_and_tables():
         retarget(raw, "cpu", 2, {"b": (100, 16)})
 
 
+@pytest.mark.unit
 def test_retarget_files_each_table_under_the_models_own_module():
     """A table-spec plan holds every table in one module ("tables"); NCF keeps its user and item
     tables in a collection each. The placements move over unchanged."""
@@ -117,6 +125,7 @@ def test_retarget_files_each_table_under_the_models_own_module():
     assert plan.plan["tables.item_id"]["i"] == report.plan.plan["tables"]["i"]
 
 
+@pytest.mark.unit
 def test_infeasible_request_says_what_is_missing(capsys, tmp_path):
     spec = tmp_path / "huge.toml"
     spec.write_text('[[table]]\nname = "users"\nrows = 20_000_000_000\ndim = 128\n')
@@ -133,6 +142,7 @@ def test_infeasible_request_says_what_is_missing(capsys, tmp_path):
         run_plan([TableSpec("users", 600_000_000, 128)], load_topology("1x8xH100"), "table_wise")
 
 
+@pytest.mark.unit
 def test_cli_writes_text_json_png_and_compares(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["plan", "--tables", str(REPO / "bench/specs/dlrm_v2.toml"), "--topology", "1x8xH100", "--out", str(out)]) == 0
@@ -154,6 +164,7 @@ def test_cli_writes_text_json_png_and_compares(tmp_path, capsys):
     assert (tmp_path / "cmp" / "report-row_wise.png").exists()
 
 
+@pytest.mark.unit
 def test_plan_from_model_config_with_explicit_counts(capsys):
     assert main(["plan", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"), "--users", "2_000_000_000",
                  "--items", "200_000_000", "--topology", "16x8xH100"]) == 0
@@ -221,6 +232,7 @@ def test_training_uses_exactly_the_saved_plan(ml100k_small, tmp_path, topology):
     assert saved_tables["gmf_item"]["sharding_type"] == "column_wise"
 
 
+@pytest.mark.unit
 def test_two_tower_at_web_scale_from_its_config(capsys):
     """"Two-tower with 2 B users and 200 M items on 16x8 H100", asked the way a user would."""
     assert main(["plan", "--config", str(REPO / "launcher/configs/two_tower_ml100k.toml"), "--users", "2_000_000_000",

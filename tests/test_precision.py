@@ -4,12 +4,12 @@ fp16 table weights, quantised all-to-all (fp16/bf16), bf16 autocast, the table o
 from __future__ import annotations
 
 import pytest
-import torch
 
 from core.config import load_config
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.negatives import NegativeSampler
+from core.rank_plan import RankPlan
 from tests.conftest import REPO
 from tests.forked_ranks import run_ranks
 from trainers.batches import ParquetFilesSource
@@ -28,8 +28,8 @@ def _losses(rank: int, world: int, config_json: str) -> tuple[list[float], list[
     config = config_from_json(config_json)
     dataset = PreparedDataset.open(config.data.path)
     trainer = Trainer(config, setup(), dataset)
-    source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 4), 128, rank, world, seed=0)
-    losses = [float(trainer.train_step(batch)) for _, batch in zip(range(STEPS), source.epoch(1))]
+    source = ParquetFilesSource(dataset, NegativeSampler(dataset.num_items, 4), 128, RankPlan(rank, world, dataset.num_shards))
+    losses = [float(trainer.train_step(batch)[1]) for _, batch in zip(range(STEPS), source.epoch(1))]
     dtypes = sorted({str(shard.tensor.dtype) for _, _, value in table_weights(trainer.sharded.dmp.state_dict())
                      for shard in value.local_shards()})
     return losses, dtypes

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.dataset_format import PreparedDataset
-from core.prepare import PrepareOptions, ml100k_source, prepare, prepare_stream
+from core.ml100k import ml100k_source
+from core.prepare import PrepareOptions, prepare, prepare_stream
 from core.raw_input import InputColumns, array_batches, file_batches, read_interactions
 from launcher.cli import main
 

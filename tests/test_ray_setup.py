@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import cluster  # noqa: F401  (Ray's environment, as every run sets it, before Ray is imported)
-from cluster.local_head import ensure_private_token
+from cluster.head_env import ensure_private_token
 from cluster.process_group import RankGroupConfig
-from cluster.rank_trainer import RankTrainer
+from upstream.ray_private import RankTrainer
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

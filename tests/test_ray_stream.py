@@ -13,6 +13,7 @@ import pytest
 from core.config import ClusterSection
 from core.dataset_format import PreparedDataset
 from core.negatives import NegativeSampler
+from core.rank_plan import RankPlan
 from tests.conftest import REPO
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -37,7 +38,7 @@ def check_stream_epochs(data: str) -> None:
     sampler = NegativeSampler(dataset.num_items, 2)
 
     def stream(last_epoch: int | None) -> RayRankStream:
-        return RayRankStream(dataset, sampler, 4096, 5000, rank=1, world_size=2, seed=7, last_epoch=last_epoch)
+        return RayRankStream(dataset, sampler, 4096, 5000, RankPlan(1, 2, dataset.num_shards, seed=7), last_epoch=last_epoch)
 
     def ids(batches: list) -> np.ndarray:
         return np.concatenate([np.stack([b["user_id"], b["item_id"], b["label"]]) for b in batches], axis=1)
@@ -81,7 +82,7 @@ def check_pipeline_blocks(data: str) -> None:
     from cluster.ray_cluster import ray_cluster
 
     dataset = PreparedDataset.open(data)
-    stream = RayRankStream(dataset, NegativeSampler(dataset.num_items, 4), 512, 0, rank=0, world_size=2, seed=7,
+    stream = RayRankStream(dataset, NegativeSampler(dataset.num_items, 4), 512, 0, RankPlan(0, 2, dataset.num_shards, seed=7),
                            last_epoch=2, block_rows=1000)
     # Not vacuous: the two epochs' units are one task, whose rows Ray Data's default would join
     tasks = stream.tasks(1, 2)

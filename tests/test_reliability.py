@@ -18,6 +18,7 @@ from core.config import load_config
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.negatives import NegativeSampler
+from core.rank_plan import RankPlan
 from launcher.cli import main
 from tests.conftest import REPO
 from trainers import checkpoint
@@ -26,9 +27,9 @@ from trainers.evaluate import Evaluator
 from trainers.ranking_metrics import rank_against
 from trainers.preflight import check_job
 from trainers.retrieval import ApproximateIndex, ExactIndex
-from trainers.trainer import prune_metrics
+from trainers.run_log import prune_metrics
 
-pytestmark = [pytest.mark.unit, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.timeout(120)]
 NCF = str(REPO / "launcher/configs/ncf_ml100k.toml")
 
 
@@ -48,6 +49,7 @@ def _rewrite(path: Path, column: str, row: int, value: int) -> None:
 # --- the dataset is verified when opened ------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("value", ["beyond", "negative"])
 def test_an_item_id_outside_the_table_is_refused_naming_the_file(ml100k_small, tmp_path, value):
     data = _copy(ml100k_small, tmp_path)
@@ -60,6 +62,7 @@ def test_an_item_id_outside_the_table_is_refused_naming_the_file(ml100k_small, t
     assert main(["train", "--config", NCF, "--data.path", str(data), "--trainer.run_root", str(tmp_path)]) == 2
 
 
+@pytest.mark.unit
 def test_a_missing_shard_or_changed_row_count_is_refused(ml100k_small, tmp_path):
     data = _copy(ml100k_small, tmp_path, "missing")
     (data / "train" / "part-00002.parquet").unlink()
@@ -72,6 +75,7 @@ def test_a_missing_shard_or_changed_row_count_is_refused(ml100k_small, tmp_path)
         PreparedDataset.open(data)
 
 
+@pytest.mark.unit
 def test_a_batch_with_an_id_outside_the_table_is_refused():
     check_ids({"user_id": np.array([0, 4]), "item_id": np.array([1, 2])}, num_users=5, num_items=3)
     with pytest.raises(ValueError, match="item_id 3, outside"):
@@ -80,10 +84,11 @@ def test_a_batch_with_an_id_outside_the_table_is_refused():
         check_ids({"user_id": np.array([0]), "item_id": np.array([1]), "neg_item_id": np.array([-1])}, 5, 3)
 
 
+@pytest.mark.unit
 def test_torchrun_ranks_split_rows_when_files_do_not_divide(ml100k_small):
     dataset = PreparedDataset.open(ml100k_small)  # 4 train files over 3 ranks
     sampler = NegativeSampler(dataset.num_items, 1)
-    rows = [ParquetFilesSource(dataset, sampler, 8, rank, 3, 0).rows for rank in range(3)]
+    rows = [ParquetFilesSource(dataset, sampler, 8, RankPlan(rank, 3, dataset.num_shards)).rows for rank in range(3)]
     # striped shard by shard: shares differ by at most one row per shard
     assert sum(rows) == dataset.stats["splits"]["train"] and max(rows) - min(rows) <= dataset.num_shards
 
@@ -91,6 +96,7 @@ def test_torchrun_ranks_split_rows_when_files_do_not_divide(ml100k_small):
 # --- import --------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("user", [2**63, 2**64 - 1])
 def test_import_refuses_ids_beyond_int64(tmp_path, user):
     csv = tmp_path / "big.csv"
@@ -99,6 +105,7 @@ def test_import_refuses_ids_beyond_int64(tmp_path, user):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.unit
 def test_import_refuses_nan_ratings_duplicate_headers_and_a_file_as_out(tmp_path, capsys):
     parquet = tmp_path / "nan.parquet"
     pq.write_table(pa.table({"u": [1, 2, 3], "i": [1, 2, 3], "r": [1.0, float("nan"), 3.0]}), parquet)
@@ -119,6 +126,7 @@ def test_import_refuses_nan_ratings_duplicate_headers_and_a_file_as_out(tmp_path
 # --- nothing deleted that a command did not create ---------------------------------------------------
 
 
+@pytest.mark.unit
 def test_data_sample_never_deletes(ml100k_small, tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
@@ -144,6 +152,7 @@ def _fake_run(tmp_path: Path, data: Path, epochs_done: int, config_file: str = N
     return run
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("change", [["--model.gmf_dim", "16"], ["--trainer.epochs", "1"]])
 def test_a_resume_that_cannot_work_is_refused_before_writing(ml100k_small, tmp_path, change):
     run = _fake_run(tmp_path, ml100k_small, epochs_done=2)
@@ -152,6 +161,7 @@ def test_a_resume_that_cannot_work_is_refused_before_writing(ml100k_small, tmp_p
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
 
 
+@pytest.mark.unit
 def test_resume_of_a_run_without_checkpoints_or_with_a_corrupt_config(ml100k_small, tmp_path):
     run = _fake_run(tmp_path, ml100k_small, epochs_done=2)
     shutil.rmtree(run / "checkpoints")
@@ -160,6 +170,7 @@ def test_resume_of_a_run_without_checkpoints_or_with_a_corrupt_config(ml100k_sma
     assert main(["train", "--resume", str(run)]) == 2
 
 
+@pytest.mark.unit
 def test_metrics_keep_each_step_once_after_a_restart(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (5, 10, 15, 20)))
@@ -170,22 +181,25 @@ def test_metrics_keep_each_step_once_after_a_restart(tmp_path):
 # --- metrics and search ------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_ties_and_nan_count_against_the_target():
     negatives = torch.tensor([[0.5, 0.5, 0.1], [0.5, 0.5, 0.1], [float("nan"), 0.1, 0.0]])
     # both ties rank above the target; a NaN target is last; a NaN negative beats the target
     assert rank_against(torch.tensor([0.5, float("nan"), 0.9]), negatives).tolist() == [2, 3, 1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("score", [0.0, float("nan")])
 def test_a_constant_or_diverged_model_scores_no_better_than_chance(ml100k_small, score):
     dataset = PreparedDataset.open(ml100k_small)
     config = load_config(NCF, [("eval.protocol", "both"), ("eval.sampled_negatives", "99")]).eval
-    result = Evaluator(dataset, config, 0, 1).evaluate_item_scores(torch.full((dataset.num_items,), score), "test")
+    result = Evaluator(dataset, config, RankPlan(0, 1, dataset.num_shards)).evaluate_item_scores(torch.full((dataset.num_items,), score), "test")
     assert result["sampled_hit@10"] == 0.0  # before: 1.0, ties ranked the target first
     chance = 10 / dataset.num_items * result["cases"]
-    assert result["hit@10"] <= 1.0 and result["recall@10"] < 0.2 + chance
+    assert result["recall@10"] < 0.2 + chance
 
 
+@pytest.mark.unit
 def test_exact_search_never_returns_excluded_items_and_validates_k():
     rng = np.random.default_rng(0)
     items = rng.normal(size=(30, 4)).astype(np.float32)
@@ -201,6 +215,7 @@ def test_exact_search_never_returns_excluded_items_and_validates_k():
     assert len(kept) == len(set(kept.tolist())) and not np.isin(kept, exclude[0]).any()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("k", ["0", "-3"])
 def test_search_refuses_a_k_below_one(tmp_path, k):
     assert main(["search", str(tmp_path), "--user", "1", "--k", k]) == 2
@@ -209,6 +224,7 @@ def test_search_refuses_a_k_below_one(tmp_path, k):
 # --- config errors that used to surface inside the workers -------------------------------------------
 
 
+@pytest.mark.unit
 def test_job_checks_before_any_cluster(ml100k_small, tmp_path):
     dataset = PreparedDataset.open(ml100k_small)
     with pytest.raises(UserError, match="unknown table"):
@@ -228,6 +244,7 @@ def test_job_checks_before_any_cluster(ml100k_small, tmp_path):
         check_job(two_tower, PreparedDataset.open(no_features), 2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content, message", [
     ("name,rows,dim\nt1,100\n", "needs name, rows and dim"),
     ("table = 5\n", "must be a list"),
@@ -240,6 +257,7 @@ def test_bad_table_spec_files_exit_2(tmp_path, capsys, content, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("replace", [("nodes = 1", 'nodes = "one"'), ("host_memory_gb = 24", "host_memory_gb = 0")])
 def test_bad_topologies_exit_2(tmp_path, replace):
     topology = tmp_path / "t.toml"
@@ -257,6 +275,7 @@ class _RunsCode:
         return (print, ("this must not run",))
 
 
+@pytest.mark.unit
 def test_rng_state_round_trips_as_plain_tensors_and_a_crafted_file_is_refused(tmp_path):
     torch.manual_seed(3)
     np.random.seed(3)
@@ -270,6 +289,7 @@ def test_rng_state_round_trips_as_plain_tensors_and_a_crafted_file_is_refused(tm
         torch.load(tmp_path / "crafted.pt", weights_only=True)
 
 
+@pytest.mark.unit
 def test_leave_one_out_ties_are_reported_at_import(tmp_path, capsys):
     csv = tmp_path / "ties.csv"
     # user 1: the last two share timestamp 30 (a tie); user 2: distinct times.
@@ -280,12 +300,14 @@ def test_leave_one_out_ties_are_reported_at_import(tmp_path, capsys):
     assert "1 of 2 users' last two interactions share a timestamp" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_plan_refuses_a_negative_batch_size(tmp_path):
     spec = tmp_path / "spec.csv"
     spec.write_text("name,rows,dim\nt1,100,8\n")
     assert main(["plan", "--tables", str(spec), "--topology", "cpu-local", "--batch-size", "-1"]) == 2
 
 
+@pytest.mark.slow
 def test_search_and_export_on_corrupt_folders_exit_2(ml100k_small, tmp_path):
     export = tmp_path / "export"
     export.mkdir()
@@ -303,6 +325,7 @@ def test_search_and_export_on_corrupt_folders_exit_2(ml100k_small, tmp_path):
     assert len(exported.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_the_models_tensors_is_refused_in_one_line(tmp_path):
     """A checkpoint of another layout (NCF's tables were one collection in an earlier release) is a
     UserError naming a missing tensor, before DCP's loader raises on every rank."""

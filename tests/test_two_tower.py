@@ -21,6 +21,7 @@ from trainers import checkpoint
 from trainers import evaluate as evaluate_module
 from trainers.evaluate import Evaluator
 from core.model_data import load_model_data
+from core.rank_plan import RankPlan
 from trainers.export import export_run
 from trainers.distributed import setup
 from trainers.sharded_model import build_sharded_model
@@ -117,7 +118,7 @@ def _train_save_and_rank(rank: int, world: int, config_json: str, run_dir: str) 
         sharded.optimizer.step()
     checkpoint.save({"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()},
                     Path(run_dir) / "checkpoints" / "epoch-0001", {"epoch": 1, "step": 5})
-    evaluator = Evaluator(dataset, config.eval, rank, world, all_users=True)
+    evaluator = Evaluator(dataset, config.eval, RankPlan(rank, world, dataset.num_shards), all_users=True)
     evaluate_module.SCORE_TILE_FLOATS = config.eval.user_batch * 100  # tiles of 100 items through one buffer
     return evaluator.recommend(sharded.model.eval(), np.arange(dataset.num_users), "test")
 

@@ -21,10 +21,16 @@ fi
 PIP="$VENV/bin/pip --disable-pip-version-check -q"
 $PIP install torch==2.13.0
 $PIP install "$FBGEMM"
-$PIP install --no-deps torchrec==1.8.0
+# Everything else before TorchRec: pip checks what it installs against what is already there, and
+# TorchRec's declared needs are ones this stack replaces on purpose (fbgemm-gpu: FBGEMM's CUDA build,
+# which shares the fbgemm_gpu/ folder with the CPU build; torchmetrics==1.0.3: only torchrec.metrics,
+# which shardrec does not use, needs it, and the rest of TorchRec runs with torchmetrics 1.9). Last
+# and with --no-deps, TorchRec installs without pip's resolver error about them; `pip check` still
+# lists both.
 $PIP install tensordict tqdm pyre-extensions iopath numpy \
   'ray[data,train,default]==2.60.0' pyarrow==26.0.1 'torchmetrics==1.9.*' tensorboard \
   matplotlib faiss-cpu pytest pytest-timeout
+$PIP install --no-deps torchrec==1.8.0
 # MovieLens-100K ships inside this data-only wheel; --no-deps keeps its heavy requirements out.
 $PIP install --no-deps recbole==1.2.1
 $PIP install --no-deps -e .

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from core.config import refuse_stream_only_settings
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.run_folder import check_resume
@@ -20,12 +21,13 @@ from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
 from trainers.preflight import check_job
 from trainers.run_log import process_started_at
-from trainers.trainer import format_summary
+from trainers.report import format_summary
 
 
 def main(argv: list[str]) -> int:
     try:
         config, resume_dir, verbose = parse_train_args(argv)
+        refuse_stream_only_settings(config, "plain torchrun")
         dataset = PreparedDataset.open(config.data.path)
         if resume_dir is not None:
             check_resume(config, resume_dir)

@@ -10,6 +10,7 @@ import torch
 from core.config import EvalSection
 from core.dataset_format import PreparedDataset
 from core.interactions import item_counts
+from core.rank_plan import RankPlan
 from trainers.evaluate import Evaluator
 
 
@@ -18,5 +19,5 @@ def popularity(dataset: PreparedDataset, eval_config: EvalSection) -> dict[str, 
     counts = item_counts(dataset).astype(np.float64)
     # Break ties by item id, deterministically, so the baseline is reproducible to the digit.
     scores = torch.as_tensor(counts - np.arange(dataset.num_items) * 1e-9)
-    evaluator = Evaluator(dataset, eval_config, rank=0, world_size=1)
+    evaluator = Evaluator(dataset, eval_config, RankPlan(0, 1, dataset.num_shards))
     return {split: evaluator.evaluate_item_scores(scores, split) for split in ("valid", "test")}

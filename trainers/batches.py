@@ -13,6 +13,7 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import batch_kind_of
 from core.negatives import NegativeSampler, with_negatives
+from core.rank_plan import RankPlan
 from core.sequences import load_sequences, window_spans
 from trainers.distributed import all_agree
 
@@ -20,38 +21,27 @@ Batch = dict[str, np.ndarray]
 
 
 class BatchSource(Protocol):
-    """May also offer `batches_in_epoch(epoch)` (see planned_batches) and `independent_epochs`
-    (True: epochs share no state, so the trainer may start the next while one ends)."""
+    """One rank's training batches, epoch by epoch (trainers/epoch.py iterates them)."""
 
-    def epoch(self, epoch: int) -> Iterator[Batch]: ...
+    independent_epochs: bool
+    """True: epochs share no state, so the trainer may start reading the next while one ends."""
 
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The epoch's batches on this rank, a function of (seed, rank, epoch): a resumed epoch
+        skips the ones already trained and continues with the same rows."""
+        ...
 
-def planned_batches(source: BatchSource, epoch: int) -> int | None:
-    """The number of batches `source.epoch(epoch)` yields on this rank, when the source can tell
-    without reading (`batches_in_epoch`); None otherwise. The trainer agrees on the smallest count
-    over the ranks once per epoch instead of once per step (`lockstep`)."""
-    count = getattr(source, "batches_in_epoch", None)
-    return None if count is None else int(count(epoch))
+    def batches_in_epoch(self, epoch: int) -> int | None:
+        """How many batches `epoch(epoch)` yields, without reading them; None when it cannot tell
+        (the ranks then vote at every step instead of agreeing once per epoch)."""
+        ...
 
-
-def rank_shards(num_shards: int, rank: int, world_size: int) -> tuple[np.ndarray, bool]:
-    """(shards this rank reads, striped). Shard i goes to rank i % world when the shards divide
-    evenly; otherwise every rank reads every shard and keeps rows (or windows) rank::world, so no
-    rank's share is cut short."""
-    shards = np.arange(num_shards)
-    striped = num_shards % world_size != 0
-    return (shards if striped else shards[rank::world_size]), striped
+    def close(self) -> None:
+        """Stop whatever reads ahead (the trainer calls it when training ends)."""
+        ...
 
 
-def rank_rows(shard_rows: np.ndarray, rank: int, world_size: int, striped: bool) -> int:
-    """Positive rows a rank trains on per epoch from its shards' row counts (`rank_shards`):
-    all of them, or its stripe rank::world of each when striped."""
-    if not striped:
-        return int(shard_rows.sum())
-    return int(sum(len(range(rank, int(n), world_size)) for n in shard_rows))
-
-
-def rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_size: int,
+def rank_source(config: RunConfig, dataset: PreparedDataset, plan: RankPlan,
                 interactions: Callable[[NegativeSampler], BatchSource]) -> BatchSource:
     """A rank's batches, a function of (seed, epoch, rank): for sequence models the windows of its
     own shards' users; for interaction models `interactions(sampler)` (pyarrow under torchrun, a
@@ -59,7 +49,7 @@ def rank_source(config: RunConfig, dataset: PreparedDataset, rank: int, world_si
     params = config.model.resolved_params()
     batch_kind = batch_kind_of(params)
     if batch_kind == "sequence":
-        return SequenceWindowsSource(dataset, params, config.trainer.batch_size, rank, world_size, config.trainer.seed)
+        return SequenceWindowsSource(dataset, params, config.trainer.batch_size, plan)
     return interactions(NegativeSampler(dataset.num_items, config.data.negatives, config.data.reject_positives,
                                         batch_kind=batch_kind))
 
@@ -68,7 +58,7 @@ class ParquetFilesSource:
     """This rank streams its own train shards with pyarrow and samples negatives itself.
 
     Used under torchrun (Ray Train workers run the same per-shard work as Ray Data tasks:
-    cluster/rank_stream.py). Shards are dealt by `rank_shards`. An epoch visits the rank's shards in a seeded random order, a window of whole shards
+    cluster/rank_stream.py). Shards are dealt by the rank's `RankPlan`. An epoch visits the rank's shards in a seeded random order, a window of whole shards
     (about `window_rows` rows) at a time: a window is read and shuffled, and slice by slice its
     positives get negatives drawn against the window's own pairs (shards are user-partitioned, so they
     hold every positive of their users), are shuffled again and cut into batches. Memory is bounded
@@ -84,25 +74,26 @@ class ParquetFilesSource:
     SLICE_ROWS = 65_536
     """Positives expanded with their negatives at a time."""
 
-    def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, rank: int,
-                 world_size: int, seed: int, window_rows: int = WINDOW_ROWS) -> None:
-        self.dataset = dataset
-        self.shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
+    def __init__(self, dataset: PreparedDataset, sampler: NegativeSampler, batch_size: int, plan: RankPlan,
+                 window_rows: int = WINDOW_ROWS) -> None:
+        self.dataset, self.plan = dataset, plan
+        self.shards = plan.train_shards
         self.shard_rows = np.asarray(dataset.shard_rows("train"), dtype=np.int64)[self.shards]
-        self.rank, self.world_size = rank, world_size
         self.sampler = sampler
         self.batch_size = batch_size
         self.window_rows = window_rows
-        self.seed = seed + 1000 * rank
 
     @property
     def rows(self) -> int:
         """Positive rows this rank trains on per epoch."""
-        return rank_rows(self.shard_rows, self.rank, self.world_size, self.striped)
+        return self.plan.train_rows(self.shard_rows)
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Whole batches an epoch yields (the partial batch at the end of a slice carries over)."""
         return self.sampler.expanded_rows(self.rows) // self.batch_size
+
+    def close(self) -> None:
+        """Nothing reads ahead of `epoch`'s generator."""
 
     def _windows(self, order: np.ndarray) -> Iterator[np.ndarray]:
         window: list[int] = []
@@ -121,14 +112,13 @@ class ParquetFilesSource:
         the ranks' shares of a shard are complementary whatever order each rank reads them in."""
         parts = [self.dataset.read_shards("train", [shard], columns=("user_id", "item_id")) for shard in shards]
         positives = {name: np.concatenate([part[name] for part in parts]) for name in ("user_id", "item_id")}
-        if not self.striped:
+        if not self.plan.striped:
             return positives, positives
-        mine = {name: np.concatenate([part[name][self.rank :: self.world_size] for part in parts])
-                for name in ("user_id", "item_id")}
-        return positives, mine
+        stripes = [self.plan.mine(part) for part in parts]
+        return positives, {name: np.concatenate([stripe[name] for stripe in stripes]) for name in ("user_id", "item_id")}
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        rng = np.random.default_rng((self.seed, epoch))
+        rng = np.random.default_rng((self.plan.rank_seed, epoch))
         carry: Batch | None = None
         for window in self._windows(rng.permutation(len(self.shards))):
             positives, mine = self._read(self.shards[window])
@@ -149,33 +139,32 @@ class ParquetFilesSource:
 
 class SequenceWindowsSource:
     """For sequence models, under torchrun and Ray Train alike: a rank cuts windows from the
-    histories of its own shards' users only (`rank_shards`; windows striped when the shards do not
-    divide), and shuffles them each epoch with (seed, rank, epoch)."""
+    histories of its own shards' users only (its `RankPlan`; windows striped when the shards do not
+    divide), and shuffles them each epoch with (rank seed, epoch)."""
 
     independent_epochs = True
     """epoch(e) shares no state with other epochs (see ParquetFilesSource)."""
 
-    def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
-        shards, self.striped = rank_shards(dataset.num_shards, rank, world_size)
-        self.table = load_sequences(dataset, [int(shard) for shard in shards])
+    def __init__(self, dataset: PreparedDataset, params: Any, batch_size: int, plan: RankPlan) -> None:
+        self.plan = plan
+        self.table = load_sequences(dataset, [int(shard) for shard in plan.train_shards])
         # Where the windows lie, not their padded tokens: each batch cuts its own (O(batch)).
         self.spans = window_spans(self.table.indptr, params.window, params.resolved_window_step, params.min_window)
         self.window = params.window
         self.batch_size = batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
 
     def batches_in_epoch(self, epoch: int) -> int:
-        windows = len(self.spans)
-        mine = len(range(self.rank, windows, self.world_size)) if self.striped else windows
-        return mine // self.batch_size
+        return self.plan.rows_of(len(self.spans)) // self.batch_size
+
+    def close(self) -> None:
+        """Nothing reads ahead of `epoch`'s generator."""
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        if self.striped:  # every rank holds every window: a shared order, every world-th one
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.spans))
-            mine = order[self.rank :: self.world_size]
+        if self.plan.striped:  # every rank holds every window: a shared order, every world-th one
+            order = np.random.default_rng((self.plan.seed, epoch)).permutation(len(self.spans))
+            mine = self.plan.mine({"window": order})["window"]
         else:
-            mine = np.random.default_rng((self.seed, self.rank, epoch)).permutation(len(self.spans))
+            mine = np.random.default_rng((self.plan.rank_seed, epoch)).permutation(len(self.spans))
         for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):
             index = mine[start : start + self.batch_size]
             yield self.spans.cut(index, self.table.users, self.table.indptr, self.table.train, self.window)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from core.errors import UserError
+from upstream.torch_private import Shard, ShardedTensor, sharded_tensor_from_shards
 
 
 def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
@@ -99,8 +99,7 @@ class _HostCopyStager(AsyncStager):
 def _host_copy(value: Any) -> Any:
     if isinstance(value, ShardedTensor):
         shards = [Shard(shard.tensor.detach().to("cpu", copy=True), shard.metadata) for shard in value.local_shards()]
-        return ShardedTensor._init_from_local_shards_and_global_metadata(
-            shards, value.metadata(), process_group=value._process_group)
+        return sharded_tensor_from_shards(shards, like=value)
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):

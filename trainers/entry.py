@@ -7,6 +7,7 @@ from typing import Any
 
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
+from core.rank_plan import RankPlan
 from trainers.batches import ParquetFilesSource, rank_source
 from trainers.distributed import RankContext
 from trainers.run_log import Console, quiet_rank_output
@@ -19,7 +20,8 @@ def torchrun_rank(config: RunConfig, run_dir: Path, resume: bool, context: RankC
     the terminal directly."""
     with quiet_rank_output(run_dir, context.rank, verbose) as terminal:
         dataset = PreparedDataset.open(config.data.path)
-        source = rank_source(config, dataset, context.rank, context.world_size, lambda sampler: ParquetFilesSource(
-            dataset, sampler, config.trainer.batch_size, context.rank, context.world_size, config.trainer.seed))
+        plan = RankPlan(context.rank, context.world_size, dataset.num_shards, config.trainer.seed)
+        source = rank_source(config, dataset, plan, lambda sampler: ParquetFilesSource(
+            dataset, sampler, config.trainer.batch_size, plan))
         console = Console(stream=terminal) if context.is_main else None
         return Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from core.config import EvalSection
 from core.dataset_format import SPLITS, PreparedDataset
 from core.interactions import UserItems, sorted_positions, sorted_unique
+from core.rank_plan import RankPlan
 from models.base import RecModel
 from trainers.distributed import all_max, all_sum, collective_device
 from trainers.eval_sampling import unit_hash, unseen_negatives
@@ -90,21 +91,20 @@ class Evaluator:
         self,
         dataset: PreparedDataset,
         config: EvalSection,
-        rank: int,
-        world_size: int,
-        seed: int = 0,
+        plan: RankPlan,
         sequence_model: bool = False,
         all_users: bool = False,
     ):
-        """all_users: hold every user's items (single-process baselines and tests), not only the
+        """`plan`: whose users this rank ranks (its user shards) and the seed of the user sample.
+        all_users: hold every user's items (single-process baselines and tests), not only the
         users of this rank's shards."""
         self.config = config
         self.mask_history = config.masks_history(sequence_model)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size = plan.rank, plan.world_size
         self.num_users, self.num_items = dataset.num_users, dataset.num_items
-        self.seed = seed
+        self.seed = plan.seed
         self.dataset = dataset
-        self.shards = list(range(dataset.num_shards)) if all_users else list(range(rank, dataset.num_shards, world_size))
+        self.shards = list(range(dataset.num_shards)) if all_users else plan.user_shards
         self.all_users = all_users
         self._rows: UserRows | None = None
         self.eligible_total: dict[str, int] = {}

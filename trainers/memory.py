@@ -8,8 +8,9 @@ import resource
 from typing import Any
 
 import torch
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
+
+from upstream.torch_private import ShardedTensor
 
 
 def peak_rss_mb() -> float:

@@ -302,3 +302,13 @@ class RunLog:
                 self._tensorboard.close()
             if self.console is not None:
                 self.console.close()
+
+
+def prune_metrics(path: Path, last_step: int) -> None:
+    """Keep only the metrics.jsonl records up to `last_step` (atomically: a crash keeps the old file)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    staging = path.with_suffix(".jsonl.tmp")
+    staging.write_text("".join(line + "\n" for line in kept))
+    staging.replace(path)

@@ -3,14 +3,12 @@ DistributedModelParallel, and initialise every shard identically whatever the la
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbedding, BaseBatchedEmbeddingBag
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import DataType
@@ -24,12 +22,14 @@ from core.dataset_format import PreparedDataset
 from core.graph import graph_of
 from core.errors import UserError
 from core.model_data import load_model_data
+from core.rank_plan import RankPlan
 from models.base import RecModel
 from models.registry import build_model
 from sharding.planner import describe_plan, make_sharders, plan_tables, saved_plan
 from sharding.tables import specs_from_module, table_configs
 from sharding.topology import ClusterSpec, load_topology, running_cluster
 from trainers.distributed import RankContext
+from upstream.torch_private import kernels_leave_weights_uninitialised
 
 INIT_CHUNK_ROWS = 65_536
 
@@ -82,8 +82,11 @@ def job_cluster(topology: str, context: RankContext) -> ClusterSpec:
     return cluster
 
 
-def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: RankContext) -> ShardedModel:
-    """Collective: every rank calls it with the same config and gets its own shards."""
+def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: RankContext,
+                        plan: RankPlan | None = None) -> ShardedModel:
+    """Collective: every rank calls it with the same config and gets its own shards; `plan` says
+    which users' data the rank holds (default: the rank's plan for this config and dataset)."""
+    plan = plan or RankPlan(context.rank, context.world_size, dataset.num_shards, config.trainer.seed)
     # TorchRec's own deprecation notices (storage reservation, DDP arguments): not actionable here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
@@ -96,8 +99,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
         if dist.is_initialized():
             dist.barrier()
     # Per-user data only for the users this rank evaluates (the Evaluator's shards).
-    own_shards = list(range(context.rank, dataset.num_shards, context.world_size))
-    model.bind_data(load_model_data(dataset, model.data_needs, own_shards))
+    model.bind_data(load_model_data(dataset, model.data_needs, plan.user_shards))
     if config.sharding.plan:
         plan = saved_plan(config.sharding.plan, context.device.type, context.world_size, model)
     else:
@@ -124,21 +126,6 @@ def table_weights(state: dict[str, Any]) -> Iterator[tuple[str, str, Any]]:
     for key, value in state.items():
         if ".embedding_bags." in key or ".embeddings." in key:
             yield key, key.split(".")[-2], value
-
-
-@contextlib.contextmanager
-def kernels_leave_weights_uninitialised() -> Iterator[None]:
-    """While sharding: TorchRec's fused kernels skip their uniform fill of the table shards, which
-    `init_tables` overwrites element by element anyway. At 10^7 rows a rank that is a second of
-    start-up per table shard gigabyte saved."""
-    originals = {kernel: kernel.__dict__["init_parameters"] for kernel in (BaseBatchedEmbedding, BaseBatchedEmbeddingBag)}
-    try:
-        for kernel in originals:
-            kernel.init_parameters = lambda self: None
-        yield
-    finally:
-        for kernel, original in originals.items():
-            kernel.init_parameters = original
 
 
 @torch.no_grad()

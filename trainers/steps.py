@@ -46,9 +46,9 @@ def pipeline_available() -> bool:
 
 
 class SparseDistSteps:
-    """TrainPipelineSparseDist over one epoch at a time; yields (batch, loss) per optimizer step,
-    in the order the batches came. Detached from the model between epochs, so evaluation and
-    checkpoints see the model's own forward."""
+    """TrainPipelineSparseDist, one optimizer step per `step` call, in the order the batches came.
+    Detached from the model at each epoch's end (`end_epoch`), so evaluation and checkpoints see
+    the model's own forward."""
 
     def __init__(self, dmp: torch.nn.Module, optimizer: Any, device: torch.device,
                  precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
@@ -56,29 +56,35 @@ class SparseDistSteps:
 
         self.dmp, self.precision = dmp, precision
         self.pipeline = TrainPipelineSparseDist(dmp, optimizer, device, custom_model_fwd=self._forward)
+        self._source: Iterator[tuple[dict[str, Any], Any]] | None = None
+        self._feed: Iterator[Any] | None = None
+        self._pending: deque[dict[str, Any]] = deque()
+        """The numpy batches the pipeline has taken and not yet trained, oldest first."""
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         with self.precision():
             loss = self.dmp(batch)
         return loss, loss.detach()
 
-    def epoch(self, prepared: Iterator[tuple[dict[str, Any], Any]]) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """`prepared`: (numpy batch, FeatureBatch) pairs."""
-        pending: deque[dict[str, Any]] = deque()
+    def _inputs(self, source: Iterator[tuple[dict[str, Any], Any]]) -> Iterator[Any]:
+        for batch, features in source:
+            self._pending.append(batch)  # the pipeline trains its inputs in order: a later step's batch
+            yield features
 
-        def inputs() -> Iterator[Any]:
-            for batch, features in prepared:
-                pending.append(batch)  # the pipeline trains its inputs in order: this is the step's batch
-                yield features
-
-        feed = inputs()
+    def step(self, batches: Iterator[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """Train the oldest batch taken from `batches` ((numpy batch, FeatureBatch) pairs), taking
+        up to two more ahead; None when none is left."""
+        if batches is not self._source:
+            self._source, self._feed = batches, self._inputs(batches)
         try:
-            while True:
-                try:
-                    loss = self.pipeline.progress(feed)
-                except StopIteration:
-                    return
-                yield pending.popleft(), loss
-        finally:
-            self.pipeline.reset()
-            self.pipeline.detach()
+            loss = self.pipeline.progress(self._feed)
+        except StopIteration:
+            return None
+        return self._pending.popleft(), loss
+
+    def end_epoch(self) -> None:
+        """Drop what the pipeline holds and give the model its own forward back."""
+        self.pipeline.reset()
+        self.pipeline.detach()
+        self._source = self._feed = None
+        self._pending.clear()

@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
-import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_rendezvous
 from torch.distributed import run
 
 from trainers.distributed import BoundTCPStore
+from upstream.torch_private import launcher_stores_bound_to
 
 
 def main(argv: list[str] | None = None) -> None:
-    # Every place torch's launcher creates a store server looks TCPStore up by one of these names.
-    dist.TCPStore = BoundTCPStore
-    static_rendezvous.TCPStore = BoundTCPStore
-    c10d_backend.TCPStore = BoundTCPStore
+    launcher_stores_bound_to(BoundTCPStore)
     run.main(argv)
 
 

@@ -1,6 +1,8 @@
 """One rank's training, in the manner of torchtitan's trainer: build (model, sharding, optimizers),
-`train_step(batch)`, `evaluate(split)`, `state_dict` / `load_state_dict`, and `fit`, the epoch loop
-that calls the step. The step is where a TorchRec train pipeline plugs in.
+`train_step`, `evaluate(split)`, `state_dict` / `load_state_dict`, and `fit`, whose loop calls
+`train_step` for every batch of every epoch. What surrounds the step (resume within an epoch, the
+ranks' agreement on a step count, preparation ahead, mid-epoch checkpoints) is the epoch iterator's
+(trainers/epoch.py).
 
 It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a BatchSource.
 """
@@ -8,12 +10,8 @@ It knows nothing of Ray or torchrun: the launcher hands it a RankContext and a B
 from __future__ import annotations
 
 import contextlib
-import functools
-import itertools
 import json
-import os
 import shutil
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -25,19 +23,20 @@ import torch.distributed as dist
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
+from core.rank_plan import RankPlan
 from core.run_folder import checkpoint_dir, complete_checkpoints, latest_checkpoint, read_progress
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
-from trainers.batches import Batch, BatchSource, check_ids, lockstep, planned_batches, to_tensors
-from trainers.distributed import RankContext, all_min, all_sum, node_address
+from trainers.batches import Batch, BatchSource, check_ids, to_tensors
+from trainers.distributed import RankContext, all_sum, node_address
+from trainers.epoch import EpochBatches, EpochPlan, ReadAhead
 from trainers.evaluate import Evaluator
 from trainers.memory import local_bytes, peak_rss_mb
-from trainers.prefetch import Prefetcher
-from trainers.steps import SparseDistSteps, choose_step
-from models.features import FeatureBatch
-from trainers.run_log import Console, RunLog
+from trainers.report import epoch_line
+from trainers.run_log import Console, RunLog, prune_metrics
 from trainers.sharded_model import ShardedModel, build_sharded_model
+from trainers.steps import SparseDistSteps, choose_step
 
 
 class Trainer:
@@ -48,8 +47,10 @@ class Trainer:
         # TorchRec still calls collectives that torch marks deprecated: one warning per call site and rank.
         warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
         self.config, self.context, self.dataset = config, context, dataset
-        self.sharded: ShardedModel = build_sharded_model(config, dataset, context)  # collective
-        self.evaluator = Evaluator(dataset, config.eval, context.rank, context.world_size, seed=config.trainer.seed,
+        self.plan = RankPlan(context.rank, context.world_size, dataset.num_shards, config.trainer.seed)
+        """What this rank reads, evaluates and seeds (the batch source is built from the same)."""
+        self.sharded: ShardedModel = build_sharded_model(config, dataset, context, self.plan)  # collective
+        self.evaluator = Evaluator(dataset, config.eval, self.plan,
                                    sequence_model=is_sequence_model(config.model.resolved_params()))
         self.epoch = 0
         """Epochs finished."""
@@ -69,22 +70,42 @@ class Trainer:
         self.step_kind = choose_step(config.trainer.train_pipeline, self.sharded.model, context.device)
         """"plain" or "sparse_dist" (trainers/steps.py)."""
         self._pipeline: SparseDistSteps | None = None
-        self._ahead: tuple[int, Prefetcher] | None = None
-        """(epoch, its prefetcher), started during the previous epoch's last steps (`train_epoch`'s
-        `upcoming`), so an epoch's first batch is ready when it starts."""
+        self.read_ahead = ReadAhead()
+        """The next epoch's batches, prepared during this epoch's last steps."""
 
     # --- the step and the evaluation ---------------------------------------------------------------
 
-    def train_step(self, batch: Batch) -> torch.Tensor:
-        """Collective. One optimizer step on this rank's batch (numpy columns); returns the batch's
-        loss, detached and left on the device (reading it syncs, so the caller decides when)."""
-        return self.step_on_tensors(self.prepare_batch(batch)[1])
+    def train_step(self, batches: Iterator[Any] | Batch) -> tuple[Batch, torch.Tensor] | None:
+        """Collective. One optimizer step: takes what it needs from `batches` (items of
+        `prepare_for_step`, such as an EpochBatches; or one raw batch) and returns (the batch it
+        trained, its loss detached and left on the device: reading it syncs, so the caller decides
+        when), or None when `batches` is exhausted. The plain step takes one batch; TorchRec's
+        train pipeline takes up to two ahead and trains them in order."""
+        if isinstance(batches, dict):
+            batches = iter([self.prepare_for_step(batches)])
+        if self.step_kind == "sparse_dist":
+            if self._pipeline is None:
+                self._pipeline = SparseDistSteps(self.sharded.dmp, self.sharded.optimizer, self.context.device,
+                                                 self.precision)
+            done = self._pipeline.step(batches)
+        else:
+            item = next(batches, None)
+            done = None if item is None else (item[0], self._plain_step(item[1]))
+        if done is not None:
+            self.step += 1
+        return done
 
-    def prepare_batch(self, batch: Batch, device: torch.device | None = None) -> tuple[Batch, dict[str, torch.Tensor]]:
-        """(batch, its tensors on `device`, default the rank's), after refusing out-of-range ids.
-        Thread-safe: the epoch loop runs it in its prefetch thread."""
+    def prepare_for_step(self, batch: Batch) -> tuple[Batch, Any]:
+        """(batch, what this trainer's step consumes): its tensors on the rank's device for the plain
+        step; for the pipeline, its FeatureBatch in host memory (pinned for a GPU: the pipeline copies
+        it on a stream of its own). Refuses out-of-range ids. Thread-safe: the epoch's prefetch
+        thread runs it."""
         check_ids(batch, self.dataset.num_users, self.dataset.num_items)
-        return batch, to_tensors(batch, device or self.context.device)
+        if self.step_kind != "sparse_dist":
+            return batch, to_tensors(batch, self.context.device)
+        features = self.sharded.model.pipeline_input(to_tensors(batch, torch.device("cpu")))
+        assert features is not None  # choose_step checked the model
+        return batch, features.pin_memory() if self.context.device.type == "cuda" else features
 
     def precision(self) -> contextlib.AbstractContextManager:
         """The forward pass's autocast (trainer.mixed_precision); the loss comes out in fp32."""
@@ -92,34 +113,12 @@ class Trainer:
             return torch.autocast(self.context.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def prepare_pipeline_batch(self, batch: Batch) -> tuple[Batch, FeatureBatch]:
-        """(batch, its FeatureBatch in host memory, pinned for a GPU): the train pipeline copies
-        it to the device on a stream of its own."""
-        batch, tensors = self.prepare_batch(batch, device=torch.device("cpu"))
-        features = self.sharded.model.pipeline_input(tensors)
-        assert features is not None  # choose_step checked the model
-        return batch, features.pin_memory() if self.context.device.type == "cuda" else features
-
-    def _plain_steps(self, prepared: Iterator[tuple[Batch, dict[str, torch.Tensor]]]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        for batch, tensors in prepared:
-            yield batch, self.step_on_tensors(tensors)
-
-    def _pipelined_steps(self, prepared: Iterator[tuple[Batch, FeatureBatch]]) -> Iterator[tuple[Batch, torch.Tensor]]:
-        if self._pipeline is None:
-            self._pipeline = SparseDistSteps(self.sharded.dmp, self.sharded.optimizer, self.context.device,
-                                             self.precision)
-        for batch, loss in self._pipeline.epoch(prepared):
-            self.step += 1
-            yield batch, loss
-
-    def step_on_tensors(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Collective. train_step on a batch already on the device (see prepare_batch)."""
+    def _plain_step(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.precision():
             loss = self.sharded.dmp(tensors)
         self.sharded.optimizer.zero_grad()
         loss.backward()
         self.sharded.optimizer.step()
-        self.step += 1
         return loss.detach()
 
     def evaluate(self, split: str, on_batch: Callable[[int], None] | None = None,
@@ -218,87 +217,47 @@ class Trainer:
         dist.all_gather_object(every, mine)
         return every
 
-    def train_epoch(self, batches: Iterator[Batch], log: RunLog, run_dir: Path | None = None,
-                    planned: int | None = None, upcoming: Callable[[], Iterator[Batch]] | None = None
-                    ) -> dict[str, Any]:
-        """Collective. One epoch over `batches` (after the `epoch_batches` a resumed checkpoint had
-        trained); returns its record (loss, steps, samples/s, data wait). `planned`: the number of
-        batches this rank's source yields (planned_batches), when it can tell; the ranks then agree
-        on the count once, and no step runs a collective of the loop's own. `upcoming`: the next
-        epoch's batches, for a source whose epochs are independent of each other
-        (`independent_epochs`): their preparation starts during this epoch's last steps, and the
-        next train_epoch takes them over instead of `batches`."""
+    def train_epoch(self, source: BatchSource, log: RunLog, run_dir: Path | None = None) -> dict[str, Any]:
+        """Collective. One epoch of `source` (after the `epoch_batches` a resumed checkpoint had
+        trained): `train_step` for every batch; returns the epoch's record (loss, steps, samples/s,
+        data wait)."""
         self.sharded.dmp.train()
         epoch = self.epoch + 1
-        log_every = self.config.trainer.log_every
-        every_steps = self.config.trainer.checkpoint_every_steps
-        skipped = self.epoch_batches
-        max_steps = self.config.trainer.max_steps_per_epoch
-        remaining: int | None = None
-        if planned is not None:
-            total = all_min(planned)  # every rank runs the shortest rank's count
-            if max_steps:
-                total = min(total, max_steps)
-            remaining = max(total - skipped, 0)
-        # The epoch's order is a function of (seed, epoch) under torchrun: skipping what the
-        # checkpoint had trained resumes at the next unseen batch.
-        source_batches = batches
-        batches = itertools.islice(batches, skipped, None if remaining is None else skipped + remaining)
-        ahead = self._take_ahead(epoch)
-        if ahead is not None and (skipped or remaining is None):  # not an epoch read ahead can serve
-            ahead.close()
-            ahead = None
-        recorder = BatchRecorder.from_environment(self.context.rank, epoch)
+        trainer_config = self.config.trainer
+        plan = EpochPlan(epoch, skip=self.epoch_batches, max_steps=trainer_config.max_steps_per_epoch,
+                         depth=trainer_config.prefetch_batches,
+                         checkpoint_every_steps=trainer_config.checkpoint_every_steps if run_dir is not None else 0,
+                         needs_count=self.step_kind == "sparse_dist")
+        checkpoint = (lambda: self.save_checkpoint(run_dir, log)) if run_dir is not None else None
         started = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
-        rows = steps = 0
-        log.start_bar(f"epoch {epoch}", remaining, unit="step")
-        # The pipeline pulls its batches itself (two ahead), so it needs the count agreed up front.
-        pipelined = self.step_kind == "sparse_dist" and remaining is not None
-        prepare = self.prepare_pipeline_batch if pipelined else self.prepare_batch
-        depth = self.config.trainer.prefetch_batches
-        with ahead or Prefetcher(batches, prepare, depth=depth) as prepared:
-            if remaining is None:
-                items: Iterator[Any] = iter(lockstep(prepared, max(max_steps - skipped, 1) if max_steps else 0))
-            elif ahead is not None:  # it read its source whole: the agreed count is cut here
-                items = itertools.islice(prepared, remaining)
-            else:
-                items = iter(prepared)
-            timed = TimedIterator(items)
-            steps_taken = self._pipelined_steps(iter(timed)) if pipelined else self._plain_steps(iter(timed))
-            for batch, loss in steps_taken:
-                if self.first_step_at is None:
-                    self.first_step_at = time.time()
-                    log.record("first_step", self.step, {"epoch": epoch})  # start-up benchmarks read its time
-                self.epoch_batches += 1
-                if recorder is not None:
-                    recorder.record(self.step, batch)
-                batch_rows = len(batch["user_id"])
-                loss_sum += loss.double() * batch_rows
-                rows += batch_rows
-                steps += 1
-                if self.step % log_every == 0:
-                    value = float(loss)
-                    log.record("step", self.step, {"epoch": epoch, "loss": value})
-                    log.advance(loss=value)
-                else:
-                    log.advance()
-                if every_steps and run_dir is not None and self.step % every_steps == 0:
-                    self.save_checkpoint(run_dir, log)
-                if upcoming is not None and remaining is not None and steps == max(remaining - depth, 1):
-                    # `depth` steps before the end this epoch's batches are all prepared or queued:
-                    # the next epoch's preparation overlaps the last steps instead of its first.
-                    self._ahead = (epoch + 1, Prefetcher(upcoming(), prepare, depth=depth))
-            waited = timed.waited
-        close = getattr(source_batches, "close", None)
-        if close is not None:  # a source left before its end (a step limit) releases what it reads from now
-            close()
+        rows = 0
+        with EpochBatches(source, plan, self.prepare_for_step, self.read_ahead, self.context.rank,
+                          last_epoch=trainer_config.epochs, checkpoint=checkpoint) as batches:
+            log.start_bar(f"epoch {epoch}", batches.remaining, unit="step")
+            try:
+                while (done := self.train_step(batches)) is not None:
+                    batch, loss = done
+                    self.epoch_batches += 1
+                    if self.first_step_at is None:
+                        self.first_step_at = time.time()
+                        log.record("first_step", self.step, {"epoch": epoch})  # start-up benchmarks read its time
+                    batch_rows = len(batch["user_id"])
+                    loss_sum += loss.double() * batch_rows
+                    rows += batch_rows
+                    if self.step % trainer_config.log_every == 0:
+                        value = float(loss)
+                        log.record("step", self.step, {"epoch": epoch, "loss": value})
+                        log.advance(loss=value)
+                    else:
+                        log.advance()
+                    batches.stepped(self.step, batch)
+            finally:
+                if self._pipeline is not None:
+                    self._pipeline.end_epoch()
+            batches.finish()
+            steps, waited = batches.steps, batches.waited_s
         log.end_bar()
-        if remaining is not None and steps < remaining:
-            # The source announced more batches than it gave: the other ranks are now waiting in a
-            # step's collective. Failing here ends the job (the launchers stop every rank).
-            raise RuntimeError(f"rank {self.context.rank}: the epoch's batch source ended after {steps} of the "
-                               f"{remaining} batches it announced")
         elapsed = time.perf_counter() - started
         total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
         self.epoch, self.epoch_batches = epoch, 0
@@ -306,26 +265,11 @@ class Trainer:
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
 
-    def _take_ahead(self, epoch: int | None) -> Prefetcher | None:
-        """The prefetcher started ahead for `epoch`, if any; one for another epoch (every one, for
-        None) is stopped."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        if ahead[0] != epoch:
-            ahead[1].close()
-            return None
-        return ahead[1]
-
     def _fit_epochs(self, source: BatchSource, run_dir: Path, log: RunLog) -> None:
         """The epochs left: train, evaluate and checkpoint as the config says."""
         trainer_config, k = self.config.trainer, self.config.eval.k
-        independent = bool(getattr(source, "independent_epochs", False))
         while self.epoch < trainer_config.epochs:
-            epoch = self.epoch + 1
-            upcoming = (functools.partial(source.epoch, epoch + 1)
-                        if independent and epoch < trainer_config.epochs else None)
-            record = self.train_epoch(source.epoch(epoch), log, run_dir, planned_batches(source, epoch), upcoming)
+            record = self.train_epoch(source, log, run_dir)
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 eval_started = time.perf_counter()
@@ -377,11 +321,9 @@ class Trainer:
         try:
             self._fit_epochs(source, run_dir, log)
         finally:
-            self._take_ahead(None)  # stops a read-ahead an error left unused
+            self.read_ahead.take(None)  # stops a read-ahead an error left unused
         self.finish_checkpoints()
-        close = getattr(source, "close", None)
-        if close is not None:  # a source that reads ahead stops
-            close()
+        source.close()  # a source that reads ahead stops
         summary = {
             "run_dir": str(run_dir),
             "model": self.config.model.name,
@@ -397,105 +339,3 @@ class Trainer:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.close()
         return summary
-
-
-class TimedIterator:
-    """Passes `items` through, adding up the seconds spent waiting for each (`waited`)."""
-
-    def __init__(self, items: Iterator[Any]) -> None:
-        self.items, self.waited = items, 0.0
-
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            asked = time.perf_counter()
-            item = next(self.items, None)
-            self.waited += time.perf_counter() - asked
-            if item is None:
-                return
-            yield item
-
-
-class BatchRecorder:
-    """Testing aid for exactly-once progress, off unless SHARDREC_RECORD_BATCHES names a folder: each
-    rank appends, per step, the (user, item) rows of its batch's positives to
-    <folder>/rank-<r>.jsonl. With SHARDREC_FAIL_AT_STEP=<rank>:<step> that rank kills itself with
-    SIGKILL right after that step (a lost host, for fault tests), once: a marker file in the folder
-    stops a restarted job from failing at the same step again."""
-
-    def __init__(self, path: Path, fail_at: int | None) -> None:
-        self.path, self.fail_at = path, fail_at
-
-    @classmethod
-    def from_environment(cls, rank: int, epoch: int) -> "BatchRecorder | None":
-        folder = os.environ.get("SHARDREC_RECORD_BATCHES")
-        if not folder:
-            return None
-        fail_rank, _, fail_step = os.environ.get("SHARDREC_FAIL_AT_STEP", "").partition(":")
-        fail_at = int(fail_step) if fail_step and int(fail_rank) == rank else None
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        return cls(Path(folder) / f"rank-{rank}.jsonl", fail_at)
-
-    def record(self, step: int, batch: Batch) -> None:
-        positive = batch["label"] > 0 if "label" in batch else slice(None)
-        rows = {"step": step, "pid": os.getpid(), "users": batch["user_id"][positive].tolist(),
-                "items": batch["item_id"][positive].tolist()}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(rows) + "\n")
-        if self.fail_at is not None and step == self.fail_at:
-            marker = self.path.with_name(f"{self.path.stem}-killed-at-{step}")
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
-def prune_metrics(path: Path, last_step: int) -> None:
-    """Keep only the metrics.jsonl records up to `last_step` (atomically: a crash keeps the old file)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    staging = path.with_suffix(".jsonl.tmp")
-    staging.write_text("".join(line + "\n" for line in kept))
-    staging.replace(path)
-
-
-EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "MRR",
-                      "sampled_hit": "sampled-Hit", "sampled_ndcg": "sampled-NDCG"}
-
-
-def epoch_line(record: dict[str, Any], k: int) -> str:
-    line = (
-        f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
-        f"{record['samples_per_s']:,.0f} samples/s, data wait {record.get('data_wait_frac', 0.0):.0%}"
-    )
-    if "valid" in record:
-        line += f" | valid NDCG@{k} {record['valid'][f'ndcg@{k}']:.4f}"
-    if "test" in record:
-        t = record["test"]
-        line += " | test"
-        for name, label in EPOCH_LINE_METRICS.items():
-            if f"{name}@{k}" in t:
-                line += f" {label}@{k} {t[f'{name}@{k}']:.4f}"
-    elif "valid" in record:
-        line += " | test not run (validation did not improve)"
-    return line
-
-
-def format_summary(summary: dict[str, Any], started_at: float | None = None) -> str:
-    """Human-readable end-of-run report. `started_at`: when the command started (wall clock), for
-    the time to the best epoch."""
-    best, final = summary["best"], summary["final"]
-    lines = [f"shardrec run: {summary['model']} on {summary['world_size']} rank(s)", "sharding plan:", format_plan(summary["plan"])]
-    lines.append(f"epochs: {summary['epochs']}; final loss {final.get('loss', float('nan')):.4f}; "
-                 f"last epoch {final.get('samples_per_s', 0):,.0f} samples/s")
-    if best:
-        test = best["test"]
-        metrics = ", ".join(f"{name} {value:.4f}" for name, value in test.items() if "@" in name)
-        ranked = (f"{test['users']} of {test['eligible_users']} users" if "users" in test and test["users"] != test.get("eligible_users")
-                  else f"{test['cases']} cases")
-        lines.append(f"test at best validation epoch {best['epoch']} ({test['protocol']}; {ranked}): {metrics}")
-        reached = best.get("reached_at")
-        if started_at is not None and reached is not None and reached >= started_at:  # not from before a resume
-            lines.append(f"time to best: {reached - started_at:.1f} s (command start to the end of epoch "
-                         f"{best['epoch']}'s test evaluation)")
-    lines.append(f"run folder: {summary['run_dir']}")
-    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""Every use of a private torch, TorchRec or FBGEMM API, in one place: what to check when the
+torch / TorchRec / FBGEMM trio is upgraded.
+
+- TorchRec's sharded tables are torch ShardedTensors, which live under torch's private
+  `torch.distributed._shard`; their sharding specs (for the plan's JSON round-trip) too.
+- `sharded_tensor_from_shards`: a ShardedTensor around new local shards with another one's global
+  metadata and process group (the checkpoint's host copy), through torch's private constructor.
+- `kernels_leave_weights_uninitialised`: TorchRec's fused kernels fill every table shard with
+  uniform noise while sharding; shardrec initialises every row itself right after (layout-
+  independent init), so the fill is skipped by replacing the kernels' `init_parameters`.
+- `launcher_stores_bound_to`: torch's launcher (torchrun) creates its rendezvous store through
+  module-level TCPStore names of its own; replacing them is the only way to bind the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch.distributed as dist
+import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
+import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_rendezvous
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbedding, BaseBatchedEmbeddingBag
+
+__all__ = ["EnumerableShardingSpec", "Shard", "ShardMetadata", "ShardedTensor", "kernels_leave_weights_uninitialised",
+           "launcher_stores_bound_to", "sharded_tensor_from_shards"]
+
+
+def sharded_tensor_from_shards(local_shards: list[Shard], like: ShardedTensor) -> ShardedTensor:
+    """A ShardedTensor of `local_shards` with the global metadata and process group of `like`,
+    without a collective (torch's public constructors run one)."""
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local_shards, like.metadata(), process_group=like._process_group)
+
+
+@contextlib.contextmanager
+def kernels_leave_weights_uninitialised() -> Iterator[None]:
+    """While sharding: TorchRec's fused kernels skip their uniform fill of the table shards (which
+    the caller overwrites element by element anyway): about a second of start-up per gigabyte of
+    table shards a rank holds."""
+    originals = {kernel: kernel.__dict__["init_parameters"] for kernel in (BaseBatchedEmbedding, BaseBatchedEmbeddingBag)}
+    try:
+        for kernel in originals:
+            kernel.init_parameters = lambda self: None
+        yield
+    finally:
+        for kernel, original in originals.items():
+            kernel.init_parameters = original
+
+
+def launcher_stores_bound_to(store_class: type[Any]) -> None:
+    """Make torch's launcher create its store servers with `store_class` (for this process)."""
+    # Every place torch's launcher creates a store server looks TCPStore up by one of these names.
+    dist.TCPStore = store_class
+    static_rendezvous.TCPStore = store_class
+    c10d_backend.TCPStore = store_class
