@@ -16,8 +16,7 @@ from core.negatives import NegativeSampler, with_negatives
 
 SHARD_TASK_CPUS = 0.5
 """Ray CPU resource of a shard task. Half a CPU: with whole-CPU tasks, the 2-core machine's one free
-CPU ran one rank's shard task at a time while the other rank's pipeline waited (100M: 310k -> 355k
-samples/s). Every rank runs one shard task at a time (RayRankStream.pipeline), so a cluster needs
+CPU ran one rank's shard task at a time while the other rank's pipeline waited. Every rank runs one shard task at a time (RayRankStream.pipeline), so a cluster needs
 this much CPU per rank beside its workers' own (`cluster.launch.check_task_cpus`)."""
 
 
@@ -34,8 +33,7 @@ class SampledShard:
     table column by column after asking `pyarrow.infer_type` for each column's type, which walks
     every element as a Python object: about 24 ms for a column of 262,144 rows here, against under
     0.1 ms to wrap the same array. That inference was three quarters of a task worker's samples
-    (py-spy), and the task workers are not bound to a rank's CPUs: they took CPU from the ranks. A
-    synthetic 10M dataset's shard (4.67M rows) now costs its task 0.85 s of CPU instead of 2.1-2.3."""
+    (py-spy), and the task workers are not bound to a rank's CPUs: they took CPU from the ranks."""
 
     BLOCK_ROWS = 262_144
     """Rows per output block, at most (about 5 MB): each block is one slice of the shard's shuffled

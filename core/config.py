@@ -124,6 +124,12 @@ class TrainerSection:
     mixed_precision: str = "fp32"
     """"bf16": the forward pass under bfloat16 autocast (dense layers; table lookups stay in their
     own precision); "fp32": none."""
+    nonfinite_loss: str = "stop"
+    """A batch whose loss is nan or inf: "stop" ends the run with exit 1 (checked every log_every
+    steps, before every checkpoint and at each epoch's end, so no checkpoint holds such a step's
+    update); "skip" leaves such a batch out on every rank (no update; counted per epoch as
+    `nonfinite_skipped`), at the price of one agreement between the ranks per step, and with the
+    plain step only."""
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -142,6 +148,11 @@ class TrainerSection:
             raise UserError(f"trainer.train_pipeline must be one of {', '.join(TRAIN_PIPELINES)}, got {self.train_pipeline!r}")
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise UserError(f"trainer.table_optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}")
+        if self.nonfinite_loss not in ("stop", "skip"):
+            raise UserError(f"trainer.nonfinite_loss must be stop or skip, got {self.nonfinite_loss!r}")
+        if self.nonfinite_loss == "skip" and self.train_pipeline == "sparse_dist":
+            raise UserError("trainer.nonfinite_loss = 'skip' needs the plain step (TorchRec's pipeline runs the "
+                            "backward of a batch before its loss can be looked at); use train_pipeline 'auto' or 'plain'")
         if self.mixed_precision not in ("fp32", "bf16"):
             raise UserError(f"trainer.mixed_precision must be fp32 or bf16, got {self.mixed_precision!r}")
 

@@ -41,6 +41,25 @@ SCHEMA = pa.schema(
 )
 
 
+DATASET_ENTRIES = frozenset({"stats.json", "train", "valid", "test", "user_ids.parquet", "item_ids.parquet",
+                             "user_features.parquet", "item_features.parquet", "sequences", "graph"})
+"""Everything a prepared dataset folder may hold: what preparation writes, and what training
+derives beside it (sequences/, graph/)."""
+
+
+def is_replaceable_dataset(path: Path) -> bool:
+    """Whether `path` is a prepared dataset that a new preparation may replace: its stats.json is
+    shardrec's record of a dataset (any format version), and it holds nothing a dataset does not.
+    A folder with anything else in it (the user's own files) is not, whatever its stats.json says."""
+    try:
+        stats = json.loads((path / "stats.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stats, dict) or not str(stats.get("format", "")).startswith("shardrec.dataset/"):
+        return False
+    return all(entry.name in DATASET_ENTRIES for entry in path.iterdir())
+
+
 @dataclass(frozen=True)
 class PreparedDataset:
     root: Path

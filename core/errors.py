@@ -7,6 +7,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class CheckpointUnusable(UserError):
+    """No complete checkpoint of a run passes its checksums: there is nothing safe to resume from."""
+
+    exit_code = 1
+
+
 class TrainingFailed(RuntimeError):
     """A rank failed and the launcher stopped the whole job (Ray Train's worker group, or torchrun's
     ranks); the message carries the failing rank's own error."""

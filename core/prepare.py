@@ -19,8 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, write_user_shards
+from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, is_replaceable_dataset, write_user_shards
 from core.errors import UserError
+from core.files import publish_folder, staging_folder
 from core.interactions import sorted_positions
 from core.raw_input import BatchStream, RawBatch, array_batches
 from core.splits import history_positions, latest_of_each_pair, split_leave_one_out, split_random, tied_last_timestamps
@@ -63,25 +64,25 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
        ordered into histories, split and written, with its own seeded generator (seed, shard), so the
        result does not depend on how the input was batched.
 
-    Everything is written to `OUT.partial` and moved into place at the end: a failed or interrupted
-    run leaves no half dataset. An existing prepared dataset at `out` is replaced; any other
-    non-empty folder is refused. Returns the stats written to stats.json."""
+    Everything is written to a staging folder of the command's own beside `out` and moved into
+    place at the end: a failed or interrupted run leaves no half dataset. An existing prepared
+    dataset at `out` is replaced (`is_replaceable_dataset`); any other non-empty folder is refused.
+    Returns the stats written to stats.json."""
     out = Path(out)
     say = progress or (lambda message: None)
     _check_options(options)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if out.exists() and not (out / "stats.json").exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists and is not a prepared dataset; choose an empty or new folder")
+    if out.exists() and any(out.iterdir()) and not is_replaceable_dataset(out):
+        raise UserError(f"{out} exists and is not a prepared dataset (it holds other files); choose an empty or "
+                        "new folder")
     started = time.monotonic()
     user_ids, user_rows, item_ids, rows = _scan(batches, options)
     shards = options.shards or auto_shards(rows)
     bounds = balanced_user_bounds(user_rows, shards)
     say(f"pass 1/3: {rows:,} rows, {len(user_ids):,} users, {len(item_ids):,} items; {shards} shards "
         f"({time.monotonic() - started:.0f} s)")
-    staging = out.parent / f"{out.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_folder(out, "partial")
     try:
         _bucket(batches, options, user_ids, item_ids, bounds, staging / "buckets")
         say(f"pass 2/3: rows bucketed by user shard ({time.monotonic() - started:.0f} s)")
@@ -114,7 +115,7 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
             "tied_last_timestamps": tied if options.split == "loo" else None,
         }
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -245,18 +246,6 @@ def _finish_shard(staging: Path, shard: int, bounds: list[int], options: Prepare
                                           shuffle=rng if split == "train" else None, first_shard=shard)[0]
     tied = tied_last_timestamps(user, timestamp, position) if options.split == "loo" else 0
     return counts, tied
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished dataset into place; a prepared dataset already there is replaced only now."""
-    if out.exists():
-        retired = out.parent / f"{out.name}.replaced"
-        shutil.rmtree(retired, ignore_errors=True)
-        out.rename(retired)
-        staging.rename(out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(out)
 
 
 def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 0) -> dict[str, Any]:

@@ -3,17 +3,21 @@ command line before any cluster starts).
 
     RUN_DIR/checkpoints/epoch-0003/       at the end of epoch 3
     RUN_DIR/checkpoints/step-000000150/   inside an epoch (trainer.checkpoint_every_steps)
-    each with progress.json, written last: its presence marks a complete checkpoint
+    each with progress.json, written last: its presence marks a complete checkpoint, and it holds
+    the size and CRC-32 of every other file of the checkpoint, checked before a resume loads it
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from core.config import RunConfig
-from core.errors import UserError
+from core.errors import CheckpointUnusable, UserError
+
+CHUNK_BYTES = 1 << 24
 
 
 def checkpoint_dir(run_dir: Path, epoch: int, step: int | None = None) -> Path:
@@ -23,14 +27,16 @@ def checkpoint_dir(run_dir: Path, epoch: int, step: int | None = None) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete checkpoint, oldest first."""
+    """(step, folder) of every complete checkpoint, oldest first. At the same step an epoch's
+    checkpoint counts as newer than a step checkpoint: it was taken after the epoch's evaluation
+    (run folders of earlier versions hold both)."""
     found = []
     for progress in (run_dir / "checkpoints").glob("*/progress.json"):
         try:
             found.append((int(json.loads(progress.read_text())["step"]), progress.parent))
         except (OSError, ValueError, KeyError):
             continue  # unreadable: not complete
-    return sorted(found)
+    return sorted(found, key=lambda item: (item[0], item[1].name.startswith("epoch-"), item[1].name))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -38,6 +44,56 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     means complete)."""
     done = complete_checkpoints(run_dir)
     return done[-1][1] if done else None
+
+
+def file_checksums(checkpoint: Path) -> dict[str, list[int]]:
+    """File name -> [bytes, CRC-32] for every file of a checkpoint folder but progress.json."""
+    return {path.name: [path.stat().st_size, _crc32(path)] for path in sorted(checkpoint.iterdir())
+            if path.is_file() and not path.name.startswith("progress.json")}
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files against the checksums its progress.json
+    records (a missing, truncated or changed file), or None. A checkpoint written before checksums
+    were recorded has none to check."""
+    recorded = read_progress(checkpoint).get("files")
+    if recorded is None:
+        return None
+    for name, (size, crc) in sorted(recorded.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, the checkpoint recorded {size}"
+        if _crc32(path) != crc:
+            return f"{path} does not match its checksum"
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint whose files pass their checksums (None: no complete one). Each
+    newer one that fails is named in one line through `say`; when every one fails, CheckpointUnusable
+    (exit 1) names the newest one's problem."""
+    complete = complete_checkpoints(run_dir)
+    failures = []
+    for _, folder in reversed(complete):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for skipped, why in failures:
+                say(f"checkpoint {skipped.name} is damaged ({why}); resuming from {folder.name} instead")
+            return folder
+        failures.append((folder, problem))
+    if failures:
+        raise CheckpointUnusable(f"no checkpoint of {run_dir} passes its checksums: {failures[0][1]}")
+    return None
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:
@@ -50,7 +106,7 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
 def check_resume(config: RunConfig, run_dir: Path) -> None:
     """Refuse, before anything is written, a resume that cannot work: no complete checkpoint, a
     model whose tables or layers differ from the checkpoint's, or fewer epochs than already done."""
-    latest = latest_checkpoint(run_dir)
+    latest = resumable_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import FORMAT, SPLITS, write_user_shards
 from core.errors import UserError
+from core.files import publish_folder, staging_folder
 from core.interactions import sorted_unique
 from core.splits import split_leave_one_out, split_random  # the same splits as `data prepare`
 
@@ -173,9 +174,36 @@ def synthesize(options: SynthOptions, out: str | Path, workers: int = 0,
         raise UserError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
     shards = options.resolved_shards()
     workers = workers or os.cpu_count() or 1
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    check_free_disk(options, out)
+    partial = staging_folder(out, "partial")
+    try:
+        stats = _write_dataset(options, partial, shards, workers, progress)
+        publish_folder(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return stats
+
+
+BYTES_PER_INTERACTION = 16
+"""Disk a synthetic dataset takes per interaction, rounded up from what Parquet writes (five
+int64/float columns, compressed): the free-space check's estimate."""
+
+
+def check_free_disk(options: SynthOptions, out: Path) -> None:
+    """Refuse, before writing anything, a dataset that would not fit the disk `out` is on (with a
+    tenth of the free space to spare)."""
+    parent = next(folder for folder in [out, *out.parents] if folder.exists())
+    free = shutil.disk_usage(parent).free
+    needed = options.interactions * BYTES_PER_INTERACTION
+    if needed > 0.9 * free:
+        raise UserError(f"--interactions {options.interactions:_} needs about {needed / 2**30:,.1f} GiB of disk; "
+                        f"{parent} has {free / 2**30:,.1f} GiB free")
+
+
+def _write_dataset(options: SynthOptions, partial: Path, shards: int, workers: int,
+                   progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Every file of the dataset into `partial`; returns its stats (also written there)."""
     totals = dict.fromkeys(SPLITS, 0)
     if progress is not None:
         progress(0, shards)
@@ -208,10 +236,6 @@ def synthesize(options: SynthOptions, out: str | Path, workers: int = 0,
     if options.features:
         stats["features"] = _write_features(partial, options)
     (partial / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    out.mkdir(parents=True, exist_ok=True)
-    for entry in partial.iterdir():  # publish only a complete dataset
-        entry.rename(out / entry.name)
-    partial.rmdir()
     return stats
 
 

@@ -219,8 +219,8 @@ def shuffled_batches(blocks: Iterator[Batch], batch_size: int, buffer_rows: int,
     Vectorised: each chunk of SHUFFLE_CHUNK_ROWS rows is joined to the buffer, the lot permuted once,
     and every whole batch beyond `buffer_rows` cut off the front, so a row is copied about
     (1 + buffer/chunk) times.
-    Ray Data's own local shuffle re-assembles its buffer for every batch it yields, which cost 145 s
-    per epoch on 262,144-row blocks of a 10M-interaction dataset (the pyarrow reader: 6 s)."""
+    Ray Data's own local shuffle re-assembles its buffer for every batch it yields, which at 10M
+    interactions and more is many times slower than reading the data."""
     if not buffer_rows:
         yield from exact_batches(blocks, batch_size)
         return

@@ -21,6 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.staging import AsyncStager
 
 from core.errors import UserError
+from core.run_folder import file_checksums
 from upstream.torch_private import Shard, ShardedTensor, sharded_tensor_from_shards
 
 
@@ -152,8 +153,9 @@ def _mkdir(path: Path) -> Path:
 
 
 def _mark_complete(path: Path, progress: dict[str, Any]) -> None:
+    """Rank 0, once every rank's files are written: progress.json with every file's checksum."""
     tmp = path / "progress.json.tmp"
-    tmp.write_text(json.dumps(progress, indent=2))
+    tmp.write_text(json.dumps({**progress, "files": file_checksums(path)}, indent=2))
     tmp.rename(path / "progress.json")
 
 

@@ -75,8 +75,8 @@ def bind_to_own_cpus(local_rank: int, local_world_size: int) -> tuple[int, ...]:
     Why: a rank's collectives run on threads of its own (gloo's transport), which need a CPU just
     when the rank's main thread sleeps in the collective. Unbound, the scheduler also runs them on
     the CPU where another rank is computing, which delays that rank, and every rank then waits for
-    it at the next collective. Bound, a rank's threads take turns on its own CPUs: NCF at 16,384 rows
-    a rank on a 2-CPU machine trained 14-20% faster (README, Performance)."""
+    it at the next collective. Bound, a rank's threads take turns on its own CPUs, and no rank's
+    compute is delayed by another rank's transport threads."""
     share = cpu_share(cpus_by_core(sorted(os.sched_getaffinity(0))), local_rank, local_world_size)
     if not share:
         return ()

@@ -8,8 +8,9 @@
   source that cannot count;
 - preparation ahead of the step (`Prefetcher`) and the next epoch's read-ahead, started during this
   epoch's last steps so its first batch is ready when it begins (`ReadAhead`);
-- after each step (`stepped`): a checkpoint every trainer.checkpoint_every_steps, and the batch
-  recorder of the fault tests (trainers/fault_hooks.py);
+- after each step (`stepped`): a checkpoint every trainer.checkpoint_every_steps (one due at the
+  epoch's last step is left to the epoch's own checkpoint), and the batch recorder of the fault
+  tests (trainers/fault_hooks.py);
 - the time the step waited for data, and a source that ends before the count it announced.
 """
 
@@ -108,6 +109,10 @@ class EpochBatches:
         """Steps taken in this epoch by this iterator (after the skipped ones)."""
         self.waited_s = 0.0
         """Seconds spent waiting for prepared batches."""
+        self.checkpoint_at_end = False
+        """A step checkpoint fell on the epoch's last step: the epoch's own checkpoint, taken after
+        its evaluation, stands for it (a step checkpoint there would resume into an epoch with
+        nothing left to train, and record that epoch twice)."""
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -126,7 +131,10 @@ class EpochBatches:
             self._recorder.record(step, batch)
         every = self.plan.checkpoint_every_steps
         if every and self._checkpoint is not None and step % every == 0:
-            self._checkpoint()
+            if self.remaining is not None and self.steps == self.remaining:
+                self.checkpoint_at_end = True
+            else:
+                self._checkpoint()
         if self._upcoming is not None and self.remaining is not None and self.steps == max(self.remaining - self.plan.depth, 1):
             # `depth` steps before the end this epoch's batches are all prepared or queued: the
             # next epoch's preparation overlaps the last steps instead of its first.

@@ -29,7 +29,7 @@ from core.config import config_from_json
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from models.two_tower import TwoTower, user_encoder
-from core.run_folder import latest_checkpoint
+from core.run_folder import resumable_checkpoint
 from trainers import checkpoint
 from trainers.distributed import free_loopback_port, setup
 from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables
@@ -62,7 +62,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         config = config_from_json(config_file.read_text())
     except ValueError as exc:
         raise UserError(f"{config_file}: not a valid run config ({exc})") from None
-    latest = latest_checkpoint(run_dir)
+    latest = resumable_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"{run_dir} has no complete checkpoint to export")
     dataset = PreparedDataset.open(config.data.path)

@@ -59,8 +59,8 @@ def keep_freed_memory() -> bool:
     A training step allocates and frees the same few-MB tensors every step (pooled embeddings,
     all-to-all buffers, activations). glibc serves blocks above its mmap threshold with fresh
     mappings and unmaps them on free, so every step page-faults those megabytes in again: at a
-    per-rank batch of 16,384 that was 13 of a 55 ms NCF step on the 2-core machine. Blocks under
-    32 MiB now come from the heap, and up to 64 MiB freed at its top stays mapped. Larger blocks
+    per-rank batch of 16,384 that is a large share of an NCF step on 2 cores. Blocks under
+    32 MiB come from the heap, and up to 64 MiB freed at its top stays mapped. Larger blocks
     (table shards) still get mappings of their own. Returns False where there is no glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

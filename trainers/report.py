@@ -15,6 +15,8 @@ def epoch_line(record: dict[str, Any], k: int) -> str:
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
         f"{record['samples_per_s']:,.0f} samples/s, data wait {record.get('data_wait_frac', 0.0):.0%}"
     )
+    if record.get("nonfinite_skipped"):
+        line += f", {record['nonfinite_skipped']} batch(es) with a non-finite loss left out"
     if "valid" in record:
         line += f" | valid NDCG@{k} {record['valid'][f'ndcg@{k}']:.4f}"
     if "test" in record:

@@ -4,9 +4,9 @@ TrainPipelineSparseDist.
 The pipeline overlaps batch i+1's input all-to-all (and, on a GPU, its host-to-device copy on a
 stream of its own) with batch i's forward and backward. It is chosen automatically on CUDA for
 models whose lookups read only the batch (`RecModel.pipeline_input`); elsewhere the plain step
-runs. Measured on the 2-core CPU machine (NCF, 2 gloo ranks) the pipeline gains nothing there:
-32.7 against 33.1 ms a step at 16,384 rows per rank, and 13.7 against 10.9 ms at 1,024, so "auto"
-keeps the plain step on CPU and `trainer.train_pipeline = "sparse_dist"` forces the pipeline.
+runs. On CPU ranks (gloo) the pipeline gains nothing, as there is no copy to hide and the
+collectives share the cores with the step, so "auto" keeps the plain step there and
+`trainer.train_pipeline = "sparse_dist"` forces the pipeline.
 """
 
 from __future__ import annotations

@@ -24,12 +24,13 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
 from core.rank_plan import RankPlan
-from core.run_folder import checkpoint_dir, complete_checkpoints, latest_checkpoint, read_progress
+from core.errors import CheckpointUnusable
+from core.run_folder import checkpoint_dir, complete_checkpoints, read_progress, resumable_checkpoint
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
 from trainers.batches import Batch, BatchSource, check_ids, to_tensors
-from trainers.distributed import RankContext, all_sum, node_address
+from trainers.distributed import RankContext, all_agree, all_sum, node_address
 from trainers.epoch import EpochBatches, EpochPlan, ReadAhead
 from trainers.evaluate import Evaluator
 from trainers.memory import local_bytes, peak_rss_mb
@@ -37,6 +38,10 @@ from trainers.report import epoch_line
 from trainers.run_log import Console, RunLog, prune_metrics
 from trainers.sharded_model import ShardedModel, build_sharded_model
 from trainers.steps import SparseDistSteps, choose_step
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step's loss was nan or inf under trainer.nonfinite_loss = "stop"."""
 
 
 class Trainer:
@@ -67,11 +72,17 @@ class Trainer:
         """Background checkpoint writer (trainer.async_checkpoints), made at the first save."""
         self.best: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
-        self.step_kind = choose_step(config.trainer.train_pipeline, self.sharded.model, context.device)
+        # Skipping a non-finite batch needs its loss before its backward: the plain step.
+        requested = "plain" if config.trainer.nonfinite_loss == "skip" else config.trainer.train_pipeline
+        self.step_kind = choose_step(requested, self.sharded.model, context.device)
         """"plain" or "sparse_dist" (trainers/steps.py)."""
         self._pipeline: SparseDistSteps | None = None
         self.read_ahead = ReadAhead()
         """The next epoch's batches, prepared during this epoch's last steps."""
+        self.nonfinite_skipped = 0
+        """Batches left out for a non-finite loss (trainer.nonfinite_loss = "skip"), this epoch."""
+        self.checkpoint_due = False
+        """The epoch just trained owes a checkpoint (a step checkpoint fell on its last step)."""
 
     # --- the step and the evaluation ---------------------------------------------------------------
 
@@ -116,6 +127,9 @@ class Trainer:
     def _plain_step(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.precision():
             loss = self.sharded.dmp(tensors)
+        if self.config.trainer.nonfinite_loss == "skip" and not all_agree(bool(torch.isfinite(loss))):
+            self.nonfinite_skipped += 1
+            return loss.detach()  # no backward on any rank: neither the tables nor the dense layers move
         self.sharded.optimizer.zero_grad()
         loss.backward()
         self.sharded.optimizer.step()
@@ -228,12 +242,21 @@ class Trainer:
                          depth=trainer_config.prefetch_batches,
                          checkpoint_every_steps=trainer_config.checkpoint_every_steps if run_dir is not None else 0,
                          needs_count=self.step_kind == "sparse_dist")
-        checkpoint = (lambda: self.save_checkpoint(run_dir, log)) if run_dir is not None else None
+        device = self.context.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        rows = torch.zeros((), dtype=torch.int64, device=device)
+        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        """Steps of this epoch whose loss was nan or inf (counted on the device: no sync per step)."""
+
+        def checkpoint() -> None:
+            self._stop_if_nonfinite(nonfinite, epoch)  # a checkpoint never holds a non-finite step's update
+            self.save_checkpoint(run_dir, log)
+
+        self.nonfinite_skipped = 0
         started = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.context.device)
-        rows = 0
         with EpochBatches(source, plan, self.prepare_for_step, self.read_ahead, self.context.rank,
-                          last_epoch=trainer_config.epochs, checkpoint=checkpoint) as batches:
+                          last_epoch=trainer_config.epochs, checkpoint=checkpoint if run_dir is not None else None
+                          ) as batches:
             log.start_bar(f"epoch {epoch}", batches.remaining, unit="step")
             try:
                 while (done := self.train_step(batches)) is not None:
@@ -243,9 +266,12 @@ class Trainer:
                         self.first_step_at = time.time()
                         log.record("first_step", self.step, {"epoch": epoch})  # start-up benchmarks read its time
                     batch_rows = len(batch["user_id"])
-                    loss_sum += loss.double() * batch_rows
-                    rows += batch_rows
+                    finite = torch.isfinite(loss)
+                    loss_sum += torch.where(finite, loss.double() * batch_rows, 0.0)
+                    rows += finite * batch_rows
+                    nonfinite += ~finite
                     if self.step % trainer_config.log_every == 0:
+                        self._stop_if_nonfinite(nonfinite, epoch)
                         value = float(loss)
                         log.record("step", self.step, {"epoch": epoch, "loss": value})
                         log.advance(loss=value)
@@ -257,13 +283,28 @@ class Trainer:
                     self._pipeline.end_epoch()
             batches.finish()
             steps, waited = batches.steps, batches.waited_s
+            self.checkpoint_due = batches.checkpoint_at_end
         log.end_bar()
+        self._stop_if_nonfinite(nonfinite, epoch)
         elapsed = time.perf_counter() - started
         total_loss, total_rows = all_sum([float(loss_sum), float(rows)])
         self.epoch, self.epoch_batches = epoch, 0
         return {"epoch": epoch, "steps": steps, "loss": total_loss / max(total_rows, 1.0),
+                "nonfinite_skipped": self.nonfinite_skipped,
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
+
+    def _stop_if_nonfinite(self, nonfinite: torch.Tensor, epoch: int) -> None:
+        """Collective. With trainer.nonfinite_loss = "stop", end the run when any rank's loss was
+        nan or inf in this epoch so far (every rank raises alike, so none waits for another)."""
+        if self.config.trainer.nonfinite_loss != "stop":
+            return
+        (bad,) = all_sum([float(nonfinite)])
+        if bad:
+            raise NonFiniteLoss(f"the loss was nan or inf {int(bad)} time(s) over the ranks in epoch {epoch} (by step "
+                                f"{self.step}): the run stops before it saves such weights; lower trainer.sparse_lr "
+                                "or trainer.dense_lr, or set trainer.nonfinite_loss = 'skip' to leave such "
+                                "batches out")
 
     def _fit_epochs(self, source: BatchSource, run_dir: Path, log: RunLog) -> None:
         """The epochs left: train, evaluate and checkpoint as the config says."""
@@ -290,21 +331,40 @@ class Trainer:
                     log.record("eval", self.step, {f"{split}_{m}": v for m, v in record[split].items()})
             log.info(epoch_line(record, k))
             self.history.append(record)
-            if self.epoch % trainer_config.checkpoint_every == 0 or last:
+            if self.epoch % trainer_config.checkpoint_every == 0 or last or self.checkpoint_due:
                 self.save_checkpoint(run_dir, log)
+
+    def _checkpoint_to_resume(self, run_dir: Path) -> tuple[Path | None, list[str]]:
+        """Collective. Rank 0 picks the newest complete checkpoint whose files pass their checksums
+        (reading them once for every rank) and tells the others; returns it and the lines that
+        name the damaged ones it passed over."""
+        chosen: list[Any] = [None]
+        notes: list[str] = []
+        if self.context.is_main:
+            try:
+                chosen = [resumable_checkpoint(run_dir, notes.append)]
+            except CheckpointUnusable as exc:
+                chosen = [exc]
+        if self.context.world_size > 1:
+            dist.broadcast_object_list(chosen, src=0)
+        if isinstance(chosen[0], CheckpointUnusable):
+            raise chosen[0]
+        return chosen[0], notes
 
     def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
             console: Console | None = None) -> dict[str, Any]:
         """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
         summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
         through `console`)."""
-        latest = latest_checkpoint(run_dir) if resume else None
+        latest, notes = self._checkpoint_to_resume(run_dir) if resume else (None, [])
         if resume and latest is None:
             raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
         if latest is not None and self.context.is_main:
             # A run that restarts repeats the steps after its last checkpoint: their records go.
             prune_metrics(run_dir / "metrics.jsonl", read_progress(latest)["step"])
         log = RunLog(run_dir, self.context.is_main, console)
+        for note in notes:
+            log.info(note)
         where = f"from {self.config.sharding.plan}" if self.config.sharding.plan else "by the TorchRec planner"
         log.info(f"sharding plan over {self.context.world_size} rank(s), {where}:\n{format_plan(self.sharded.plan_rows)}")
         log.info(f"training step: {self.step_kind}" + (" (TorchRec TrainPipelineSparseDist)" if self.step_kind == "sparse_dist" else ""))

@@ -6,34 +6,23 @@
    Ray Data's streaming executor (Ray 2.5x) loops without waiting once its tasks' outputs wait for a
    slower consumer: a streaming task that Ray holds back (its output is not taken) still counts as
    ready, so `ray.wait` returns at once, and so does every step. In a trainer that consumer is the
-   training step, so the executor's thread, inside the trainer's process and bound to the rank's CPU,
-   spins for most of the run. Measured on 2 cores at 100M interactions: each Ray Train worker's executor
-   thread used as much CPU as its training thread, and the workers trained at 209k samples/s against
-   torchrun's 570k.
-
-   This callback (Ray Data's ExecutionCallback hook) sleeps after each step while a block already
-   waits for the consumer (up to 50 ms, until the consumer takes it), and briefly after a step that
-   took no time otherwise (a new block or task must not start late when the consumer has nothing).
-   The first case is a long run's steady state: with the short pause alone, a 150-epoch ML-100K run's
-   executor thread still took 0.13-0.14 of its rank's CPU at some 330 context switches a second (the
-   run's pipeline stays backpressured from start to end), and the Ray path trained at 0.78-0.79 of
-   torchrun's samples/s.
+   training step, so the executor's thread, inside the trainer's process and bound to the rank's
+   CPU, would spin for most of the run and take as much CPU as training. This callback sleeps after
+   each step while a block already waits for the consumer (until the consumer takes it, at most
+   FED_PAUSE_S), and briefly after a step that took no time otherwise (a new block or task must not
+   start late when the consumer has nothing).
 
 2. RankTrainer: Ray Train's TorchTrainer without the helper actors a shardrec run has no use for,
    by filtering Ray Train's private `_create_default_callbacks`.
 
    Ray Train starts each helper of its default callbacks as an actor, a new Python process that
-   imports Ray (1.3-1.6 s of CPU each). On 2 cores they came up while the ranks imported torch and
-   TorchRec, and a run's start-up is CPU-bound there (`shardrec train`, ML-100K: 37 s of CPU in the
-   first 24 s of wall time), so each one delayed the first step. Two of them do nothing here:
-   - the dataset manager (DatasetsCallback) serves the shards of datasets handed to the trainer; shardrec
-     hands none (each rank runs its own Ray Data pipeline, `cluster.rank_stream`, with its own
-     DataContext settings), yet Ray Train starts the actor all the same;
+   imports Ray (more than a second of CPU each), while the ranks import torch and TorchRec on the
+   same cores, so each one delays the first step. Two of them do nothing here:
+   - the dataset manager (DatasetsCallback) serves the shards of datasets handed to the trainer;
+     shardrec hands none (each rank runs its own Ray Data pipeline, `cluster.rank_stream`);
    - the placement-group cleaner (PlacementGroupCleanerCallback), a detached actor that removes the
-     run's placement group should the controller die, matters on a long-lived cluster, but an embedded
-     cluster is stopped, placement groups and all, when its driver ends.
-   Measured (4 interleaved runs each, first step of `shardrec train` from the command's start, with
-   the autoscaler monitor left out as well, `cluster.embedded_head`): median 20.1 s -> 17.6 s.
+     run's placement group should the controller die, matters on a long-lived cluster, but an
+     embedded cluster is stopped, placement groups and all, when its driver ends.
 
    The callbacks are picked out by class name through `_create_default_callbacks`, Ray Train's own
    (private) list: a Ray that renames either keeps it, which only costs the time again.
@@ -59,8 +48,8 @@ class IdleLoopPause(ExecutionCallback):
     """Sleep after any step while a block waits for the consumer, up to this long. The consumer
     already holds two more blocks (`prefetch_batches`) besides the one waiting, each hundreds of
     milliseconds of training (262,144 rows at about a million samples a second on 2 CPU ranks), so
-    nothing is late at this pace. At 0.05 s, a 150-epoch ML-100K run's executor threads still took
-    0.03 of a core each (a scheduling step is about a millisecond of Python); at 0.2 s, 0.01."""
+    nothing is late at this pace, and a scheduling step (about a millisecond of Python) runs a few
+    times a second at most."""
     FED_SLICE_S = 0.02
     """The pause while fed ends this soon after the consumer takes the waiting block (a look at the
     queue's length, no Ray call)."""
