@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cluster.head_env import RAY, ensure_private_token, ray_env
-from cluster.head_session import (SESSION_GRACE_S, distinct_free_ports, process_identity, remove_tree, session_processes,
-                                   stop_session, stop_with_parent)
+from cluster.head_session import (SESSION_GRACE_S, distinct_free_ports, process_identity, make_private,
+                                   remove_tree, session_processes, stop_session, stop_with_parent)
 
 
 EMBEDDED_ROOT = Path("/tmp")  # short: Ray's socket paths under it stay < 108 bytes
@@ -132,6 +132,7 @@ def embedded_head(num_cpus: int, object_store_mb: int, timeout_s: float = 120.0,
         if while_starting is not None:
             while_starting()
         address = _wait_for_address(temp_dir, process, timeout_s)
+        make_private(temp_dir)
         url = f"http://127.0.0.1:{ports['--dashboard-port']}" if dashboard else None
         yield EmbeddedHead(address, temp_dir, url)
     finally:

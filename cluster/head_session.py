@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -86,6 +87,22 @@ def remove_tree(path: Path, tries: int = 5) -> None:
             return
         time.sleep(0.5)
 
+
+
+def make_private(tree: Path) -> None:
+    """A head's folder for its owner alone: the folder itself 0700 (Ray opens it to 0755 when it
+    starts), and group and other write permission off everything Ray made in it (parts of its
+    session tree are 0777, where another local user could plant files the head's workers run)."""
+    with contextlib.suppress(OSError):
+        os.chmod(tree, 0o700)
+    for folder, subfolders, files in os.walk(tree):
+        for name in [folder, *(os.path.join(folder, entry) for entry in subfolders + files)]:
+            with contextlib.suppress(OSError):
+                mode = os.lstat(name).st_mode
+                if mode & 0o022 and not stat.S_ISLNK(mode):
+                    os.chmod(name, stat.S_IMODE(mode) & ~0o022)
+    with contextlib.suppress(OSError):
+        os.chmod(tree, 0o700)
 
 
 def process_identity(pid: int) -> list[int] | None:

@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from core.errors import UserError
 from cluster.head_env import RAY, STATE_DIR, ensure_private_token, ray_env
-from cluster.head_session import remove_tree, stop_session
+from cluster.head_session import make_private, remove_tree, stop_session
 
 
 def _state_file(dashboard_port: int) -> Path:
@@ -48,11 +48,9 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", wanted)) == 0:
                 raise UserError(f"port {wanted} ({what}) is already in use on 127.0.0.1; choose another")
-    temp_dir = Path(f"/tmp/shardrec-head-{dashboard_port}")
     command = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-               "--object-store-memory", str(object_store_mb * 1024 * 1024), "--temp-dir", str(temp_dir),
-               "--disable-usage-stats"]
+               "--object-store-memory", str(object_store_mb * 1024 * 1024), "--disable-usage-stats"]
     if num_cpus:
         command += ["--num-cpus", str(num_cpus)]
     env = ray_env()
@@ -60,18 +58,21 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
     ensure_private_token()
     for attempt in range(1, attempts):
         try:
-            _start_job_head_once(command, env, temp_dir, url, dashboard_port, port, timeout_s)
+            _start_job_head_once(command, env, url, dashboard_port, port, timeout_s)
             return url
         except HeadDidNotStart as exc:
             print(f"shardrec: {exc}\nshardrec: starting the head again (attempt {attempt + 1} of {attempts})",
                   file=sys.stderr, flush=True)
-    _start_job_head_once(command, env, temp_dir, url, dashboard_port, port, timeout_s)
+    _start_job_head_once(command, env, url, dashboard_port, port, timeout_s)
     return url
 
 
-def _start_job_head_once(command: list[str], env: dict[str, str], temp_dir: Path, url: str, dashboard_port: int,
+def _start_job_head_once(command: list[str], env: dict[str, str], url: str, dashboard_port: int,
                          port: int, timeout_s: float) -> None:
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    # A folder of this start's own (mode 0700, a name no one can plant beforehand), recorded in the
+    # head's state below: `stop` removes exactly that one.
+    temp_dir = Path(tempfile.mkdtemp(prefix=f"shardrec-head-{dashboard_port}-", dir="/tmp"))
+    command = [*command, "--temp-dir", str(temp_dir)]
     # A new session: the daemons `ray start` leaves behind keep its session id, which `stop` signals.
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
@@ -95,6 +96,7 @@ def _start_job_head_once(command: list[str], env: dict[str, str], temp_dir: Path
         wait_for_jobs(url, timeout_s)
     except RuntimeError as exc:
         raise _stopped(dashboard_port, temp_dir, str(exc)) from None
+    make_private(temp_dir)
 
 
 def _stopped(dashboard_port: int, temp_dir: Path, why: str) -> HeadDidNotStart:

@@ -15,6 +15,7 @@ from cluster.embedded_head import embedded_head
 from cluster.head_env import LOOPBACK_ENV
 from cluster.shard_sampling import SHARD_TASK_CPUS
 from core.config import ClusterSection
+from core.errors import UserError
 
 
 EMBEDDED_JOB_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_DATA_USAGE_DISABLED": "1"}
@@ -59,6 +60,19 @@ def ray_train_cpus(section: ClusterSection) -> float:
 def embedded_cpus(section: ClusterSection) -> int:
     """CPUs of an embedded cluster: what the job needs (`ray_train_cpus`), and at least 2."""
     return max(2, math.ceil(ray_train_cpus(section) - 1e-9))
+
+
+def check_embedded_fits(section: ClusterSection) -> None:
+    """Refuse, before an embedded cluster starts, ranks this machine's cores cannot run: the
+    embedded cluster would be sized to the request, Ray would place every worker, and they would
+    fight over the cores (and the memory) until something is killed."""
+    cores = len(os.sched_getaffinity(0))
+    needed = ray_train_cpus(section) if section.launcher == "ray_train" else float(section.num_workers)
+    if needed > cores + 1e-9:
+        raise UserError(f"cluster.num_workers {section.num_workers} needs {needed:g} CPUs on this machine's embedded "
+                        f"cluster (cluster.cpus_per_worker {section.cpus_per_worker:g} and a {SHARD_TASK_CPUS:g}-CPU "
+                        f"shard task per worker); it has {cores}: use fewer workers, or --cluster.address for a "
+                        "larger Ray cluster")
 
 
 @contextlib.contextmanager

@@ -9,10 +9,15 @@ command line before any cluster starts).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import socket
+import time
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from core.config import RunConfig
 from core.errors import CheckpointUnusable, UserError
@@ -119,3 +124,31 @@ def check_resume(config: RunConfig, run_dir: Path) -> None:
     if config.trainer.epochs < done:
         raise UserError(f"--resume {run_dir}: {done} epochs are done already, more than --trainer.epochs "
                         f"{config.trainer.epochs}")
+
+
+LOCK_FILE = ".shardrec.lock"
+"""In a run folder while a job writes it: who holds it (the lock itself is an flock on the file,
+released by the kernel when the holder ends, however it ends)."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for one job: a second job on the same folder (a second --resume, or the same
+    run_name) is refused with UserError naming the holder."""
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"run folder {run_dir} is in use by {holder}; wait for that job to end or stop it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"shardrec (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.truncate(0)
+        handle.close()  # closing releases the lock

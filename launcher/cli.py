@@ -7,7 +7,6 @@ the commands that need them: they take seconds, and bad input must be refused be
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import signal
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from core.config import ClusterSection, EvalSection
+from core.config import ClusterSection, EvalSection, RunConfig
 from core.dataset_format import PreparedDataset
 from core.errors import TrainingFailed, UserError
 from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
-from core.run_folder import check_resume
+from core.run_folder import LOCK_FILE, check_resume, latest_checkpoint, run_folder_lock
 from core.ml100k import prepare_ml100k
 from core.prepare import PrepareOptions, prepare_stream, sample_dataset
 from core.raw_input import InputColumns, file_batches
@@ -109,21 +108,10 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
         require_leave_one_out(dataset)
     if resume_dir is not None:
         check_resume(config, resume_dir)
+    from cluster.ray_cluster import check_embedded_fits  # Ray only: torch, TorchRec and Ray Train come later
 
-    def preflight() -> None:
-        from trainers.preflight import check_job  # heavy (torch, TorchRec): only once the light checks pass
-
-        try:
-            check_job(config, dataset, config.cluster.num_workers)
-        except UserError:
-            if new_folder:  # a refused job leaves no empty run folder behind
-                with contextlib.suppress(OSError):
-                    run_dir.rmdir()
-            raise
-
-    from cluster.ray_cluster import ray_cluster  # Ray only: torch, TorchRec and Ray Train come while the head starts
-    from trainers.run_log import process_started_at
-
+    if not config.cluster.address:
+        check_embedded_fits(config.cluster)
     # Workers do not share the driver's working directory: hand them absolute paths.
     config.data.path = str(Path(config.data.path).resolve())
     if config.sharding.plan:
@@ -131,7 +119,30 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     named = Path(config.trainer.run_root) / config.trainer.run_name if config.trainer.run_name else None
     new_folder = resume_dir is None and not (named is not None and named.exists())
     run_dir = resolve_run_dir(config, resume_dir)
+    try:
+        with run_folder_lock(run_dir):
+            return _train_in(config, dataset, run_dir, resume_dir, args.verbose)
+    finally:
+        if new_folder and {entry.name for entry in run_dir.iterdir()} <= {LOCK_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)  # a refused job leaves no empty run folder behind
+            run_dir.rmdir()
+
+
+def _train_in(config: RunConfig, dataset: PreparedDataset, run_dir: Path, resume_dir: Path | None,
+              verbose: bool) -> int:
+    """The body of `shardrec train`, holding the run folder."""
+    from cluster.ray_cluster import ray_cluster
+    from trainers.run_log import process_started_at
+
+    def preflight() -> None:
+        from trainers.preflight import check_job  # heavy (torch, TorchRec): only once the light checks pass
+
+        # An embedded cluster (no --cluster.address) runs every rank on this machine.
+        here = config.cluster.num_workers if not config.cluster.address else None
+        check_job(config, dataset, config.cluster.num_workers, ranks_on_this_machine=here)
+
     print(f"[shardrec] run folder {run_dir}", flush=True)
+
     def while_head_starts() -> None:
         # The checks and the imports of the training stack (about 4 s together) overlap the start of
         # an embedded Ray head (about 4 s); a refused job stops the head.
@@ -145,13 +156,20 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
 
             summary = train_with_torchrun(config, run_dir, resume=resume_dir is not None)
         else:
-            with ray_cluster(config.cluster, log=args.verbose, while_starting=while_head_starts) as where:
+            with ray_cluster(config.cluster, log=verbose, while_starting=while_head_starts) as where:
                 from cluster.launch import train_in_cluster
 
-                summary = train_in_cluster(config, run_dir, resume_dir is not None, where, verbose=args.verbose)
+                summary = train_in_cluster(config, run_dir, resume_dir is not None, where, verbose=verbose)
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print(_interrupted_line(run_dir, "SIGINT"), file=sys.stderr, flush=True)
+        return 130
+    except SystemExit as exc:
+        if exc.code == 128 + signal.SIGTERM:
+            print(_interrupted_line(run_dir, "SIGTERM"), file=sys.stderr, flush=True)
+        raise
     from trainers.report import format_summary
 
     print(format_summary(summary, process_started_at()), flush=True)
@@ -234,6 +252,15 @@ def _cmd_models() -> int:
     return 0
 
 
+def _interrupted_line(run_dir: Path, signal_name: str) -> str:
+    """What a user stopping a run needs to know: where it can go on from."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"shardrec: stopped by {signal_name} before the first checkpoint; {run_dir} cannot be resumed"
+    return (f"shardrec: stopped by {signal_name}; resume from {latest.name} with: "
+            f"shardrec train --resume {run_dir}")
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM ends the command through SystemExit, so its clean-ups run (an embedded Ray cluster
     is stopped, not orphaned); Python's default would end the process on the spot."""
@@ -278,6 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_models()
     except UserError as exc:
         return report_user_error(exc)
+    except OSError as exc:  # a path given that cannot be read or written (a full disk, a read-only place)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"shardrec: error: {exc.strerror or exc}{where}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # `train` says where to resume; other commands leave nothing half-written
+        print("shardrec: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def entry() -> None:

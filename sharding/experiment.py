@@ -106,7 +106,7 @@ def run_plan(
     would get); default a meta-device module of just those tables. Raises PlanInfeasible."""
     if strategy not in STRATEGIES:
         raise UserError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    _check_fits_at_all(specs, topology, reserve, strategy)
+    check_fits_at_all(specs, topology, reserve, strategy)
     started = time.perf_counter()
     try:
         plan, options = plan_tables(
@@ -168,7 +168,7 @@ def _table_need(spec: TableSpec) -> int:
     return spec.weight_bytes() + spec.optimizer_bytes()
 
 
-def _check_fits_at_all(specs: list[TableSpec], topology: ClusterSpec, reserve: float, strategy: str) -> None:
+def check_fits_at_all(specs: list[TableSpec], topology: ClusterSpec, reserve: float, strategy: str) -> None:
     """Catch the hopeless cases before the planner, with numbers a person can act on."""
     usable_rank = topology.device_memory_per_rank * (1 - reserve)
     replicas = topology.world_size if strategy == "data_parallel" else 1

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -86,6 +87,11 @@ def test_a_killed_drivers_head_stops_and_the_next_run_removes_its_folder():
         assert folder.exists()  # what the driver could not remove
         with embedded_head(1, 100) as next_head:  # the next run's head
             assert not folder.exists() and next_head.temp_dir.exists()
+            # private: the folder is its owner's alone, and nothing Ray made in it is writable by others
+            assert stat.S_IMODE(next_head.temp_dir.stat().st_mode) == 0o700
+            shared = [path for path in next_head.temp_dir.rglob("*")
+                      if not path.is_symlink() and path.lstat().st_mode & 0o022]
+            assert not shared, shared[:5]
         assert not next_head.temp_dir.exists()
     finally:
         if driver.poll() is None:

@@ -206,8 +206,9 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def job_head_dir(dashboard_port: int) -> Path:
-    return Path(f"/tmp/shardrec-head-{dashboard_port}")
+def job_head_dirs(dashboard_port: int) -> list[Path]:
+    """The temp folders of a job head on this port (one per start: `shardrec-head-PORT-XXXXXX`)."""
+    return sorted(Path("/tmp").glob(f"shardrec-head-{dashboard_port}-*"))
 
 
 RAY_PROCESS_NAMES = (b"ray::", b"raylet", b"gcs_server", b"ray/dashboard", b"ray.util.client", b"autoscaler", b"ray start")
@@ -284,7 +285,7 @@ def test_readme_job_submit_recipe_as_written(ml100k_small, tmp_path):
     assert "exit codes: 0 " in result.stdout, output
     assert "exit codes: 0 0" not in result.stdout, output  # the failing job's code came back
     assert (tmp_path / "job" / "summary.json").exists()
-    assert "stopped the Ray head" in result.stdout and not job_head_dir(dashboard).exists()
+    assert "stopped the Ray head" in result.stdout and not job_head_dirs(dashboard)
     _assert_none_left(before)
     assert (Path.home() / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # the token is private
 
@@ -316,7 +317,7 @@ def test_cluster_start_stops_and_retries_a_head_whose_dashboard_never_comes_up(t
     assert "starting the head again (attempt 2 of 2)" in result.stderr
     assert result.stderr.count("failed to start. Timeout after 0.001 seconds") == 2, result.stderr  # Ray's reason
     assert not (STATE_DIR / f"head-{dashboard_port}.json").exists()
-    assert not Path(f"/tmp/shardrec-head-{dashboard_port}").exists()
+    assert not job_head_dirs(dashboard_port)
     _assert_none_left(before)
 
 
@@ -324,14 +325,13 @@ def test_cluster_start_stops_and_retries_a_head_whose_dashboard_never_comes_up(t
 @pytest.mark.timeout(600)
 def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_path):
     """Two `shardrec train` runs at once leave Ray's default ports free: a head started meanwhile
-    gets 8265 and runs a job, and both training runs end well. Everything is stopped by its own
-    processes, and the runs' embedded clusters leave nothing behind."""
+    gets 8265 and runs a job while both runs still train; stopped with SIGTERM, each run exits 143
+    naming where it can be resumed from. Everything is stopped by its own processes, and the runs'
+    embedded clusters leave nothing behind."""
     def train(name: str) -> subprocess.Popen:
-        # Long enough to still be training well after the head is up: Ray Train's placement-group
-        # cleaner polls every few seconds, and the wrong answer from another cluster killed runs.
-        # (A Ray epoch of this small dataset takes about 0.7 s now that its tasks span epochs: 12
-        # epochs ended before a slow head had started.)
-        args = [str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, name, epochs=40)]
+        # Far more epochs than the head's start takes, on any machine load: the runs are stopped
+        # by SIGTERM once the head has run its job.
+        args = [str(VENV_BIN / "shardrec"), "train", *_small_run_args(ml100k_small, tmp_path, name, epochs=100_000)]
         return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     before = _ray_pids()
@@ -339,7 +339,7 @@ def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_pat
     outputs: list[str] = []
     try:
         deadline = time.monotonic() + 180
-        while not all((tmp_path / name / "logs" / "console.jsonl").exists() for name in ("one", "two")):
+        while not all((tmp_path / name / "checkpoints").exists() for name in ("one", "two")):
             assert time.monotonic() < deadline, "the training runs did not start"
             assert all(run.poll() is None for run in runs), "a training run ended early"
             time.sleep(1)
@@ -353,9 +353,13 @@ def test_two_runs_and_a_default_ray_head_share_the_machine(ml100k_small, tmp_pat
         ended = [run for run in runs if run.poll() is not None]
         assert not ended, "a training run ended while the head started: " + " | ".join(
             f"exit {run.returncode}: {run.communicate()[0][-1500:]}" for run in ended)
-        outputs = [run.communicate(timeout=420)[0] for run in runs]
-        for run, output in zip(runs, outputs):
-            assert run.returncode == 0, output[-3000:]
+        for run in runs:
+            run.terminate()
+        outputs = [run.communicate(timeout=120)[0] for run in runs]
+        for run, output, name in zip(runs, outputs, ("one", "two")):
+            assert run.returncode == 143, output[-3000:]
+            assert f"stopped by SIGTERM; resume from epoch-" in output, output[-3000:]
+            assert f"shardrec train --resume {tmp_path / name}" in output, output[-3000:]
     finally:
         for run in runs:
             if run.poll() is None:

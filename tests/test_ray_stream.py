@@ -137,7 +137,7 @@ def check_lockstep_ranks(data: str) -> None:
         # two half-CPU shard tasks
         workers = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])
         ray.get(workers.ready(), timeout=60)
-        streams = [TaskPerShard(dataset, sampler, 2048, 4096, rank=rank, world_size=2, seed=7, last_epoch=3,
+        streams = [TaskPerShard(dataset, sampler, 2048, 4096, RankPlan(rank, 2, dataset.num_shards, seed=7), last_epoch=3,
                                 block_rows=500) for rank in (0, 1)]
         threading.Thread(target=watchdog, daemon=True).start()
         steps = 0

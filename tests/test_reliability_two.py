@@ -281,3 +281,53 @@ def test_a_step_checkpoint_at_an_epochs_end_is_the_epochs_and_resume_starts_the_
     for folders, epochs in run_ranks(_fit_and_resume, 2, config.to_json(), str(tmp_path / "run"), timeout=200):
         assert folders == ["epoch-0001", "epoch-0002"]
         assert epochs == [1, 2, 3]
+
+
+# --- requests the machine cannot hold are refused before any cluster starts -----------------------------
+
+
+@pytest.mark.unit
+def test_more_workers_than_this_machine_has_cpus_is_refused_before_the_embedded_cluster(ml100k_small, tmp_path, capsys):
+    cores = len(os.sched_getaffinity(0))
+    assert main(["train", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"), "--data.path", str(ml100k_small),
+                 "--trainer.run_root", str(tmp_path), "--cluster.num_workers", str(32 * cores)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"it has {cores}" in err and "CPUs" in err
+    assert list(tmp_path.iterdir()) == []  # no run folder either
+
+
+@pytest.mark.unit
+def test_tables_larger_than_this_machines_memory_are_refused_before_any_cluster(ml100k_small, tmp_path, capsys):
+    assert main(["train", "--config", str(REPO / "launcher/configs/ncf_ml100k.toml"), "--data.path", str(ml100k_small),
+                 "--trainer.run_root", str(tmp_path), "--cluster.launcher", "torchrun",
+                 "--model.gmf_dim", "2000000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "GiB missing" in err and "this machine's ranks" in err
+
+
+# --- one job at a time in a run folder ----------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_a_second_job_on_a_run_folder_in_use_exits_2_naming_the_holder(ml100k_small, tmp_path, capsys):
+    from core.config import load_config
+    from core.run_folder import LOCK_FILE, run_folder_lock
+
+    run = tmp_path / "run"
+    shard = _fake_checkpoint(run, "epoch-0001", 5)
+    assert shard.exists()
+    config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"), [("data.path", str(ml100k_small))])
+    (run / "config.json").write_text(config.to_json())
+    with run_folder_lock(run):  # the first job, still running
+        assert main(["train", "--resume", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"pid {os.getpid()}" in err and "in use" in err
+    with run_folder_lock(run):  # free again once the holder ends
+        assert f"pid {os.getpid()}" in (run / LOCK_FILE).read_text()
+
+
+@pytest.mark.unit
+def test_an_output_folder_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, capsys):
+    assert _import(_interactions_csv(tmp_path), Path("/proc/shardrec-cannot-write-here")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("shardrec: error:") and "/proc" in err

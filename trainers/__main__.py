@@ -5,6 +5,7 @@ Accepts the same arguments as `shardrec train` (config, dotted overrides, --resu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from core.config import refuse_stream_only_settings
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
-from core.run_folder import check_resume
+from core.run_folder import check_resume, run_folder_lock
 from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
@@ -31,10 +32,12 @@ def main(argv: list[str]) -> int:
         dataset = PreparedDataset.open(config.data.path)
         if resume_dir is not None:
             check_resume(config, resume_dir)
-        check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")))
+        check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")),
+                  ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:
         return report_user_error(exc)
     context = setup(config.cluster.backend, bind_cpus=config.cluster.bind_cpus)
+    held = contextlib.ExitStack()
     try:
         # Every rank must use rank 0's run folder name (it may contain a timestamp), and must learn of
         # rank 0's refusal too, or it would wait for the folder name forever.
@@ -42,6 +45,7 @@ def main(argv: list[str]) -> int:
         if context.is_main:
             try:
                 chosen = [resolve_run_dir(config, resume_dir)]
+                held.enter_context(run_folder_lock(Path(chosen[0])))  # rank 0 holds it for the job
             except UserError as exc:
                 chosen = [exc]
         dist.broadcast_object_list(chosen, src=0)
@@ -55,6 +59,7 @@ def main(argv: list[str]) -> int:
     except UserError as exc:
         return report_user_error(exc)
     finally:
+        held.close()
         teardown(context)
     return 0
 

@@ -6,16 +6,24 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.model_params import LightGCNParams
+from sharding.experiment import PlanInfeasible, check_fits_at_all
 from sharding.planner import make_constraints, saved_plan, table_names
+from sharding.tables import specs_from_module
+from sharding.topology import running_cluster
 from trainers.sharded_model import model_for_sharding
 
 
-def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int) -> None:
-    """Raise UserError for what would fail (or silently change) inside the ranks."""
+def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int,
+              ranks_on_this_machine: int | None = None) -> None:
+    """Raise UserError for what would fail (or silently change) inside the ranks.
+    `ranks_on_this_machine`: the job's ranks all run here (an embedded cluster, torchrun on one
+    node): their tables must then fit this machine's memory."""
     params = config.model.resolved_params()
     features = dataset.stats.get("features")
     if getattr(params, "side_features", False) and not features:
@@ -25,9 +33,24 @@ def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int) -> N
         check_full_graph_fits(params, dataset.num_users + dataset.num_items, ranks_per_host=world_size)
     model = model_for_sharding(config, dataset.num_users, dataset.num_items, features)
     make_constraints(table_names(model), config.sharding.default, config.sharding.tables)  # unknown tables
+    if ranks_on_this_machine and config.cluster.backend == "gloo":
+        check_tables_fit_this_machine(config, model, world_size, ranks_on_this_machine)
     if config.sharding.plan:
         device = "cuda" if config.cluster.backend == "nccl" else "cpu"
         saved_plan(config.sharding.plan, device, world_size, model)
+
+
+def check_tables_fit_this_machine(config: RunConfig, model: torch.nn.Module, world_size: int,
+                                  local_world_size: int) -> None:
+    """Refuse CPU ranks on this machine whose tables and their optimizer state cannot fit its memory
+    (after sharding.reserve) however the planner spreads them: the planner's own first test, as
+    `shardrec plan` runs it, in one line."""
+    topology = running_cluster(world_size, local_world_size, "cpu")
+    try:
+        check_fits_at_all(specs_from_module(model), topology, config.sharding.reserve, "planner")
+    except PlanInfeasible as exc:
+        first = str(exc).splitlines()[0].replace(topology.name, "this machine's ranks")
+        raise UserError(f"{first} (`shardrec plan --config ... --topology ...` shows what would fit)") from None
 
 
 def full_graph_bytes(params: LightGCNParams, nodes: int) -> int:
