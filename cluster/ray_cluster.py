@@ -6,6 +6,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 from typing import Callable, Iterator
 
 import ray
@@ -62,6 +64,22 @@ def embedded_cpus(section: ClusterSection) -> int:
     return max(2, math.ceil(ray_train_cpus(section) - 1e-9))
 
 
+@contextlib.contextmanager
+def keeping_python_signal_handlers() -> Iterator[None]:
+    """Around ray.init: put this process's Python SIGTERM and SIGINT handlers back afterwards. Ray's
+    core worker installs a C++ SIGTERM handler of its own in the driver that logs the signal and
+    aborts the process (exit -6) during the clean-up the Python handler starts, so the embedded
+    cluster's stop and the run's exit code (143) would be lost."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if callable(handler):
+                    signal.signal(signum, handler)
+
+
 def check_embedded_fits(section: ClusterSection) -> None:
     """Refuse, before an embedded cluster starts, ranks this machine's cores cannot run: the
     embedded cluster would be sized to the request, Ray would place every worker, and they would
@@ -91,8 +109,9 @@ def ray_cluster(section: ClusterSection, log: bool = True,
     if section.address:
         if while_starting is not None:
             while_starting()
-        ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}})
+        with keeping_python_signal_handlers():
+            ray.init(address=section.address, log_to_driver=log, logging_level=logging.INFO if log else logging.WARNING,
+                     runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section)}})
         try:
             yield f"attached to Ray cluster at {section.address}"
         finally:
@@ -102,13 +121,14 @@ def ray_cluster(section: ClusterSection, log: bool = True,
     os.environ.update(EMBEDDED_JOB_ENV)
     with embedded_head(cpus, section.object_store_mb, while_starting=while_starting,
                        dashboard=section.embedded_dashboard) as head:
-        ray.init(
-            address=head.gcs_address,
-            log_to_driver=log,
-            logging_level=logging.INFO if log else logging.WARNING,
-            # Ray Train otherwise routes worker print() through its logger as well: every line twice.
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section), **EMBEDDED_JOB_ENV}},
-        )
+        with keeping_python_signal_handlers():
+            ray.init(
+                address=head.gcs_address,
+                log_to_driver=log,
+                logging_level=logging.INFO if log else logging.WARNING,
+                # Ray Train otherwise routes worker print() through its logger as well: every line twice.
+                runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **rank_env(section), **EMBEDDED_JOB_ENV}},
+            )
         try:
             dashboard = (f"dashboard {head.dashboard_url}" if head.dashboard_url
                          else "no dashboard: cluster.embedded_dashboard")

@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.ray_cluster import rank_env, ray_cluster
 from core.config import RunConfig
 from core.errors import TrainingFailed
-from core.run_folder import latest_checkpoint
+from core.run_folder import RUN_FOLDER_HELD_ENV, latest_checkpoint
 
 STOP_GRACE_S = 20
 
@@ -127,7 +127,8 @@ def _run_group(config: RunConfig, run_dir: Path, config_file: Path, resume: bool
         addresses = ray.get([launcher.address.remote() for launcher in launchers])
         endpoint = f"{addresses[0]}:{ray.get(launchers[0].free_port.remote())}"
         say(f"torchrun rendezvous at {endpoint}; nodes {', '.join(addresses)}")
-        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **rank_env(section)}
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **rank_env(section),
+               RUN_FOLDER_HELD_ENV: str(run_dir)}  # this driver holds the run folder's lock for the ranks
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         runs = {launcher.run.remote(torchrun_command(config, run_dir, config_file, resume, i, endpoint), env,
                                     str(run_dir), f"[node {i} {addresses[i]}]", str(run_dir / "logs" / f"node-{i}.log")): i

@@ -126,6 +126,10 @@ def check_resume(config: RunConfig, run_dir: Path) -> None:
                         f"{config.trainer.epochs}")
 
 
+RUN_FOLDER_HELD_ENV = "SHARDREC_RUN_FOLDER_HELD"
+"""Set by `shardrec train` for the torchrun ranks it launches: the run folder it names is held by
+the driver for them (`python -m trainers` then takes no lock of its own)."""
+
 LOCK_FILE = ".shardrec.lock"
 """In a run folder while a job writes it: who holds it (the lock itself is an flock on the file,
 released by the kernel when the holder ends, however it ends)."""

@@ -163,12 +163,12 @@ def _train_in(config: RunConfig, dataset: PreparedDataset, run_dir: Path, resume
     except TrainingFailed as exc:
         print(f"shardrec: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
-        print(_interrupted_line(run_dir, "SIGINT"), file=sys.stderr, flush=True)
-        return 130
-    except SystemExit as exc:
-        if exc.code == 128 + signal.SIGTERM:
-            print(_interrupted_line(run_dir, "SIGTERM"), file=sys.stderr, flush=True)
+    except SystemExit:
+        # Ray's blocking calls turn the handler's SystemExit into SystemExit(1): what arrived says why.
+        if _stopped_by:
+            signum = _stopped_by[0]
+            print(_interrupted_line(run_dir, signal.Signals(signum).name), file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum) from None
         raise
     from trainers.report import format_summary
 
@@ -261,16 +261,23 @@ def _interrupted_line(run_dir: Path, signal_name: str) -> str:
             f"shardrec train --resume {run_dir}")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends the command through SystemExit, so its clean-ups run (an embedded Ray cluster
-    is stopped, not orphaned); Python's default would end the process on the spot."""
+_stopped_by: list[int] = []
+"""The signal (SIGINT or SIGTERM) that is ending the command, once one has arrived."""
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM end the command through SystemExit(128 + signal), so its clean-ups run (an
+    embedded Ray cluster is stopped, not orphaned); Python's default would end the process on the
+    spot, or raise KeyboardInterrupt wherever it lands."""
+    _stopped_by.append(signum)
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        signal.signal(signal.SIGINT, _exit_on_signal)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -309,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"shardrec: error: {exc.strerror or exc}{where}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # `train` says where to resume; other commands leave nothing half-written
-        print("shardrec: interrupted", file=sys.stderr, flush=True)
-        return 130
+    except SystemExit:
+        if _stopped_by and args.command != "train":  # `train` has said where it can be resumed from
+            print(f"shardrec: stopped by {signal.Signals(_stopped_by[0]).name}", file=sys.stderr, flush=True)
+        raise
 
 
 def entry() -> None:

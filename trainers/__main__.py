@@ -16,7 +16,7 @@ import torch.distributed as dist
 from core.config import refuse_stream_only_settings
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
-from core.run_folder import check_resume, run_folder_lock
+from core.run_folder import RUN_FOLDER_HELD_ENV, check_resume, run_folder_lock
 from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
 from trainers.entry import torchrun_rank
@@ -45,7 +45,8 @@ def main(argv: list[str]) -> int:
         if context.is_main:
             try:
                 chosen = [resolve_run_dir(config, resume_dir)]
-                held.enter_context(run_folder_lock(Path(chosen[0])))  # rank 0 holds it for the job
+                if os.environ.get(RUN_FOLDER_HELD_ENV) != str(chosen[0]):  # not held by a driver for us
+                    held.enter_context(run_folder_lock(Path(chosen[0])))  # rank 0 holds it for the job
             except UserError as exc:
                 chosen = [exc]
         dist.broadcast_object_list(chosen, src=0)

@@ -13,7 +13,8 @@
    start late when the consumer has nothing).
 
 2. RankTrainer: Ray Train's TorchTrainer without the helper actors a shardrec run has no use for,
-   by filtering Ray Train's private `_create_default_callbacks`.
+   by filtering Ray Train's private `_create_default_callbacks`; and whose SIGINT handler (installed
+   by Ray Train's private `_register_sigint_handler`) also calls the driver's own.
 
    Ray Train starts each helper of its default callbacks as an actor, a new Python process that
    imports Ray (more than a second of CPU each), while the ranks import torch and TorchRec on the
@@ -30,6 +31,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any, Callable
 
@@ -111,6 +113,24 @@ class RankTrainer(TorchTrainer):
             raise ValueError("shardrec's ranks read their own shards; RankTrainer takes no datasets")
         self.unused_callbacks = {UNUSED_WITHOUT_DATASETS} | ({UNUSED_ON_EMBEDDED_CLUSTER} if embedded else set())
         super().__init__(*args, **kwargs)
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        """Ray Train's own SIGINT handler (it asks the run's controller to abort), then the handler the
+        driver had before `fit`: Ray Train's replaced it, and the driver's is what stops an embedded
+        cluster and says where the run can be resumed from."""
+        before = signal.getsignal(signal.SIGINT)
+        super()._register_sigint_handler(controller)
+        ray_train = signal.getsignal(signal.SIGINT)
+        if not (callable(before) and callable(ray_train)) or before is signal.default_int_handler:
+            return
+
+        def both(signum: int, frame: Any) -> None:
+            try:
+                ray_train(signum, frame)
+            finally:
+                before(signum, frame)
+
+        signal.signal(signal.SIGINT, both)
 
     def _create_default_callbacks(self) -> list[Any]:
         return [callback for callback in super()._create_default_callbacks()
