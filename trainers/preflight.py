@@ -49,7 +49,7 @@ def check_tables_fit_this_machine(config: RunConfig, model: torch.nn.Module, wor
     try:
         check_fits_at_all(specs_from_module(model), topology, config.sharding.reserve, "planner")
     except PlanInfeasible as exc:
-        first = str(exc).splitlines()[0].replace(topology.name, "this machine's ranks")
+        first = str(exc).splitlines()[0].replace(topology.name, "this machine")
         raise UserError(f"{first} (`shardrec plan --config ... --topology ...` shows what would fit)") from None
 
 
