@@ -93,8 +93,6 @@ def make_private(tree: Path) -> None:
     """A head's folder for its owner alone: the folder itself 0700 (Ray opens it to 0755 when it
     starts), and group and other write permission off everything Ray made in it (parts of its
     session tree are 0777, where another local user could plant files the head's workers run)."""
-    with contextlib.suppress(OSError):
-        os.chmod(tree, 0o700)
     for folder, subfolders, files in os.walk(tree):
         for name in [folder, *(os.path.join(folder, entry) for entry in subfolders + files)]:
             with contextlib.suppress(OSError):

@@ -62,11 +62,13 @@ class RankPlan:
         """(rank, world) when striped, else None: what a task that cannot import this needs."""
         return (self.rank, self.world_size) if self.striped else None
 
+    def take(self, values: np.ndarray) -> np.ndarray:
+        """This rank's stripe of `values` (all of them unless striped)."""
+        return values[self.rank :: self.world_size] if self.striped else values
+
     def mine(self, columns: Columns) -> Columns:
         """This rank's rows of one train shard's columns (all of them unless striped)."""
-        if not self.striped:
-            return columns
-        return {name: values[self.rank :: self.world_size] for name, values in columns.items()}
+        return {name: self.take(values) for name, values in columns.items()}
 
     def rows_of(self, shard_rows: int) -> int:
         """How many of a train shard's `shard_rows` rows this rank trains."""

@@ -51,10 +51,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1][1] if done else None
 
 
-def file_checksums(checkpoint: Path) -> dict[str, list[int]]:
-    """File name -> [bytes, CRC-32] for every file of a checkpoint folder but progress.json."""
+def file_checksums(checkpoint: Path, rank: int = 0, world_size: int = 1) -> dict[str, list[int]]:
+    """File name -> [bytes, CRC-32] for the files of a checkpoint folder (progress.json aside) that
+    `rank` of `world_size` checksums (`checksum_owner`): each rank reads only what it wrote."""
     return {path.name: [path.stat().st_size, _crc32(path)] for path in sorted(checkpoint.iterdir())
-            if path.is_file() and not path.name.startswith("progress.json")}
+            if path.is_file() and not path.name.startswith("progress.json")
+            and checksum_owner(path.name, world_size) == rank}
+
+
+def checksum_owner(name: str, world_size: int) -> int:
+    """The rank that wrote a checkpoint file: DCP's `__<rank>_<n>.distcp`, our `rng-rank<rank>.pt`;
+    rank 0 for the rest (DCP's .metadata, which its coordinator writes)."""
+    digits = ""
+    if name.startswith("__"):
+        digits = name[2:].split("_", 1)[0]
+    elif name.startswith("rng-rank") and name.endswith(".pt"):
+        digits = name[len("rng-rank"):-len(".pt")]
+    return int(digits) if digits.isdigit() and int(digits) < world_size else 0
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -108,10 +121,11 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: unreadable progress.json ({exc})") from None
 
 
-def check_resume(config: RunConfig, run_dir: Path) -> None:
-    """Refuse, before anything is written, a resume that cannot work: no complete checkpoint, a
-    model whose tables or layers differ from the checkpoint's, or fewer epochs than already done."""
-    latest = resumable_checkpoint(run_dir)
+def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
+    """Refuse, before anything is written, a resume that cannot work: no complete checkpoint (with
+    `verify`, none whose files pass their checksums), a model whose tables or layers differ from the
+    checkpoint's, or fewer epochs than already done."""
+    latest = resumable_checkpoint(run_dir) if verify else latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)

@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
         refuse_stream_only_settings(config, "plain torchrun")
         dataset = PreparedDataset.open(config.data.path)
         if resume_dir is not None:
-            check_resume(config, resume_dir)
+            # Every rank runs this: the checksums are read once, by rank 0 when it loads (Trainer.fit).
+            check_resume(config, resume_dir, verify=False)
         check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")),
                   ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:

@@ -162,7 +162,7 @@ class SequenceWindowsSource:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         if self.plan.striped:  # every rank holds every window: a shared order, every world-th one
             order = np.random.default_rng((self.plan.seed, epoch)).permutation(len(self.spans))
-            mine = self.plan.mine({"window": order})["window"]
+            mine = self.plan.take(order)
         else:
             mine = np.random.default_rng((self.plan.rank_seed, epoch)).permutation(len(self.spans))
         for start in range(0, len(mine) - self.batch_size + 1, self.batch_size):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import random
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,9 +30,9 @@ def save(state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
     progress: epoch, step, config, ... (JSON-serialisable), written last as the mark of completion."""
     dcp.save(state, checkpoint_id=str(path))
     torch.save(_rng_state(), path / f"rng-rank{dist.get_rank()}.pt")
-    dist.barrier()
+    checksums = _gathered(_own_checksums(path))  # every rank's files are written once this returns
     if dist.get_rank() == 0:
-        _mark_complete(path, progress)
+        _mark_complete(path, progress, checksums)
     dist.barrier()
 
 
@@ -40,34 +40,37 @@ class AsyncSaver:
     """Checkpoints written in the background: `save` copies the state to host memory (the only time
     the step waits, beside waiting for a previous save still in flight), and a thread writes it
     through its own process group, so the writes' collectives never interleave with training's.
-    At most one save is in flight; progress.json, the mark of completion, is written by rank 0 once
-    every rank's shards and the metadata are on disk, then `on_complete(path)` runs there."""
+    At most one save is in flight. Each rank checksums the files it wrote in that thread too, after
+    writing them; progress.json, the mark of completion, is written by rank 0 with every rank's
+    checksums once every rank's shards and the metadata are on disk, then `on_complete(path)` runs
+    there."""
 
     def __init__(self, on_complete: Callable[[Path], None] | None = None) -> None:
         # gloo whatever the training backend: the writes are host-side; created collectively, once
         self.group = dist.new_group(backend="gloo")
         self.on_complete = on_complete
         self.stager = _HostCopyStager()
+        self.checksummer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardrec-checksums")
         self.pending: tuple[Future, Path, dict[str, Any]] | None = None
+        """(this rank's checksums once its files are written, the folder, its progress)."""
 
     def save(self, state: dict[str, Any], path: Path, progress: dict[str, Any]) -> None:
         """Collective. Returns once the state is copied; a previous save in flight is waited for first."""
         self.wait()
         torch.save(_rng_state(), _mkdir(path) / f"rng-rank{dist.get_rank()}.pt")
-        future = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group, async_stager=self.stager)
-        self.pending = (future, path, progress)
+        written = dcp.async_save(state, checkpoint_id=str(path), process_group=self.group, async_stager=self.stager)
+        self.pending = (self.checksummer.submit(_checksums_once_written, written, path), path, progress)
 
     def wait(self) -> None:
         """Collective in effect (every rank waits for its part): the save in flight, if any, is complete
         and marked when this returns."""
         if self.pending is None:
             return
-        future, path, progress = self.pending
+        summed, path, progress = self.pending
         self.pending = None
-        future.result()  # raises here if the background write failed
-        dist.barrier(group=self.group)
+        checksums = _gathered(summed.result(), self.group)  # raises here if the background write failed
         if dist.get_rank() == 0:
-            _mark_complete(path, progress)
+            _mark_complete(path, progress, checksums)
             if self.on_complete is not None:
                 self.on_complete(path)
 
@@ -152,10 +155,26 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def _mark_complete(path: Path, progress: dict[str, Any]) -> None:
+def _own_checksums(path: Path) -> dict[str, list[int]]:
+    return file_checksums(path, dist.get_rank(), dist.get_world_size())
+
+
+def _checksums_once_written(written: Future, path: Path) -> dict[str, list[int]]:
+    written.result()
+    return _own_checksums(path)
+
+
+def _gathered(checksums: dict[str, list[int]], group: Any = None) -> dict[str, list[int]]:
+    """Collective: every rank's checksums, merged (also the point where every rank has written)."""
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, checksums, group=group)
+    return {name: value for part in every for name, value in part.items()}
+
+
+def _mark_complete(path: Path, progress: dict[str, Any], checksums: dict[str, list[int]]) -> None:
     """Rank 0, once every rank's files are written: progress.json with every file's checksum."""
     tmp = path / "progress.json.tmp"
-    tmp.write_text(json.dumps({**progress, "files": file_checksums(path)}, indent=2))
+    tmp.write_text(json.dumps({**progress, "files": checksums}, indent=2))
     tmp.rename(path / "progress.json")
 
 

@@ -240,17 +240,16 @@ class Trainer:
         trainer_config = self.config.trainer
         plan = EpochPlan(epoch, skip=self.epoch_batches, max_steps=trainer_config.max_steps_per_epoch,
                          depth=trainer_config.prefetch_batches,
-                         checkpoint_every_steps=trainer_config.checkpoint_every_steps if run_dir is not None else 0,
+                         checkpoint_every_steps=trainer_config.checkpoint_every_steps,
                          needs_count=self.step_kind == "sparse_dist")
         device = self.context.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = torch.zeros((), dtype=torch.int64, device=device)
-        nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        """Steps of this epoch whose loss was nan or inf (counted on the device: no sync per step)."""
+        nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # nan/inf steps, counted without a sync
 
         def checkpoint() -> None:
             self._stop_if_nonfinite(nonfinite, epoch)  # a checkpoint never holds a non-finite step's update
-            self.save_checkpoint(run_dir, log)
+            self.save_checkpoint(run_dir, log)  # type: ignore[arg-type]  # handed over only with a run_dir
 
         self.nonfinite_skipped = 0
         started = time.perf_counter()
