@@ -95,12 +95,13 @@ def check_embedded_fits(section: ClusterSection) -> None:
 
 @contextlib.contextmanager
 def ray_cluster(section: ClusterSection, log: bool = True,
-                while_starting: Callable[[], None] | None = None) -> Iterator[str]:
+                while_starting: Callable[[], None] | None = None, cpus: int | None = None) -> Iterator[str]:
     """Yield a description of the cluster in use. An embedded cluster gets its own temp dir (short:
     Ray's socket paths must stay under 108 bytes), a capped object store and is shut down on exit.
     log=False keeps Ray's own logging and the workers' output off this console (it stays in the
     cluster's session logs; shardrec's ranks write theirs under the run folder). `while_starting`
-    runs while an embedded head comes up (before connecting to a given address)."""
+    runs while an embedded head comes up (before connecting to a given address). `cpus`: the
+    embedded cluster's CPUs (default: what one job of `section` needs, `embedded_cpus`)."""
     os.environ.update(LOOPBACK_ENV)
     # The driver too: Ray rebuilds the controller's startup-timeout error here, reading the value again.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(section.placement_timeout_s)
@@ -117,7 +118,7 @@ def ray_cluster(section: ClusterSection, log: bool = True,
         finally:
             ray.shutdown()
         return
-    cpus = embedded_cpus(section)
+    cpus = cpus or embedded_cpus(section)
     os.environ.update(EMBEDDED_JOB_ENV)
     with embedded_head(cpus, section.object_store_mb, while_starting=while_starting,
                        dashboard=section.embedded_dashboard) as head:

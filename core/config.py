@@ -10,6 +10,7 @@ Nothing here imports torch: configuration errors must surface in well under a se
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -29,6 +30,8 @@ SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "tab
 TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
 TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
+RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
+"""The metrics of each evaluation protocol, in the order an evaluation sums them."""
 
 
 @dataclass
@@ -220,6 +223,10 @@ class EvalSection:
     item_cache_mb: int = 1024
     """Item vectors up to this size are gathered once per evaluation; above it each chunk is looked up
     through the sharded tables when it is scored."""
+    test: bool = True
+    """Rank the test split at each epoch where validation improves (the reported test result is the
+    one at the best validation epoch). false: validation only, as in `shardrec tune`'s trials, so a
+    search cannot see, let alone choose by, a test metric."""
 
     def validate(self) -> None:
         if self.protocol not in ("full", "sampled", "both"):
@@ -233,6 +240,19 @@ class EvalSection:
 
     def masks_history(self, sequence_model: bool) -> bool:
         return self.history == "masked" or (self.history == "auto" and not sequence_model)
+
+    def protocols(self) -> tuple[str, ...]:
+        """The protocols an evaluation computes, the first one's metrics unprefixed."""
+        return ("full", "sampled") if self.protocol == "both" else (self.protocol,)
+
+    def metric_names(self) -> list[str]:
+        """Every ranking metric an evaluation reports, e.g. ndcg@10 and, with protocol both,
+        sampled_ndcg@10."""
+        names = []
+        for index, protocol in enumerate(self.protocols()):
+            prefix = "sampled_" if index > 0 else ""
+            names += [f"{prefix}{name}@{self.k}" for name in RANKING_METRICS[protocol]]
+        return names
 
 
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -346,6 +366,26 @@ class RunConfig:
                 config.set(f"{section_name}.{key}", value)
         return config
 
+    def key_type(self, dotted: str) -> Any:
+        """The declared type of `section.key` (a model parameter's from the model named now, a
+        `section.table.key` entry's the table's value type); raises UserError for an unknown key."""
+        probe = copy.deepcopy(self)
+        probe.set(dotted, _PROBE)  # raises for an unknown section or key; the type check comes after
+        parts = dotted.split(".")
+        section = getattr(self, parts[0])
+        if isinstance(section, ModelSection):
+            if parts[1] == "name":
+                return str
+            params_cls = MODEL_PARAMS.get(section.name)
+            known = {f.name for f in dataclasses.fields(params_cls)} if params_cls else set()
+            if parts[1] not in known:
+                raise UserError(f"unknown key {dotted} for model {section.name!r}; known keys: {', '.join(sorted(known))}")
+            return _field_type(params_cls, parts[1])
+        expected = _field_type(type(section), parts[1])
+        if len(parts) > 2:
+            return typing.get_args(expected)[1]
+        return expected
+
     def set(self, dotted: str, value: Any) -> None:
         """Set `section.key` (or `section.dictfield.key`), checking the key exists and the type fits."""
         parts = dotted.split(".")
@@ -403,7 +443,16 @@ def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
+class _Probe:
+    """A value every type check lets through: `RunConfig.key_type` sets it to find a key."""
+
+
+_PROBE = _Probe()
+
+
 def _check_type(where: str, value: Any, expected: Any) -> None:
+    if value is _PROBE:
+        return
     origin = typing.get_origin(expected)
     if origin is list:
         (item_type,) = typing.get_args(expected)

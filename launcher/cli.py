@@ -285,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.plan_command import run_plan_command  # heavy (TorchRec planner)
 
             return run_plan_command(args, split_overrides(extra))
+        if args.command == "tune":
+            from launcher.tune_command import run_tune_command
+
+            return run_tune_command(args, split_overrides(extra))
         if args.command in ("train", "config"):
             overrides = split_overrides(extra)
             if args.command == "config":

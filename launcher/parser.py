@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any config value can be overridden with --section.key value, e.g. --trainer.epochs 5.",
     )
     add_train_arguments(train)
+    tune = commands.add_parser(
+        "tune",
+        help="hyperparameter search by validation with Ray Tune: each trial a sharded `train` run",
+        epilog="Config overrides (--section.key value) apply to every trial. Trials never rank the test "
+               "split; train the chosen TUNE_DIR/best.toml for its test metrics.",
+    )
+    tune.add_argument("--config", help="TOML config whose hyperparameters are searched")
+    tune.add_argument("--space", required=True,
+                      help="TOML search space: config keys with { choice = [...] }, { uniform = [low, high] } "
+                           "or { loguniform = [low, high] }")
+    tune.add_argument("--trials", type=int, default=16, help="trials to sample (default 16)")
+    tune.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                      help="asha: stop trials that trail on the metric early (default); fifo: run every trial to the end")
+    tune.add_argument("--metric", default="valid.ndcg@10", help="validation metric to maximise (default valid.ndcg@10)")
+    tune.add_argument("--concurrent", type=int, default=0,
+                      help="trials at once (default: as many as the cluster's CPUs hold)")
+    tune.add_argument("--grace-epochs", type=int, default=2, help="ASHA: epochs every trial runs before it can be stopped")
+    tune.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep about 1 in this many at each rung")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the trials' sampling")
+    tune.add_argument("--out", help="search folder (default RUN_ROOT/tune-<model>-<time>); must be new or empty")
     plan = commands.add_parser(
         "plan",
         help="sharding-plan experiment: plan, memory per rank and cost on a described cluster, offline",

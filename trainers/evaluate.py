@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.config import EvalSection
+from core.config import RANKING_METRICS, EvalSection
 from core.dataset_format import SPLITS, PreparedDataset
 from core.interactions import UserItems, sorted_positions, sorted_unique
 from core.rank_plan import RankPlan
@@ -159,8 +159,8 @@ class Evaluator:
             return f"full ranking over all {self.num_items} items, {masked}"
         return f"sampled: each held-out item vs {self.config.sampled_negatives} unseen items"
 
-    def _protocols(self) -> list[str]:
-        return ["full", "sampled"] if self.config.protocol == "both" else [self.config.protocol]
+    def _protocols(self) -> tuple[str, ...]:
+        return self.config.protocols()
 
     # --- entry points ------------------------------------------------------------------------------
 
@@ -304,11 +304,9 @@ class Evaluator:
 
     # --- bookkeeping -------------------------------------------------------------------------------
 
-    METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
-
     def _empty_sums(self) -> np.ndarray:
         """Per protocol: its metric sums, then its number of cases; last, the users ranked."""
-        return np.zeros(sum(len(self.METRICS[p]) + 1 for p in self._protocols()) + 1)
+        return np.zeros(sum(len(RANKING_METRICS[p]) + 1 for p in self._protocols()) + 1)
 
     def _result(self, total: list[float], split: str) -> dict[str, float | str | int]:
         k = self.config.k
@@ -316,7 +314,7 @@ class Evaluator:
                                                 "users": int(total[-1]), "eligible_users": self.eligible_total[split]}
         offset = 0
         for index, protocol in enumerate(self._protocols()):
-            names = self.METRICS[protocol]
+            names = RANKING_METRICS[protocol]
             count = total[offset + len(names)]
             prefix = "sampled_" if index > 0 else ""
             result[f"{prefix}cases"] = int(count)

@@ -10,7 +10,7 @@ EPOCH_LINE_METRICS = {"recall": "Recall", "ndcg": "NDCG", "hit": "Hit", "mrr": "
                       "sampled_hit": "sampled-Hit", "sampled_ndcg": "sampled-NDCG"}
 
 
-def epoch_line(record: dict[str, Any], k: int) -> str:
+def epoch_line(record: dict[str, Any], k: int, with_test: bool = True) -> str:
     line = (
         f"epoch {record['epoch']}: loss {record['loss']:.4f}, {record['steps']} steps, "
         f"{record['samples_per_s']:,.0f} samples/s, data wait {record.get('data_wait_frac', 0.0):.0%}"
@@ -26,7 +26,7 @@ def epoch_line(record: dict[str, Any], k: int) -> str:
             if f"{name}@{k}" in t:
                 line += f" {label}@{k} {t[f'{name}@{k}']:.4f}"
     elif "valid" in record:
-        line += " | test not run (validation did not improve)"
+        line += " | test not run (validation did not improve)" if with_test else ""
     return line
 
 
@@ -37,7 +37,12 @@ def format_summary(summary: dict[str, Any], started_at: float | None = None) -> 
     lines = [f"shardrec run: {summary['model']} on {summary['world_size']} rank(s)", "sharding plan:", format_plan(summary["plan"])]
     lines.append(f"epochs: {summary['epochs']}; final loss {final.get('loss', float('nan')):.4f}; "
                  f"last epoch {final.get('samples_per_s', 0):,.0f} samples/s")
-    if best:
+    if best and "test" not in best:
+        valid = best["valid"]
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in valid.items() if "@" in name)
+        lines.append(f"validation at its best epoch {best['epoch']} ({valid['protocol']}): {metrics}; "
+                     "test not ranked (eval.test false)")
+    elif best:
         test = best["test"]
         metrics = ", ".join(f"{name} {value:.4f}" for name, value in test.items() if "@" in name)
         ranked = (f"{test['users']} of {test['eligible_users']} users" if "users" in test and test["users"] != test.get("eligible_users")

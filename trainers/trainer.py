@@ -317,18 +317,20 @@ class Trainer:
                 # The test split is ranked only when validation improves: the reported test result is
                 # the one at the best validation epoch, and the others would cost a full pass each.
                 # At the same weights, it reuses what validation's ranking computed (LightGCN's layers).
-                if not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]:
+                improved = not self.best or record["valid"][f"ndcg@{k}"] > self.best["valid"][f"ndcg@{k}"]
+                if improved and self.config.eval.test:
                     record["test"] = self.evaluate("test", log.bar_callback("test"))
-                    self.best = {"epoch": self.epoch, "valid": record["valid"], "test": record["test"],
-                                 "reached_at": time.time()}
                 else:
                     self.sharded.model.end_ranking()
+                if improved:
+                    self.best = {"epoch": self.epoch, "valid": record["valid"], "reached_at": time.time(),
+                                 **({"test": record["test"]} if "test" in record else {})}
                 record["eval_s"] = time.perf_counter() - eval_started
             log.record("epoch", self.step, {key: v for key, v in record.items() if not isinstance(v, dict)})
             for split in ("valid", "test"):
                 if split in record:
                     log.record("eval", self.step, {f"{split}_{m}": v for m, v in record[split].items()})
-            log.info(epoch_line(record, k))
+            log.info(epoch_line(record, k, with_test=self.config.eval.test))
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last or self.checkpoint_due:
                 self.save_checkpoint(run_dir, log)
