@@ -66,6 +66,8 @@ class SearchOptions:
     grace_epochs: int = 2
     reduction_factor: int = 3
     seed: int = 0
+    start_point: dict[str, Any] | None = None
+    """Values the first trial takes instead of a draw (--include-base: the base config's own)."""
 
 
 def trial_name(trial_id: str) -> str:
@@ -274,8 +276,9 @@ def run_search(base: RunConfig, dimensions: list[Dimension], options: SearchOpti
         tune_config=tune.TuneConfig(num_samples=options.trials, scheduler=scheduler, reuse_actors=False,
                                     # the generator itself caps trials at once: Tune ignores
                                     # max_concurrent_trials when given a ready-made generator
-                                    search_alg=BasicVariantGenerator(random_state=options.seed,
-                                                                     max_concurrent=options.concurrent)),
+                                    search_alg=BasicVariantGenerator(
+                                        random_state=options.seed, max_concurrent=options.concurrent,
+                                        points_to_evaluate=[options.start_point] if options.start_point else None)),
         run_config=tune.RunConfig(storage_path=str(tune_dir.resolve()), name="ray-tune", verbose=0, stop=stopper,
                                   callbacks=[_Progress(say, options.metric, options.trials, trials_dir)],
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False)),

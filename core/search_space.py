@@ -129,6 +129,24 @@ def apply_values(config: RunConfig, values: dict[str, Any]) -> RunConfig:
     return changed.validate()
 
 
+def current_values(config: RunConfig, dimensions: list[Dimension]) -> dict[str, Any]:
+    """What `config` gives each searched key now (model parameters resolved to the model's
+    defaults): the point a search started from the base config tries first."""
+    values: dict[str, Any] = {}
+    for dimension in dimensions:
+        section, *path = dimension.key.split(".")
+        if section == "model" and path != ["name"]:
+            value: Any = config.model.resolved_params()
+        else:
+            value = getattr(config, section)
+        for part in path:
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is None:
+            raise UserError(f"--include-base: the config gives {dimension.key} no value to start from")
+        values[dimension.key] = copy.deepcopy(value)
+    return values
+
+
 def short_name(key: str, keys: list[str]) -> str:
     """`key`'s last part, or more of it where that would be ambiguous among `keys` (table columns)."""
     parts = key.split(".")

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--grace-epochs", type=int, default=2, help="ASHA: epochs every trial runs before it can be stopped")
     tune.add_argument("--reduction-factor", type=int, default=3, help="ASHA: keep about 1 in this many at each rung")
     tune.add_argument("--seed", type=int, default=0, help="seed of the trials' sampling")
+    tune.add_argument("--include-base", action="store_true",
+                      help="the first trial trains the config's own values (one of --trials), so the search "
+                           "is measured against them")
     tune.add_argument("--out", help="search folder (default RUN_ROOT/tune-<model>-<time>); must be new or empty")
     plan = commands.add_parser(
         "plan",

@@ -18,7 +18,7 @@ from core.config import RunConfig, load_config
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.model_params import is_sequence_model
-from core.search_space import Dimension, apply_values, check_concurrency, read_space
+from core.search_space import Dimension, apply_values, check_concurrency, current_values, read_space
 from core.sequences import require_leave_one_out
 from core.toml_out import config_toml
 from core.trial_table import FAILED, best_trial, format_table, table_csv, table_rows
@@ -88,6 +88,8 @@ def run_tune_command(args: argparse.Namespace, overrides: list[tuple[str, str]])
     dimensions = read_space(args.space, config)
     check_dimensions(dimensions, args.space, args.scheduler)
     metric = metric_name(args.metric, config)
+    if args.include_base:
+        current_values(config, dimensions)  # refused now, not once the cluster is up
     dataset = PreparedDataset.open(config.data.path)
     if is_sequence_model(config.model.resolved_params()):
         require_leave_one_out(dataset)
@@ -116,7 +118,8 @@ def _search(config: RunConfig, dimensions: list[Dimension], metric: str, args: a
         print(f"[tune] {line}", flush=True)
 
     options = SearchOptions(trials=args.trials, concurrent=concurrent, scheduler=args.scheduler, metric=metric,
-                            grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, seed=args.seed)
+                            grace_epochs=args.grace_epochs, reduction_factor=args.reduction_factor, seed=args.seed,
+                            start_point=current_values(config, dimensions) if args.include_base else None)
     say(f"{args.trials} trials of {config.model.name} over {', '.join(d.describe() for d in dimensions)}; "
         f"{options.scheduler} on valid.{metric}, up to {concurrent} at once ({per_trial:g} CPUs each); folder {tune_dir}")
     started = time.monotonic()

@@ -15,7 +15,7 @@ import pytest
 
 from core.config import load_config
 from core.errors import UserError
-from core.search_space import Dimension, check_concurrency, read_space
+from core.search_space import Dimension, check_concurrency, current_values, read_space
 from core.toml_out import config_toml
 from core.trial_table import (FAILED, FINISHED, INTERRUPTED, NOT_STARTED, STOPPED_EARLY, TRIAL_RECORD, TRIAL_RUN,
                               best_trial, format_table, read_trials, table_rows)
@@ -71,6 +71,21 @@ dropout = { uniform = [0.0, 0.4] }
 def test_space_refuses_bad_ranges_with_the_key_named(tmp_path, text, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         read_space(_space(tmp_path, text), load_config(PRESET))
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
+def test_the_base_point_is_what_the_config_gives_each_key(tmp_path):
+    config = load_config(PRESET, [("model.dropout", "0.3")])
+    space = _space(tmp_path, "[trainer]\nsparse_lr = { loguniform = [0.01, 0.3] }\n[model]\n"
+                             "dropout = { uniform = [0.0, 0.4] }\nmlp_dims = { choice = [[8, 4]] }\n"
+                             "[sharding.tables]\ngmf_user = { choice = ['row_wise', 'table_wise'] }\n")
+    assert current_values(config, read_space(space, config)) == {
+        "trainer.sparse_lr": 0.1, "model.dropout": 0.3, "model.mlp_dims": [64, 32, 16],
+        "sharding.tables.gmf_user": "row_wise"}
+    unset = _space(tmp_path, "[sharding.tables]\ngmf_item = { choice = ['row_wise'] }\n")
+    with pytest.raises(UserError, match="no value"):
+        current_values(config, read_space(unset, config))
 
 
 @pytest.mark.unit
@@ -227,11 +242,12 @@ def test_ctrl_c_ends_the_search_and_keeps_its_finished_trials(ml100k_small, tmp_
     from tests.test_end_to_end import _assert_none_left, _env, _ray_pids
 
     before = _ray_pids()
-    space = _space(tmp_path, "[model]\ngmf_dim = { choice = [8, 16] }\n")
+    space = _space(tmp_path, "[model]\ngmf_dim = { choice = [8, 16] }\n")  # the preset's 32 is outside
     out = tmp_path / "search"
     log = tmp_path / "tune.log"
     with log.open("w") as sink:
-        process = subprocess.Popen([*_tune_args(ml100k_small, space, out), "--trials", "4", "--scheduler", "fifo"],
+        process = subprocess.Popen([*_tune_args(ml100k_small, space, out), "--trials", "4", "--scheduler", "fifo",
+                                    "--include-base"],
                                    cwd=tmp_path, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 240
@@ -249,6 +265,8 @@ def test_ctrl_c_ends_the_search_and_keeps_its_finished_trials(ml100k_small, tmp_
     assert code == 128 + signal.SIGINT, text[-3000:]
     table = (out / "trials.txt").read_text()
     assert "trial-000  finished" in table and "not started" in table, table
-    assert load_config(out / "best.toml").model.resolved_params().gmf_dim in (8, 16)
+    # --include-base: the first trial trained the config's own value, and is the only one finished
+    assert json.loads((out / "trials/trial-000/trial.json").read_text())["values"] == {"model.gmf_dim": 32}
+    assert load_config(out / "best.toml").model.resolved_params().gmf_dim == 32
     assert not _trial_processes(tmp_path)
     _assert_none_left(before)
