@@ -23,8 +23,9 @@ from core.sequences import require_leave_one_out
 from core.toml_out import config_toml
 from core.trial_table import FAILED, best_trial, format_table, table_csv, table_rows
 
-FIXED_KEYS = ("data.path", "trainer.run_root", "trainer.run_name")
-"""Keys a search may not vary: the data it is measured on and where runs are written."""
+FIXED_KEYS = ("data.path", "trainer.run_root", "trainer.run_name", "model.name")
+"""Keys a search may not vary: the data it is measured on, where runs are written, and the model
+(whose parameters are the rest of the space)."""
 FIXED_SECTIONS = ("eval", "cluster")
 """Sections a search may not vary: the measure itself, and the resources its concurrency is planned on."""
 
@@ -71,7 +72,7 @@ def trial_cpus(config: RunConfig) -> float:
 def _tune_dir(args: argparse.Namespace, config: RunConfig) -> Path:
     tune_dir = Path(args.out) if args.out else Path(config.trainer.run_root) / f"tune-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if tune_dir.exists() and (not tune_dir.is_dir() or any(tune_dir.iterdir())):
-        raise UserError(f"--out {tune_dir} exists and is not empty: give a new folder")
+        raise UserError(f"--out {tune_dir} exists and is not an empty folder: give a new folder")
     return tune_dir
 
 
@@ -83,6 +84,10 @@ def run_tune_command(args: argparse.Namespace, overrides: list[tuple[str, str]])
         raise UserError("shardrec tune runs its trials with Ray Train: leave cluster.launcher at 'ray_train'")
     if args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
+    if args.concurrent < 0:
+        raise UserError(f"--concurrent must be >= 1 (or 0: as many as fit), got {args.concurrent}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.grace_epochs < 1 or args.reduction_factor < 2:
         raise UserError("--grace-epochs must be >= 1 and --reduction-factor >= 2")
     dimensions = read_space(args.space, config)

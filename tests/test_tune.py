@@ -116,7 +116,7 @@ def test_metric_must_be_a_validation_metric_the_runs_report():
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("key, scheduler, message", [
     ("eval.k", "fifo", "evaluation"), ("cluster.num_workers", "fifo", "resources"),
-    ("data.path", "fifo", "fixed"), ("trainer.run_root", "asha", "fixed"),
+    ("data.path", "fifo", "fixed"), ("model.name", "asha", "fixed"), ("trainer.run_root", "asha", "fixed"),
     ("trainer.epochs", "asha", "--scheduler fifo"),
 ])
 def test_keys_a_search_may_not_vary(key, scheduler, message):
@@ -176,6 +176,9 @@ def test_trials_are_ranked_by_validation_and_never_by_test(tmp_path):
     (["--trials", "0"], "--trials must be >= 1"),
     (["--metric", "test.ndcg@10"], "validation only"),
     (["--concurrent", "64"], "at most"),
+    (["--concurrent", "-1"], "--concurrent must be >= 1"),
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--out", str(REPO / "README.md")], "not an empty folder"),
     (["--cluster.launcher", "torchrun"], "Ray Train"),
 ])
 def test_bad_tune_input_exits_2_before_any_cluster(ml100k_small, tmp_path, capsys, extra, message):
