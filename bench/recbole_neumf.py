@@ -7,8 +7,13 @@ The prepared dataset's train, valid and test splits are written as RecBole atomi
 (`benchmark_filename`), so both libraries see the same interactions in each split. Protocol as
 shardrec's: full ranking over every item, the user's train items masked for validation and train
 and valid items masked for test, test NDCG@10 at the epoch best on validation NDCG@10 (RecBole's
-early stopping: 10 evaluations without improvement). RecBole must be installed (pip install
-recbole==1.2.1); it is not part of shardrec's stack.
+early stopping: 10 evaluations without improvement). RecBole is not part of shardrec's stack: its
+pins (ray<=2.6.3, NumPy 1) conflict with it, so install it and the few modules it imports beside the
+environment rather than into it:
+
+    .venv/bin/pip install --no-deps --target /tmp/recbole recbole==1.2.1 colorlog==4.7.2 texttable thop \
+        scikit-learn scipy narwhals threadpoolctl joblib tabulate
+    PYTHONPATH=/tmp/recbole .venv/bin/python -m bench.recbole_neumf --data runs/data/ml-100k
 """
 
 from __future__ import annotations
