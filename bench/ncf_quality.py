@@ -1,8 +1,10 @@
-"""NCF quality and time to quality on ML-100K: `make demo`'s command, once per seed.
+"""NCF quality and time to quality on ML-100K: `make demo`'s command, once per seed (or another
+model's config with `--config`, e.g. launcher/configs/two_tower_ml100k.toml).
 
     .venv/bin/shardrec data prepare ml-100k --out runs/data/ml-100k
     .venv/bin/python -m bench.ncf_quality [--seeds 0,1,2] [--target 0.279] [--via ray|torchrun]
                                           [--data runs/data/ml-100k] [--set KEY=VALUE ...]
+                                          [--config launcher/configs/ncf_ml100k.toml]
 
 Each run is `shardrec train --config launcher/configs/ncf_ml100k.toml` (through Ray, as `make demo`;
 or torchrun on 2 ranks) with `--trainer.seed` set. Protocol: per-user random 8:1:1 split, full
@@ -34,9 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = "launcher/configs/ncf_ml100k.toml"
 
 
-def run_once(seed: int, via: str, data: str, extra: list[str], root: Path) -> dict[str, object]:
+def run_once(seed: int, via: str, data: str, extra: list[str], root: Path,
+             config: str = CONFIG) -> dict[str, object]:
     name = f"seed-{seed}"
-    settings = ["--config", CONFIG, "--data.path", data, "--trainer.seed", str(seed),
+    settings = ["--config", config, "--data.path", data, "--trainer.seed", str(seed),
                 "--trainer.run_root", str(root), "--trainer.run_name", name, *extra]
     if via == "ray":
         command = [str(REPO / ".venv/bin/shardrec"), "train", *settings]
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.279)
     parser.add_argument("--via", choices=("ray", "torchrun"), default="ray")
     parser.add_argument("--data", default="runs/data/ml-100k")
+    parser.add_argument("--config", default=CONFIG, help="the config each run trains (default: NCF's preset)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, e.g. --set model.reg_weight=0")
     args = parser.parse_args()
@@ -74,7 +78,7 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="shardrec-quality-") as folder:
         for seed in (int(s) for s in args.seeds.split(",")):
-            run = run_once(seed, args.via, args.data, extra, Path(folder))
+            run = run_once(seed, args.via, args.data, extra, Path(folder), args.config)
             reached = next((at for at, ndcg in run["tests"] if ndcg >= args.target), None)
             run["time_to_target"] = reached
             runs.append(run)

@@ -96,21 +96,56 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print) -> Path | None:
-    """The newest complete checkpoint whose files pass their checksums (None: no complete one). Each
-    newer one that fails is named in one line through `say`; when every one fails, CheckpointUnusable
-    (exit 1) names the newest one's problem."""
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many ranks wrote a checkpoint: its progress.json's `world_size`, or (checkpoints written
+    before that was recorded) its rng-rank<r>.pt files, one per rank."""
+    recorded = read_progress(checkpoint).get("world_size")
+    if recorded is not None:
+        return int(recorded)
+    return max(1, len(list(checkpoint.glob("rng-rank*.pt"))))
+
+
+def continues_only_on_its_world(checkpoint: Path, world_size: int | None) -> bool:
+    """Whether a checkpoint taken inside an epoch cannot be resumed on `world_size` ranks: its data
+    progress is "each rank trained k batches of its own stream", and a stream is a function of the
+    rank and the world size, so only as many ranks continue that epoch exactly once. Epoch-end
+    checkpoints load on any world size (DCP reshards the tables and optimizer state)."""
+    return (world_size is not None and checkpoint.name.startswith("step-")
+            and checkpoint_world_size(checkpoint) != world_size)
+
+
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print,
+                         world_size: int | None = None) -> Path | None:
+    """The newest complete checkpoint whose files pass their checksums and that `world_size` ranks
+    can continue (None: no complete one). Each newer one passed over is named in one line through
+    `say`; when every one fails its checksums, CheckpointUnusable (exit 1) names the newest one's
+    problem; when the only usable ones are inside an epoch on another world size, UserError."""
     complete = complete_checkpoints(run_dir)
-    failures = []
+    failures, other_world = [], []
     for _, folder in reversed(complete):
+        if continues_only_on_its_world(folder, world_size):
+            other_world.append(folder)
+            continue
         problem = checkpoint_problem(folder)
         if problem is None:
             for skipped, why in failures:
                 say(f"checkpoint {skipped.name} is damaged ({why}); resuming from {folder.name} instead")
+            if other_world:
+                newest = other_world[0]
+                say(f"checkpoint {newest.name} was taken inside epoch {int(read_progress(newest)['epoch']) + 1} on "
+                    f"{checkpoint_world_size(newest)} rank(s), and only as many ranks continue an epoch exactly once: "
+                    f"resuming on {world_size} from {folder.name} (the steps after it are trained again)")
             return folder
         failures.append((folder, problem))
     if failures:
         raise CheckpointUnusable(f"no checkpoint of {run_dir} passes its checksums: {failures[0][1]}")
+    if other_world:
+        newest = other_world[0]
+        written_by = checkpoint_world_size(newest)
+        raise UserError(f"--resume {run_dir}: its checkpoints were all taken inside epoch "
+                        f"{int(read_progress(newest)['epoch']) + 1} on {written_by} rank(s), and an epoch is continued "
+                        f"only on as many ranks: resume on {written_by} (--cluster.num_workers {written_by}), "
+                        f"not {world_size}")
     return None
 
 
@@ -121,11 +156,18 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: unreadable progress.json ({exc})") from None
 
 
-def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
+def check_resume(config: RunConfig, run_dir: Path, verify: bool = True, world_size: int | None = None) -> None:
     """Refuse, before anything is written, a resume that cannot work: no complete checkpoint (with
-    `verify`, none whose files pass their checksums), a model whose tables or layers differ from the
-    checkpoint's, or fewer epochs than already done."""
-    latest = resumable_checkpoint(run_dir) if verify else latest_checkpoint(run_dir)
+    `verify`, none whose files pass their checksums; with `world_size`, none that many ranks can
+    continue), a model whose tables or layers differ from the checkpoint's, or fewer epochs than
+    already done."""
+    if verify:
+        latest = resumable_checkpoint(run_dir, lambda _: None, world_size)
+    else:
+        latest = next((folder for _, folder in reversed(complete_checkpoints(run_dir))
+                       if not continues_only_on_its_world(folder, world_size)), None)
+        if latest is None:
+            resumable_checkpoint(run_dir, lambda _: None, world_size)  # raises the reason, if there is one
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)

@@ -506,6 +506,7 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
     killed = _run([*torchrun, *_small_run_args(ml100k_small, tmp_path, "run", epochs=2), *extra], 300,
                   env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec"), "SHARDREC_FAIL_AT_STEP": f"1:{fail_at}"})
     assert killed.returncode != 0 and time.monotonic() - started < 300
+    shutil.copytree(tmp_path / "run", tmp_path / "run-one-rank")
     resumed = _run([*torchrun, "--resume", str(tmp_path / "run")], 300,
                    env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec")})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -515,6 +516,29 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
     blocked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "checkpoint"]
     assert blocked and all(r["checkpoint_block_s"] >= 0 for r in blocked)
+    _assert_resumes_on_one_rank_from_the_epoch_end(ml100k_small, tmp_path, per_epoch)
+
+
+def _assert_resumes_on_one_rank_from_the_epoch_end(data: Path, runs: Path, per_epoch: int) -> None:
+    """The killed 2-rank run (a copy, `run-one-rank`), resumed with `--nproc-per-node 1`: its step
+    checkpoints inside epoch 2 belong to 2 ranks, so the one rank passes over them, says so, loads
+    the epoch-1 checkpoint (tables and optimizer state resharded from 2 ranks to 1) and trains
+    epoch 2 whole: each train positive at most once, all but a last partial batch of them."""
+    resumed = _run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "1", "-m", "trainers",
+                    "--resume", str(runs / "run-one-rank")], 300,
+                   env_extra={"SHARDREC_RECORD_BATCHES": str(runs / "rec-one-rank")})
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert re.search(r"taken inside epoch 2 on 2 rank\(s\).*resuming on 1 from epoch-0001", output), output[-4000:]
+    assert re.search(rf"resumed from \S+epoch-0001 \(epoch 1, step {per_epoch}\)", output), output[-4000:]
+    records = [json.loads(line) for line in (runs / "rec-one-rank" / "rank-0.jsonl").read_text().splitlines()]
+    trained = [pair for record in records for pair in zip(record["users"], record["items"])]
+    train = PreparedDataset.open(data).read_split("train")
+    positives = set(zip(train["user_id"].tolist(), train["item_id"].tolist()))
+    assert len(set(trained)) == len(trained) and set(trained) <= positives
+    assert len(positives) - 256 < len(trained) <= len(positives)
+    summary = json.loads((runs / "run-one-rank" / "summary.json").read_text())
+    assert summary["world_size"] == 1 and [epoch["epoch"] for epoch in summary["history"]] == [1, 2]
 
 
 @pytest.mark.ray

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from core.dataset_format import PreparedDataset
+from core.errors import UserError
 from launcher.cli import main
 from tests.conftest import REPO
 
@@ -86,16 +88,22 @@ def test_synth_leaves_a_user_folder_named_like_its_staging(tmp_path):
 # --- checkpoints are verified; a damaged one falls back to an older one --------------------------------
 
 
-def _fake_checkpoint(run: Path, name: str, step: int) -> Path:
+def _fake_checkpoint(run: Path, name: str, step: int, world_size: int | None = None) -> Path:
     """A checkpoint folder as trainers.checkpoint writes one: data files, then progress.json with
-    their checksums (what rank 0 records once every rank's files are on disk)."""
+    their checksums (what rank 0 records once every rank's files are on disk). `world_size`: as a
+    current version records it (None: as earlier ones did, one rng file per rank telling it)."""
     from core.run_folder import file_checksums
 
     folder = run / "checkpoints" / name
     folder.mkdir(parents=True)
     (folder / "__0_0.distcp").write_bytes(os.urandom(4096))
     (folder / ".metadata").write_bytes(b"meta" * 10)
-    (folder / "progress.json").write_text(json.dumps({"epoch": 1, "step": step, "files": file_checksums(folder)}))
+    for rank in range(world_size or 1):
+        (folder / f"rng-rank{rank}.pt").write_bytes(b"rng")
+    progress = {"epoch": 1, "step": step, "files": file_checksums(folder)}
+    if world_size is not None:
+        progress["world_size"] = world_size
+    (folder / "progress.json").write_text(json.dumps(progress))
     return folder
 
 
@@ -129,6 +137,45 @@ def test_resume_with_no_checkpoint_that_verifies_exits_1_before_any_cluster(ml10
     assert main(["train", "--resume", str(run)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "__0_0.distcp" in err
+
+
+@pytest.mark.unit
+def test_on_another_world_size_a_resume_passes_over_checkpoints_inside_an_epoch(tmp_path):
+    """A step checkpoint's data progress belongs to the world size that wrote it: on another one the
+    newest epoch-end checkpoint is used (named in one line), and with none, one line says which
+    world size can continue. Older checkpoints without world_size recorded count their rng files."""
+    from core.run_folder import checkpoint_world_size, resumable_checkpoint
+
+    epoch = _fake_checkpoint(tmp_path, "epoch-0001", 10, world_size=2)
+    step = _fake_checkpoint(tmp_path, "step-000000015", 15, world_size=2)
+    said: list[str] = []
+    assert resumable_checkpoint(tmp_path, said.append, world_size=2) == step and not said
+    assert resumable_checkpoint(tmp_path, said.append) == step  # no world size given: any
+    for world in (1, 3):
+        said.clear()
+        assert resumable_checkpoint(tmp_path, said.append, world_size=world) == epoch
+        assert len(said) == 1 and "step-000000015" in said[0] and "inside epoch 2 on 2 rank(s)" in said[0], said
+    shutil.rmtree(epoch)
+    with pytest.raises(UserError, match=r"taken inside epoch 2 on 2 rank\(s\).*--cluster.num_workers 2\), not 3"):
+        resumable_checkpoint(tmp_path, said.append, world_size=3)
+    older = _fake_checkpoint(tmp_path / "older", "step-000000007", 7)
+    for rank in (1, 2):
+        (older / f"rng-rank{rank}.pt").write_bytes(b"rng")
+    assert checkpoint_world_size(older) == 3
+
+
+@pytest.mark.unit
+def test_resume_on_another_world_size_from_inside_an_epoch_only_exits_2_before_any_cluster(ml100k_small, tmp_path,
+                                                                                          capsys):
+    from core.config import load_config
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run, "step-000000009", 9, world_size=2)
+    config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"), [("data.path", str(ml100k_small))])
+    (run / "config.json").write_text(config.to_json())
+    assert main(["train", "--resume", str(run), "--cluster.num_workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cluster.num_workers 2" in err, err
 
 
 @pytest.mark.unit

@@ -194,25 +194,58 @@ def _train_save_evaluate(rank: int, world: int, config_json: str, path: str) -> 
     return Evaluator(dataset, config.eval, RankPlan(rank, world, dataset.num_shards)).evaluate(sharded.model, "test")
 
 
-def _load_evaluate(rank: int, world: int, config_json: str, path: str) -> dict:
+def _load_evaluate(rank: int, world: int, config_json: str, path: str, again: str | None = None) -> dict:
+    """Load `path` into this world's sharding and evaluate; with `again`, write it out there too."""
     config, dataset, sharded = _build(config_json)
     before = Evaluator(dataset, config.eval, RankPlan(rank, world, dataset.num_shards)).evaluate(sharded.model, "test")
+    for name, optimizer in sharded.optimizer.optimizers:
+        if name == "dense":
+            optimizer.init_state()  # Adam's moments, created lazily, must exist to be loaded into (as Trainer does)
     state = {"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}
     progress = checkpoint.load(state, Path(path))
     sharded.dmp.load_state_dict(state["model"])
     sharded.optimizer.load_state_dict(state["optim"])
     assert progress["step"] == 5
+    if again is not None:
+        checkpoint.save({"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}, Path(again),
+                        progress)
     after = Evaluator(dataset, config.eval, RankPlan(rank, world, dataset.num_shards)).evaluate(sharded.model, "test")
     return {"before": before, "after": after}
 
 
-def test_checkpoint_from_two_ranks_loads_into_one_rank(ml100k_small, tmp_path):
-    path = str(tmp_path / "ckpt")
-    saved = run_ranks(_train_save_evaluate, 2, _config(ml100k_small, "row_wise"), path)[0]
-    (loaded,) = run_ranks(_load_evaluate, 1, _config(ml100k_small, "table_wise"), path)
+@pytest.mark.parametrize("saved_on, loaded_on", [((2, "row_wise"), (1, "table_wise")),
+                                                  ((1, "table_wise"), (2, "row_wise")),
+                                                  ((2, "row_wise"), (3, "row_wise"))],
+                         ids=["2-to-1", "1-to-2", "2-to-3"])
+def test_a_checkpoint_loads_into_another_world_size_with_equal_tables_and_optimizer_state(
+        ml100k_small, tmp_path, saved_on, loaded_on):
+    """DCP reshards what one world size saved into another's plan: the loaded model ranks the test
+    split as the saved one did, and written out again holds bit-equal tables and optimizer state."""
+    path, again = str(tmp_path / "ckpt"), str(tmp_path / "again")
+    saved = run_ranks(_train_save_evaluate, saved_on[0], _config(ml100k_small, saved_on[1]), path)[0]
+    loaded = run_ranks(_load_evaluate, loaded_on[0], _config(ml100k_small, loaded_on[1]), path, again)[0]
     assert loaded["before"] != saved  # a fresh model scores differently...
     for name in ("recall@10", "ndcg@10", "hit@10", "mrr@10"):
         assert loaded["after"][name] == pytest.approx(saved[name], abs=1e-9)  # ...the loaded one identically
+    dcp_to_torch_save(path, tmp_path / "saved.pt")
+    dcp_to_torch_save(again, tmp_path / "again.pt")
+    first = torch.load(tmp_path / "saved.pt", weights_only=False)
+    second = torch.load(tmp_path / "again.pt", weights_only=False)
+    tensors = {key: value for key, value in _flat(first).items() if isinstance(value, torch.Tensor)}
+    assert any(key.startswith("optim.") and value.numel() > 1 for key, value in tensors.items())
+    assert set(tensors) == {key for key, value in _flat(second).items() if isinstance(value, torch.Tensor)}
+    for key, value in tensors.items():
+        assert torch.equal(value, _flat(second)[key]), key
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _sampled_evaluation(rank: int, world: int, config_json: str) -> dict:

@@ -54,6 +54,22 @@ dropout = { uniform = [0.0, 0.4] }
 
 @pytest.mark.unit
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("space", sorted((REPO / "launcher/configs").glob("*_space.toml")), ids=lambda p: p.name)
+def test_shipped_spaces_read_against_their_presets(space):
+    """Each shipped MODEL_space.toml searches MODEL_ml100k.toml: every key must exist there, and the
+    preset's own values must lie inside the ranges (so --include-base is a point of the space)."""
+    config = load_config(space.with_name(space.name.replace("_space", "_ml100k")))
+    dimensions = read_space(space, config)
+    for dimension in dimensions:
+        value = current_values(config, [dimension])[dimension.key]
+        if dimension.kind == "choice":
+            assert value in dimension.values, dimension
+        else:
+            assert dimension.values[0] <= value <= dimension.values[1], dimension
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("text, message", [
     ("", "no dimension"),
     ("[trainer]\nsparse_lr = 0.1\n", "is not a range"),

@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         dataset = PreparedDataset.open(config.data.path)
         if resume_dir is not None:
             # Every rank runs this: the checksums are read once, by rank 0 when it loads (Trainer.fit).
-            check_resume(config, resume_dir, verify=False)
+            check_resume(config, resume_dir, verify=False, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")),
                   ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:

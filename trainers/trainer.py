@@ -154,7 +154,8 @@ class Trainer:
 
     def progress(self) -> dict[str, Any]:
         """Where training stands, JSON-serialisable: saved beside each checkpoint."""
-        return {"epoch": self.epoch, "step": self.step, "epoch_batches": self.epoch_batches, "best": self.best,
+        return {"epoch": self.epoch, "step": self.step, "epoch_batches": self.epoch_batches,
+                "world_size": self.context.world_size, "best": self.best,
                 "history": self.history, "config": self.config.to_dict()}
 
     def save_checkpoint(self, run_dir: Path, log: RunLog | None = None) -> Path:
@@ -343,7 +344,7 @@ class Trainer:
         notes: list[str] = []
         if self.context.is_main:
             try:
-                chosen = [resumable_checkpoint(run_dir, notes.append)]
+                chosen = [resumable_checkpoint(run_dir, notes.append, self.context.world_size)]
             except CheckpointUnusable as exc:
                 chosen = [exc]
         if self.context.world_size > 1:
