@@ -24,7 +24,7 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
 from core.rank_plan import RankPlan
-from core.errors import CheckpointUnusable
+from core.errors import UserError
 from core.run_folder import checkpoint_dir, complete_checkpoints, read_progress, resumable_checkpoint
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
@@ -345,11 +345,11 @@ class Trainer:
         if self.context.is_main:
             try:
                 chosen = [resumable_checkpoint(run_dir, notes.append, self.context.world_size)]
-            except CheckpointUnusable as exc:
-                chosen = [exc]
+            except UserError as exc:  # damaged checkpoints, or only ones another world size can continue
+                chosen = [exc]  # every rank raises it, none is left waiting in the broadcast
         if self.context.world_size > 1:
             dist.broadcast_object_list(chosen, src=0)
-        if isinstance(chosen[0], CheckpointUnusable):
+        if isinstance(chosen[0], UserError):
             raise chosen[0]
         return chosen[0], notes
 
