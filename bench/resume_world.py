@@ -7,8 +7,9 @@ trains NCF under torchrun on --ranks ranks for one epoch of --steps steps, which
 epoch-end checkpoint. Each world size M of --to then resumes a copy of that run folder with
 `--nproc-per-node M` for a second epoch: the tables and optimizer state are planned for M ranks and
 DCP reshards the checkpoint into that plan. One row per M: seconds from the resume's launch to its
-first step (the slowest rank's), the checkpoint's size on disk, the largest rank's table shards +
-optimizer state, and the peak RSS of the worst rank. The first M should equal --ranks: the baseline
+first step (the slowest rank's), what the ranks read while the checkpoint loaded (all ranks
+together, and the most one rank read), the largest rank's table shards + optimizer state, and the
+peak RSS of the worst rank. The first M should equal --ranks: the baseline
 the others are divided by (`ratio` column).
 """
 
@@ -62,7 +63,8 @@ def main() -> None:
         saved = root / "base" / "checkpoints" / "epoch-0001"
         checkpoint_mb = sum(f.stat().st_size for f in saved.iterdir()) / 2**20
         print(f"{args.size} interactions: checkpoint of {args.ranks} rank(s), {checkpoint_mb:,.0f} MB")
-        print(f"{'resume on':>9} {'first step s':>12} {'ratio':>6} {'state MB/rank':>13} {'peak RSS MB':>11}")
+        print(f"{'resume on':>9} {'first step s':>12} {'ratio':>6} {'read MB':>8} {'max/rank':>8} "
+              f"{'state MB/rank':>13} {'peak RSS MB':>11}")
         baseline = None
         for world in (int(w) for w in args.to.split(",")):
             run = root / f"resume-{world}"
@@ -71,7 +73,8 @@ def main() -> None:
             ranks = summary["ranks"]
             first_step = max(r["first_step_at"] for r in ranks) - summary["launch_at"]
             baseline = baseline or first_step
-            print(f"{world:>9} {first_step:>12.1f} {first_step / baseline:>6.2f} "
+            read = [r["resume_read_mb"] for r in ranks]
+            print(f"{world:>9} {first_step:>12.1f} {first_step / baseline:>6.2f} {sum(read):>8,.0f} {max(read):>8,.0f} "
                   f"{max(r['state_mb'] for r in ranks):>13,.0f} {max(r['peak_rss_mb'] for r in ranks):>11,.0f}",
                   flush=True)
             shutil.rmtree(run)

@@ -539,6 +539,7 @@ def _assert_resumes_on_one_rank_from_the_epoch_end(data: Path, runs: Path, per_e
     assert len(positives) - 256 < len(trained) <= len(positives)
     summary = json.loads((runs / "run-one-rank" / "summary.json").read_text())
     assert summary["world_size"] == 1 and [epoch["epoch"] for epoch in summary["history"]] == [1, 2]
+    assert summary["ranks"][0]["resume_read_mb"] > 0
 
 
 @pytest.mark.ray

@@ -18,6 +18,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def bytes_read() -> int:
+    """Bytes this process has read so far through read() and its kin (Linux's rchar: files and pipes,
+    page cache hits included); 0 where /proc/self/io is not there."""
+    try:
+        with open("/proc/self/io") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith("rchar:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 def local_bytes(state: Any) -> int:
     """Bytes of the tensors this rank holds in a (nested) state dict: the local shards of sharded
     tensors, whole plain tensors. The same view met twice counts once (FBGEMM keeps a group's tables

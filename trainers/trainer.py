@@ -33,7 +33,7 @@ from trainers.batches import Batch, BatchSource, check_ids, to_tensors
 from trainers.distributed import RankContext, all_agree, all_sum, node_address
 from trainers.epoch import EpochBatches, EpochPlan, ReadAhead
 from trainers.evaluate import Evaluator
-from trainers.memory import local_bytes, peak_rss_mb
+from trainers.memory import bytes_read, local_bytes, peak_rss_mb
 from trainers.report import epoch_line
 from trainers.run_log import Console, RunLog, prune_metrics
 from trainers.sharded_model import ShardedModel, build_sharded_model
@@ -67,6 +67,8 @@ class Trainer:
         """Peak RSS before the first checkpoint: DCP copies each table shard while saving it (views
         of FBGEMM's flat weight buffer are cloned), so the peak after it carries one shard more."""
         self.first_step_at: float | None = None
+        self.resume_read_mb: float | None = None
+        """What this rank read while its checkpoint loaded (None: not resumed)."""
         """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         self.saver: checkpoint.AsyncSaver | None = None
         """Background checkpoint writer (trainer.async_checkpoints), made at the first save."""
@@ -225,7 +227,7 @@ class Trainer:
         mine = {"rank": self.context.rank, "node_ip": node_address(), "peak_rss_mb": peak_rss_mb(), "state_mb": state / 2**20,
                 "peak_rss_before_checkpoint_mb": self.peak_rss_before_checkpoint_mb or peak_rss_mb(),
                 "cpus": list(self.context.cpus),
-                "first_step_at": self.first_step_at}
+                "first_step_at": self.first_step_at, "resume_read_mb": self.resume_read_mb}
         if self.context.world_size == 1:
             return [mine]
         every: list[Any] = [None] * self.context.world_size
@@ -378,7 +380,9 @@ class Trainer:
             plan = plan_to_dict(self.sharded.plan, self.context.world_size, self.context.device.type)
             (run_dir / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
         if latest is not None:
+            before = bytes_read()
             self.load_checkpoint(latest)
+            self.resume_read_mb = (bytes_read() - before) / 2**20
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
         try:
             self._fit_epochs(source, run_dir, log)
