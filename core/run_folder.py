@@ -70,11 +70,11 @@ def checksum_owner(name: str, world_size: int) -> int:
     return int(digits) if digits.isdigit() and int(digits) < world_size else 0
 
 
-def checkpoint_problem(checkpoint: Path) -> str | None:
+def checkpoint_problem(checkpoint: Path, progress: dict[str, Any] | None = None) -> str | None:
     """What is wrong with a complete checkpoint's files against the checksums its progress.json
-    records (a missing, truncated or changed file), or None. A checkpoint written before checksums
-    were recorded has none to check."""
-    recorded = read_progress(checkpoint).get("files")
+    (`progress`, when already read) records (a missing, truncated or changed file), or None. A
+    checkpoint written before checksums were recorded has none to check."""
+    recorded = (progress if progress is not None else read_progress(checkpoint)).get("files")
     if recorded is None:
         return None
     for name, (size, crc) in sorted(recorded.items()):
@@ -96,57 +96,56 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def checkpoint_world_size(checkpoint: Path) -> int:
-    """How many ranks wrote a checkpoint: its progress.json's `world_size`, or (checkpoints written
-    before that was recorded) its rng-rank<r>.pt files, one per rank."""
-    recorded = read_progress(checkpoint).get("world_size")
+def checkpoint_world_size(checkpoint: Path, progress: dict[str, Any] | None = None) -> int:
+    """How many ranks wrote a checkpoint: its progress.json's `world_size` (`progress`, when already
+    read), or (checkpoints written before that was recorded) its rng-rank<r>.pt files, one per rank."""
+    recorded = (progress if progress is not None else read_progress(checkpoint)).get("world_size")
     if recorded is not None:
         return int(recorded)
     return max(1, len(list(checkpoint.glob("rng-rank*.pt"))))
 
 
-def continues_only_on_its_world(checkpoint: Path, world_size: int | None) -> bool:
-    """Whether a checkpoint taken inside an epoch cannot be resumed on `world_size` ranks: its data
-    progress is "each rank trained k batches of its own stream", and a stream is a function of the
-    rank and the world size, so only as many ranks continue that epoch exactly once. Epoch-end
-    checkpoints load on any world size (DCP reshards the tables and optimizer state)."""
-    return (world_size is not None and checkpoint.name.startswith("step-")
-            and checkpoint_world_size(checkpoint) != world_size)
-
-
 def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print,
-                         world_size: int | None = None) -> Path | None:
-    """The newest complete checkpoint whose files pass their checksums and that `world_size` ranks
-    can continue (None: no complete one). Each newer one passed over is named in one line through
-    `say`; when every one fails its checksums, CheckpointUnusable (exit 1) names the newest one's
-    problem; when the only usable ones are inside an epoch on another world size, UserError."""
-    complete = complete_checkpoints(run_dir)
-    failures, other_world = [], []
-    for _, folder in reversed(complete):
-        if continues_only_on_its_world(folder, world_size):
-            other_world.append(folder)
+                         world_size: int | None = None, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint that `world_size` ranks can continue and (with `verify`) whose
+    files pass their checksums; None: no complete one. Each newer one passed over is named in one
+    line through `say`. When every one fails its checksums, CheckpointUnusable (exit 1) names the
+    newest one's problem; when the only ones left are inside an epoch on another world size,
+    UserError names the world size that can continue them.
+
+    A checkpoint taken inside an epoch (step-N) holds "each rank trained k batches of its own
+    stream", and a stream is a function of the rank and the world size: only as many ranks continue
+    that epoch exactly once. Epoch-end checkpoints load on any world size (DCP reshards the tables
+    and optimizer state)."""
+    failures: list[tuple[Path, str]] = []
+    other_world: tuple[str, int, int] | None = None
+    """(name, epoch, world size) of the newest checkpoint passed over for its world size."""
+    for _, folder in reversed(complete_checkpoints(run_dir)):
+        progress = read_progress(folder)
+        written_by = checkpoint_world_size(folder, progress)
+        if world_size is not None and folder.name.startswith("step-") and written_by != world_size:
+            other_world = other_world or (folder.name, int(progress["epoch"]) + 1, written_by)
             continue
-        problem = checkpoint_problem(folder)
+        problem = checkpoint_problem(folder, progress) if verify else None
         if problem is None:
             for skipped, why in failures:
                 say(f"checkpoint {skipped.name} is damaged ({why}); resuming from {folder.name} instead")
             if other_world:
-                newest = other_world[0]
-                say(f"checkpoint {newest.name} was taken inside epoch {int(read_progress(newest)['epoch']) + 1} on "
-                    f"{checkpoint_world_size(newest)} rank(s), and only as many ranks continue an epoch exactly once: "
-                    f"resuming on {world_size} from {folder.name} (the steps after it are trained again)")
+                say(f"{_inside_epoch(*other_world)}: resuming on {world_size} from {folder.name} "
+                    "(the steps after it are trained again)")
             return folder
         failures.append((folder, problem))
     if failures:
         raise CheckpointUnusable(f"no checkpoint of {run_dir} passes its checksums: {failures[0][1]}")
     if other_world:
-        newest = other_world[0]
-        written_by = checkpoint_world_size(newest)
-        raise UserError(f"--resume {run_dir}: its checkpoints were all taken inside epoch "
-                        f"{int(read_progress(newest)['epoch']) + 1} on {written_by} rank(s), and an epoch is continued "
-                        f"only on as many ranks: resume on {written_by} (--cluster.num_workers {written_by}), "
-                        f"not {world_size}")
+        raise UserError(f"--resume {run_dir}: {_inside_epoch(*other_world)}, and no checkpoint at an epoch's end "
+                        f"is left: resume on {other_world[2]} (--cluster.num_workers {other_world[2]}), not {world_size}")
     return None
+
+
+def _inside_epoch(name: str, epoch: int, written_by: int) -> str:
+    return (f"checkpoint {name} was taken inside epoch {epoch} on {written_by} rank(s), and an epoch is continued "
+            "only on as many ranks")
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:
@@ -161,13 +160,7 @@ def check_resume(config: RunConfig, run_dir: Path, verify: bool = True, world_si
     `verify`, none whose files pass their checksums; with `world_size`, none that many ranks can
     continue), a model whose tables or layers differ from the checkpoint's, or fewer epochs than
     already done."""
-    if verify:
-        latest = resumable_checkpoint(run_dir, lambda _: None, world_size)
-    else:
-        latest = next((folder for _, folder in reversed(complete_checkpoints(run_dir))
-                       if not continues_only_on_its_world(folder, world_size)), None)
-        if latest is None:
-            resumable_checkpoint(run_dir, lambda _: None, world_size)  # raises the reason, if there is one
+    latest = resumable_checkpoint(run_dir, lambda _: None, world_size, verify)
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)

@@ -30,10 +30,11 @@ def main(argv: list[str]) -> int:
         config, resume_dir, verbose = parse_train_args(argv)
         refuse_stream_only_settings(config, "plain torchrun")
         dataset = PreparedDataset.open(config.data.path)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if resume_dir is not None:
             # Every rank runs this: the checksums are read once, by rank 0 when it loads (Trainer.fit).
-            check_resume(config, resume_dir, verify=False, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        check_job(config, dataset, int(os.environ.get("WORLD_SIZE", "1")),
+            check_resume(config, resume_dir, verify=False, world_size=world_size)
+        check_job(config, dataset, world_size,
                   ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:
         return report_user_error(exc)

@@ -67,9 +67,9 @@ class Trainer:
         """Peak RSS before the first checkpoint: DCP copies each table shard while saving it (views
         of FBGEMM's flat weight buffer are cloned), so the peak after it carries one shard more."""
         self.first_step_at: float | None = None
+        """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         self.resume_read_mb: float | None = None
         """What this rank read while its checkpoint loaded (None: not resumed)."""
-        """Wall clock at the end of this process's first training step (start-up benchmarks)."""
         self.saver: checkpoint.AsyncSaver | None = None
         """Background checkpoint writer (trainer.async_checkpoints), made at the first save."""
         self.best: dict[str, Any] = {}
