@@ -23,7 +23,7 @@ from core.model_params import is_sequence_model
 from core.sequences import sequence_files
 from core.run_folder import latest_checkpoint
 from core.rank_plan import RankPlan
-from trainers.batches import rank_source
+from trainers.batches import BatchSource, rank_source
 from trainers.distributed import setup, teardown
 from trainers.run_log import (
     CONSOLE_EVENTS,
@@ -52,13 +52,20 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
         with quiet_rank_output(run_dir, context.rank, loop_config["verbose"]):
             dataset = PreparedDataset.open(config.data.path)
             # Interaction models: this worker's own Ray Data pipeline over its own shards.
+
+            def source_for(plan: RankPlan, last_epoch: int | None = None) -> BatchSource:
+                # Without last_epoch, one pipeline per epoch: another world's rank replayed for the
+                # rest of an epoch it began (trainers/continued_epoch.py) reads that epoch only.
+                return rank_source(config, dataset, plan, lambda sampler: RayRankStream(
+                    dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, plan,
+                    last_epoch=last_epoch))
+
             plan = RankPlan(context.rank, context.world_size, dataset.num_shards, config.trainer.seed)
-            source = rank_source(config, dataset, plan, lambda sampler: RayRankStream(
-                dataset, sampler, config.trainer.batch_size, config.data.shuffle_buffer, plan,
-                last_epoch=config.trainer.epochs))
+            source = source_for(plan, config.trainer.epochs)
             resume = loop_config["resume"] or latest_checkpoint(run_dir) is not None
             console = Console(events_file=run_dir / LOG_DIR / CONSOLE_EVENTS) if context.is_main else None
-            Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console)
+            Trainer(config, context, dataset).fit(source, run_dir, resume=resume, console=console,
+                                                  source_for=source_for)
     finally:
         del booting  # its reference is held for the whole run; nothing waits on the task
         teardown(context)

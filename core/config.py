@@ -105,6 +105,11 @@ class TrainerSection:
     """Folder that receives one sub-folder per run."""
     run_name: str = ""
     """Run folder name; empty means <model>-<timestamp>."""
+    warm_start: str = ""
+    """A finished run folder to start from (`shardrec train --warm-start RUN`): its last epoch-end
+    checkpoint's tables, dense layers and optimizer state, grown to this dataset's ids when its id
+    maps extend the parent's (`data import --extend-ids`). Epochs, data order and best validation
+    start afresh. Empty: a fresh initialisation."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every this many steps inside an epoch (0: at epoch ends only). A resumed run
     continues after the last checkpoint's batch; under torchrun no positive of the epoch is trained

@@ -37,6 +37,10 @@ class PrepareOptions:
     """Implicit feedback: keep interactions with rating >= min_rating; None keeps every interaction."""
     shards: int = 0
     """Parquet files per split; 0: one per ~2M interactions, a multiple of 4 (4 up to 8M)."""
+    extend_ids: str | Path | None = None
+    """A prepared dataset whose id maps this one extends: its raw ids keep their ids, and ids never
+    seen there are appended after them (in raw-id order), so a model trained on it can be
+    warm-started on this one (`shardrec train --warm-start`)."""
 
 
 ROWS_PER_SHARD = 2_000_000
@@ -76,15 +80,20 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
     if out.exists() and any(out.iterdir()) and not is_replaceable_dataset(out):
         raise UserError(f"{out} exists and is not a prepared dataset (it holds other files); choose an empty or "
                         "new folder")
+    parent = _parent_id_maps(options.extend_ids, out)
     started = time.monotonic()
-    user_ids, user_rows, item_ids, rows = _scan(batches, options)
+    user_raw, user_rows, item_raw, rows = _scan(batches, options)
+    users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
     shards = options.shards or auto_shards(rows)
-    bounds = balanced_user_bounds(user_rows, shards)
-    say(f"pass 1/3: {rows:,} rows, {len(user_ids):,} users, {len(item_ids):,} items; {shards} shards "
+    rows_per_user = np.zeros(users.count, dtype=np.int64)
+    rows_per_user[users.ids_of(user_raw)] = user_rows
+    bounds = balanced_user_bounds(rows_per_user, shards)
+    extended = f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)" if parent[0] is not None else ""
+    say(f"pass 1/3: {rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards "
         f"({time.monotonic() - started:.0f} s)")
     staging = staging_folder(out, "partial")
     try:
-        _bucket(batches, options, user_ids, item_ids, bounds, staging / "buckets")
+        _bucket(batches, options, users, items, bounds, staging / "buckets")
         say(f"pass 2/3: rows bucketed by user shard ({time.monotonic() - started:.0f} s)")
         split_counts = {split: 0 for split in SPLITS}
         tied = 0
@@ -95,16 +104,16 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
                 split_counts[split] += count
             say(f"pass 3/3: shard {shard + 1}/{shards} written ({time.monotonic() - started:.0f} s)")
         shutil.rmtree(staging / "buckets")
-        pq.write_table(pa.table({"raw_id": user_ids, "id": np.arange(len(user_ids))}), staging / "user_ids.parquet")
-        pq.write_table(pa.table({"raw_id": item_ids, "id": np.arange(len(item_ids))}), staging / "item_ids.parquet")
+        users.write(staging / "user_ids.parquet")
+        items.write(staging / "item_ids.parquet")
         interactions = sum(split_counts.values())
         stats = {
             "format": FORMAT,
             "source": source,
-            "users": int(len(user_ids)),
-            "items": int(len(item_ids)),
+            "users": users.count,
+            "items": items.count,
             "interactions": int(interactions),
-            "density": float(interactions) / (len(user_ids) * len(item_ids)),
+            "density": float(interactions) / (users.count * items.count),
             "splits": split_counts,
             "split_method": options.split,
             "ratios": list(options.ratios) if options.split == "random" else None,
@@ -114,12 +123,68 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
             "user_bounds": bounds,
             "tied_last_timestamps": tied if options.split == "loo" else None,
         }
+        if parent[0] is not None:
+            stats["extends"] = {"path": str(Path(options.extend_ids).resolve()), "users": len(parent[0]),
+                                "items": len(parent[1])}
         (staging / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return stats
+
+
+@dataclass
+class IdMap:
+    """Raw ids -> contiguous ids. `raw` is in id order (what user_ids.parquet holds); a sorted copy
+    with each entry's id serves lookups by binary search."""
+    raw: np.ndarray
+    sorted_raw: np.ndarray
+    sorted_ids: np.ndarray | None
+    """None: `raw` is itself sorted, so an id is its position (no second array for a fresh import)."""
+
+    @classmethod
+    def extending(cls, parent: np.ndarray | None, seen: np.ndarray) -> "IdMap":
+        """The parent's ids as they are, then the sorted raw ids in `seen` (sorted, distinct) that
+        the parent lacks; without a parent, the sorted ids themselves."""
+        if parent is None:
+            return cls(seen, seen, None)
+        order = np.argsort(parent, kind="stable")
+        _, known = sorted_positions(parent[order], seen)
+        raw = np.concatenate([parent, seen[~known]])
+        order = np.argsort(raw, kind="stable")
+        return cls(raw, raw[order], order.astype(np.int64))
+
+    @property
+    def count(self) -> int:
+        return int(len(self.raw))
+
+    def ids_of(self, raw: np.ndarray) -> np.ndarray:
+        position = np.searchsorted(self.sorted_raw, raw)
+        return position if self.sorted_ids is None else self.sorted_ids[position]
+
+    def write(self, path: Path) -> None:
+        pq.write_table(pa.table({"raw_id": self.raw, "id": np.arange(self.count, dtype=np.int64)}), path)
+
+
+def _parent_id_maps(parent: str | Path | None, out: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The (user, item) raw ids, in id order, of the dataset --extend-ids names (None, None without one)."""
+    if parent is None:
+        return None, None
+    dataset = PreparedDataset.open(parent)  # a clear error when it is not a prepared dataset
+    if out.exists() and out.resolve() == dataset.root.resolve():
+        raise UserError(f"--extend-ids {parent} is --out itself: write the extended dataset to a new folder")
+    maps = []
+    for name in ("user_ids.parquet", "item_ids.parquet"):
+        path = dataset.root / name
+        if not path.is_file():
+            raise UserError(f"--extend-ids {parent}: it has no {name}, so there are no raw ids to extend")
+        table = pq.read_table(path)
+        raw, ids = table.column("raw_id").to_numpy(), table.column("id").to_numpy()
+        if raw.dtype.kind not in "iu" or not np.array_equal(ids, np.arange(len(ids))):
+            raise UserError(f"--extend-ids {parent}: {name} is not a map of integer raw ids to ids 0..n-1")
+        maps.append(raw.astype(np.int64))
+    return maps[0], maps[1]
 
 
 def _check_options(options: PrepareOptions) -> None:
@@ -198,15 +263,15 @@ BUCKET_SCHEMA = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("rating"
                            ("timestamp", pa.int64()), ("order", pa.int64())])
 
 
-def _bucket(batches: BatchStream, options: PrepareOptions, user_ids: np.ndarray, item_ids: np.ndarray,
+def _bucket(batches: BatchStream, options: PrepareOptions, users: "IdMap", items: "IdMap",
             bounds: list[int], folder: Path) -> None:
     """Pass 2: contiguous ids, and each row appended to its user shard's bucket file."""
     folder.mkdir()
     writers: dict[int, pq.ParquetWriter] = {}
     try:
         for batch in _kept(batches, options):
-            user = np.searchsorted(user_ids, batch["user"])
-            item = np.searchsorted(item_ids, batch["item"])
+            user = users.ids_of(batch["user"])
+            item = items.ids_of(batch["item"])
             shard = np.searchsorted(bounds, user, side="right") - 1
             order = np.argsort(shard, kind="stable")
             edges = np.searchsorted(shard[order], np.arange(len(bounds)))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.config import RunConfig, config_from_json, load_config, parse_override_value
 from core.errors import UserError
+from core.lineage import parent_config
 
 
 def report_user_error(exc: UserError) -> int:
@@ -29,6 +30,10 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML config, e.g. launcher/configs/ncf_ml100k.toml")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    parser.add_argument("--warm-start", metavar="RUN_DIR",
+                        help="a new run that starts from the finished run RUN_DIR's tables and optimizer state "
+                             "(with --data.path NEXT_DAY: the next day's data, ids extended; without --config: "
+                             "RUN_DIR's config)")
     parser.add_argument("--verbose", action="store_true",
                         help="show TorchRec, FBGEMM and Ray logging on the console (default: RUN_DIR/logs/)")
 
@@ -64,7 +69,10 @@ def parse_train_args(argv: list[str]) -> tuple[RunConfig, Path | None, bool]:
 
 
 def resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> tuple[RunConfig, Path | None]:
-    """The run's config: a resumed run's saved config.json plus overrides, or --config plus overrides."""
+    """The run's config: a resumed run's saved config.json plus overrides, or --config plus overrides;
+    with --warm-start, --config (or else the parent's config) plus overrides, naming the parent."""
+    if getattr(args, "warm_start", None):
+        return _warm_start_config(args, overrides), None
     if args.resume:
         resume_dir = Path(args.resume)
         saved = resume_dir / "config.json"
@@ -80,6 +88,21 @@ def resolve_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -
     if not args.config:
         raise UserError("--config is required (or --resume RUN_DIR)")
     return load_config(args.config, overrides), None
+
+
+def _warm_start_config(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> RunConfig:
+    if args.resume:
+        raise UserError("--warm-start starts a new run and --resume continues one: give one of them")
+    parent = Path(args.warm_start).resolve()
+    if args.config:
+        config = load_config(args.config, overrides)
+    else:
+        config = parent_config(parent)
+        config.trainer.run_name = ""  # the parent's own folder name would clash with it
+        for key, value in overrides:
+            config.set(key, parse_override_value(value))
+    config.trainer.warm_start = str(parent)
+    return config.validate()
 
 
 def resolve_run_dir(config: RunConfig, resume_dir: Path | None) -> Path:

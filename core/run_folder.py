@@ -105,47 +105,25 @@ def checkpoint_world_size(checkpoint: Path, progress: dict[str, Any] | None = No
     return max(1, len(list(checkpoint.glob("rng-rank*.pt"))))
 
 
-def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print,
-                         world_size: int | None = None, verify: bool = True) -> Path | None:
-    """The newest complete checkpoint that `world_size` ranks can continue and (with `verify`) whose
-    files pass their checksums; None: no complete one. Each newer one passed over is named in one
-    line through `say`. When every one fails its checksums, CheckpointUnusable (exit 1) names the
-    newest one's problem; when the only ones left are inside an epoch on another world size,
-    UserError names the world size that can continue them.
+def resumable_checkpoint(run_dir: Path, say: Callable[[str], None] = print, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files (with `verify`) pass their checksums; None: no
+    complete one. Each newer one passed over is named in one line through `say`; when every one
+    fails its checksums, CheckpointUnusable (exit 1) names the newest one's problem.
 
-    A checkpoint taken inside an epoch (step-N) holds "each rank trained k batches of its own
-    stream", and a stream is a function of the rank and the world size: only as many ranks continue
-    that epoch exactly once. Epoch-end checkpoints load on any world size (DCP reshards the tables
-    and optimizer state)."""
+    Any world size continues any checkpoint: DCP reshards the tables and optimizer state, and the
+    rest of an epoch begun by another world size is that world's streams replayed
+    (trainers/continued_epoch.py)."""
     failures: list[tuple[Path, str]] = []
-    other_world: tuple[str, int, int] | None = None
-    """(name, epoch, world size) of the newest checkpoint passed over for its world size."""
     for _, folder in reversed(complete_checkpoints(run_dir)):
-        progress = read_progress(folder)
-        written_by = checkpoint_world_size(folder, progress)
-        if world_size is not None and folder.name.startswith("step-") and written_by != world_size:
-            other_world = other_world or (folder.name, int(progress["epoch"]) + 1, written_by)
-            continue
-        problem = checkpoint_problem(folder, progress) if verify else None
+        problem = checkpoint_problem(folder) if verify else None
         if problem is None:
             for skipped, why in failures:
                 say(f"checkpoint {skipped.name} is damaged ({why}); resuming from {folder.name} instead")
-            if other_world:
-                say(f"{_inside_epoch(*other_world)}: resuming on {world_size} from {folder.name} "
-                    "(the steps after it are trained again)")
             return folder
         failures.append((folder, problem))
     if failures:
         raise CheckpointUnusable(f"no checkpoint of {run_dir} passes its checksums: {failures[0][1]}")
-    if other_world:
-        raise UserError(f"--resume {run_dir}: {_inside_epoch(*other_world)}, and no checkpoint at an epoch's end "
-                        f"is left: resume on {other_world[2]} (--cluster.num_workers {other_world[2]}), not {world_size}")
     return None
-
-
-def _inside_epoch(name: str, epoch: int, written_by: int) -> str:
-    return (f"checkpoint {name} was taken inside epoch {epoch} on {written_by} rank(s), and an epoch is continued "
-            "only on as many ranks")
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:
@@ -155,12 +133,11 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: unreadable progress.json ({exc})") from None
 
 
-def check_resume(config: RunConfig, run_dir: Path, verify: bool = True, world_size: int | None = None) -> None:
+def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
     """Refuse, before anything is written, a resume that cannot work: no complete checkpoint (with
-    `verify`, none whose files pass their checksums; with `world_size`, none that many ranks can
-    continue), a model whose tables or layers differ from the checkpoint's, or fewer epochs than
-    already done."""
-    latest = resumable_checkpoint(run_dir, lambda _: None, world_size, verify)
+    `verify`, none whose files pass their checksums), a model whose tables or layers differ from the
+    checkpoint's, or fewer epochs than already done."""
+    latest = resumable_checkpoint(run_dir, lambda _: None, verify)
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)

@@ -23,6 +23,8 @@ from core.errors import TrainingFailed, UserError
 from core.interactions import read_user_items
 from core.model_params import MODEL_PARAMS, is_sequence_model
 from core.run_folder import LOCK_FILE, check_resume, latest_checkpoint, run_folder_lock
+from core.export_delta import apply_delta
+from core.lineage import check_warm_start
 from core.ml100k import prepare_ml100k
 from core.prepare import PrepareOptions, prepare_stream, sample_dataset
 from core.raw_input import InputColumns, file_batches
@@ -46,7 +48,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
     elif args.data_command == "synth":
         stats = _cmd_synth(args)
     else:
-        options = PrepareOptions(split=args.split, seed=args.seed, min_rating=args.min_rating, shards=args.shards)
+        options = PrepareOptions(split=args.split, seed=args.seed, min_rating=args.min_rating, shards=args.shards,
+                                 extend_ids=getattr(args, "extend_ids", None))
         if args.data_command == "prepare":
             stats = prepare_ml100k(args.out, options)
         else:
@@ -107,7 +110,10 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     if is_sequence_model(config.model.resolved_params()):
         require_leave_one_out(dataset)
     if resume_dir is not None:
-        check_resume(config, resume_dir, world_size=config.cluster.num_workers)
+        check_resume(config, resume_dir)
+    elif config.trainer.warm_start:
+        config.trainer.warm_start = str(Path(config.trainer.warm_start).resolve())
+        check_warm_start(config)
     from cluster.ray_cluster import check_embedded_fits  # Ray only: torch, TorchRec and Ray Train come later
 
     if not config.cluster.address:
@@ -305,9 +311,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from trainers.export import export_run  # heavy (torch, TorchRec)
 
-            info = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
-            print(f"exported {info['users']} users and {info['items']} items ({info['dim']}-dim {info['model']} "
-                  f"vectors from {info['checkpoint']}) to {info['out']}")
+            info = export_run(Path(args.run_dir), Path(args.out) if args.out else None,
+                              since=Path(args.since) if args.since else None)
+            if "delta" not in info:
+                print(f"exported {info['users']} users and {info['items']} items ({info['dim']}-dim {info['model']} "
+                      f"vectors from {info['checkpoint']}) to {info['out']}")
+                return 0
+            delta = info["delta"]
+            parts = "; ".join(f"{name}: {delta[name]['changed']:,} of {delta[name]['rows']:,} rows new or changed, "
+                              f"{delta[name]['removed']:,} removed" for name in ("users", "items"))
+            print(f"delta export against {delta['since']} to {info['out']} ({info['model']} vectors from "
+                  f"{info['checkpoint']}): {parts}")
+            return 0
+        if args.command == "export-apply":
+            sizes = apply_delta(Path(args.base), Path(args.delta), Path(args.out))
+            print(f"applied {args.delta} to {args.base}: {sizes['users']:,} users and {sizes['items']:,} items in {args.out}")
             return 0
         if args.command == "search":
             return _cmd_search(args)

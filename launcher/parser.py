@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--item-col", required=True)
     imported.add_argument("--rating-col")
     imported.add_argument("--timestamp-col")
+    imported.add_argument("--extend-ids", metavar="DATASET",
+                          help="keep the ids of this earlier prepared dataset and append new ones after them "
+                               "(the next day's data for `shardrec train --warm-start`)")
     for sub in (prepare, imported):
         sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--split", choices=["random", "loo"], default="random",
@@ -118,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "(kept, the sequence models' protocol)")
     export = commands.add_parser("export", help="write a trained retrieval model's user and item vectors")
     export.add_argument("run_dir")
-    export.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    export.add_argument("--out", help="output folder (default RUN_DIR/export, or RUN_DIR/export-delta with --since)")
+    export.add_argument("--since", metavar="BASE",
+                        help="write only the rows new or changed against BASE (an export, a run folder such as "
+                             "the parent run, or a checkpoint folder), with tombstones for ids BASE had")
+    applied = commands.add_parser("export-apply", help="apply a delta export to the export it was taken against")
+    applied.add_argument("base", help="the full export the delta was taken against")
+    applied.add_argument("delta", help="a folder written by `shardrec export RUN --since BASE`")
+    applied.add_argument("--out", required=True, help="output folder for the full export")
     search = commands.add_parser("search", help="exact top-K items for a user from an export")
     search.add_argument("export_dir")
     target = search.add_mutually_exclusive_group(required=True)

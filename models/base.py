@@ -31,6 +31,9 @@ class RecModel(nn.Module):
     exported for nearest-neighbour retrieval."""
     data_needs: frozenset[str] = frozenset()
     """What bind_data must be given beyond batches (core.model_data.NEEDS)."""
+    tail_rows: dict[str, int] = {}
+    """Tables that end in special rows after their ids (table name -> how many): a warm start onto
+    more ids moves them to the new end (trainers/warm_start.py)."""
     device: torch.device = torch.device("cpu")
     """The rank's device, set by the trainer before bind_data: every tensor the model creates goes
     there (CPU tensors would be rejected by NCCL collectives and slow on a GPU)."""

@@ -44,6 +44,7 @@ class SequenceModel(RecModel):
         self.params = params
         self.num_items = num_items
         self.mask_token = num_items + 1
+        self.tail_rows = {"item": 1} if self.uses_mask_token else {}  # MASK follows the items
         rows = num_items + 1 + (1 if self.uses_mask_token else 0)
         d = params.embed_dim
         tables = [EmbeddingConfig(name="item", num_embeddings=rows, embedding_dim=d,

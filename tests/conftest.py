@@ -6,10 +6,14 @@ import os
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from core.ml100k import prepare_ml100k
-from core.prepare import PrepareOptions, sample_dataset
+from core.ml100k import ml100k_source, prepare_ml100k
+from core.prepare import PrepareOptions, prepare_stream, sample_dataset
+from core.raw_input import InputColumns, file_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,3 +81,23 @@ def ml100k_loo_small(ml100k_loo: Path, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("data") / "ml-100k-loo-60u"
     sample_dataset(ml100k_loo, out, users=60)
     return out
+
+
+@pytest.fixture(scope="session")
+def ml100k_days(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """ML-100K as two days of a growing log (leave-one-out by time): day 1 is the interactions
+    before the 60th percentile of time, day 2 those before the 80th, imported with day 1's id maps
+    extended (new users and items after day 1's)."""
+    root = tmp_path_factory.mktemp("days")
+    rows = np.loadtxt(ml100k_source(), skiprows=1, dtype=np.int64, usecols=(0, 1, 2, 3))
+    days = []
+    for day, percentile in ((1, 60), (2, 80)):
+        cut = np.percentile(rows[:, 3], percentile)
+        kept = rows[rows[:, 3] < cut]
+        log = root / f"day{day}.parquet"
+        pq.write_table(pa.table({"user": kept[:, 0], "item": kept[:, 1], "ts": kept[:, 3]}), log)
+        out = root / f"day{day}"
+        options = PrepareOptions(split="loo", shards=4, extend_ids=days[-1] if days else None)
+        prepare_stream(file_batches(log, InputColumns("user", "item", None, "ts")), out, options, source=str(log))
+        days.append(out)
+    return days[0], days[1]

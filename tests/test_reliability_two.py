@@ -140,42 +140,26 @@ def test_resume_with_no_checkpoint_that_verifies_exits_1_before_any_cluster(ml10
 
 
 @pytest.mark.unit
-def test_on_another_world_size_a_resume_passes_over_checkpoints_inside_an_epoch(tmp_path):
-    """A step checkpoint's data progress belongs to the world size that wrote it: on another one the
-    newest epoch-end checkpoint is used (named in one line), and with none, one line says which
-    world size can continue. Older checkpoints without world_size recorded count their rng files."""
-    from core.run_folder import checkpoint_world_size, resumable_checkpoint
+def test_any_world_size_resumes_from_the_newest_checkpoint_even_inside_an_epoch(ml100k_small, tmp_path, capsys):
+    """A step checkpoint's progress is replayed on another world size (trainers/continued_epoch.py),
+    so the newest checkpoint is chosen whatever world size resumes, and the command line lets such a
+    resume through. Older checkpoints without world_size recorded count their rng files."""
+    from core.config import load_config
+    from core.run_folder import check_resume, checkpoint_world_size, resumable_checkpoint
 
-    epoch = _fake_checkpoint(tmp_path, "epoch-0001", 10, world_size=2)
-    step = _fake_checkpoint(tmp_path, "step-000000015", 15, world_size=2)
+    run = tmp_path / "run"
+    _fake_checkpoint(run, "epoch-0001", 10, world_size=2)
+    step = _fake_checkpoint(run, "step-000000015", 15, world_size=2)
     said: list[str] = []
-    assert resumable_checkpoint(tmp_path, said.append, world_size=2) == step and not said
-    assert resumable_checkpoint(tmp_path, said.append) == step  # no world size given: any
-    for world in (1, 3):
-        said.clear()
-        assert resumable_checkpoint(tmp_path, said.append, world_size=world) == epoch
-        assert len(said) == 1 and "step-000000015" in said[0] and "inside epoch 2 on 2 rank(s)" in said[0], said
-    shutil.rmtree(epoch)
-    with pytest.raises(UserError, match=r"taken inside epoch 2 on 2 rank\(s\).*--cluster.num_workers 2\), not 3"):
-        resumable_checkpoint(tmp_path, said.append, world_size=3)
+    assert resumable_checkpoint(run, said.append) == step and not said
+    config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"), [("data.path", str(ml100k_small))])
+    config.cluster.num_workers = 3
+    check_resume(config, run)  # no refusal
+    assert checkpoint_world_size(step) == 2
     older = _fake_checkpoint(tmp_path / "older", "step-000000007", 7)
     for rank in (1, 2):
         (older / f"rng-rank{rank}.pt").write_bytes(b"rng")
     assert checkpoint_world_size(older) == 3
-
-
-@pytest.mark.unit
-def test_resume_on_another_world_size_from_inside_an_epoch_only_exits_2_before_any_cluster(ml100k_small, tmp_path,
-                                                                                          capsys):
-    from core.config import load_config
-
-    run = tmp_path / "run"
-    _fake_checkpoint(run, "step-000000009", 9, world_size=2)
-    config = load_config(str(REPO / "launcher/configs/ncf_ml100k.toml"), [("data.path", str(ml100k_small))])
-    (run / "config.json").write_text(config.to_json())
-    assert main(["train", "--resume", str(run), "--cluster.num_workers", "1"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--cluster.num_workers 2" in err, err
 
 
 @pytest.mark.unit

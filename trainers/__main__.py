@@ -16,6 +16,7 @@ import torch.distributed as dist
 from core.config import refuse_stream_only_settings
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
+from core.lineage import check_warm_start
 from core.run_folder import RUN_FOLDER_HELD_ENV, check_resume, run_folder_lock
 from core.run_args import parse_train_args, report_user_error, resolve_run_dir
 from trainers.distributed import setup, teardown
@@ -33,7 +34,10 @@ def main(argv: list[str]) -> int:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if resume_dir is not None:
             # Every rank runs this: the checksums are read once, by rank 0 when it loads (Trainer.fit).
-            check_resume(config, resume_dir, verify=False, world_size=world_size)
+            check_resume(config, resume_dir, verify=False)
+        elif config.trainer.warm_start:
+            config.trainer.warm_start = str(Path(config.trainer.warm_start).resolve())
+            check_warm_start(config, verify=os.environ.get("RANK", "0") == "0")  # one rank reads the checksums
         check_job(config, dataset, world_size,
                   ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:

@@ -8,6 +8,8 @@ whatever world size trained it.
     RUN_DIR/export/export.json     model, dimension, where it came from
     RUN_DIR/export/user_encoder.pt two-tower only: user tower + user tables, to embed users offline
                                    (models.two_tower.encode_users)
+
+`--since BASE` writes only the rows that changed against BASE (core/export_delta.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from core.config import config_from_json
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
+from core.export_delta import is_export, write_delta
 from models.two_tower import TwoTower, user_encoder
 from core.run_folder import resumable_checkpoint
 from trainers import checkpoint
@@ -52,9 +57,17 @@ def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
     return torch.cat(parts).numpy().astype(np.float32)
 
 
-def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
-    # One process on a saved plan-free layout: TorchRec's notices about it are not the user's business.
+def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None,
+               checkpoint_path: Path | None = None) -> dict[str, Any]:
+    """Export the run's newest complete checkpoint (or `checkpoint_path`) to `out` (default
+    RUN_DIR/export); with `since`, only what changed against that base (core/export_delta.py) to
+    `out` (default RUN_DIR/export-delta)."""
+    if since is not None:
+        return _export_delta(run_dir, out or run_dir / "export-delta", since)
+    # One process on a saved plan-free layout: TorchRec's notices about it are not the user's business,
+    # nor DCP's about the ShardedTensors TorchRec's state dicts are made of.
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
@@ -62,7 +75,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
         config = config_from_json(config_file.read_text())
     except ValueError as exc:
         raise UserError(f"{config_file}: not a valid run config ({exc})") from None
-    latest = resumable_checkpoint(run_dir)
+    latest = checkpoint_path or resumable_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"{run_dir} has no complete checkpoint to export")
     dataset = PreparedDataset.open(config.data.path)
@@ -109,3 +122,25 @@ def export_run(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
             "checkpoint": str(latest), "dataset": str(dataset.root)}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "out": str(out)}
+
+
+def _export_delta(run_dir: Path, out: Path, since: Path) -> dict[str, Any]:
+    """`since` is an export folder, a run folder (its newest checkpoint) or one of a run's checkpoint
+    folders; the full exports it needs are written to a scratch folder beside `out` and removed."""
+    scratch = out.parent / f".{out.name}.scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        if is_export(since):
+            base = since
+        elif (since / "progress.json").is_file() and since.parent.name == "checkpoints":
+            base = Path(export_run(since.parent.parent, scratch / "base", checkpoint_path=since)["out"])
+        elif (since / "config.json").is_file():
+            base = Path(export_run(since, scratch / "base")["out"])
+        else:
+            raise UserError(f"--since {since}: not an export, a run folder or a run's checkpoint folder")
+        info = export_run(run_dir, scratch / "now")
+        counts = write_delta(scratch / "now", base, out, {key: v for key, v in info.items() if key != "out"},
+                             named=str(since))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {**info, "out": str(out), "delta": counts}

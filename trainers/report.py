@@ -53,4 +53,8 @@ def format_summary(summary: dict[str, Any], started_at: float | None = None) -> 
             lines.append(f"time to best: {reached - started_at:.1f} s (command start to the end of epoch "
                          f"{best['epoch']}'s test evaluation)")
     lines.append(f"run folder: {summary['run_dir']}")
+    if summary.get("parents"):
+        chain = summary["parents"]
+        lines.append(f"warm-started from {chain[0]}" + (f" ({len(chain) - 1} run(s) before it: "
+                                                           f"{' <- '.join(chain[1:])})" if len(chain) > 1 else ""))
     return "\n".join(lines)

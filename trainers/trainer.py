@@ -25,7 +25,9 @@ from core.dataset_format import PreparedDataset
 from core.model_params import is_sequence_model
 from core.rank_plan import RankPlan
 from core.errors import UserError
-from core.run_folder import checkpoint_dir, complete_checkpoints, read_progress, resumable_checkpoint
+from core.lineage import lineage, warm_start_checkpoint
+from core.run_folder import (checkpoint_dir, checkpoint_world_size, complete_checkpoints, read_progress,
+                             resumable_checkpoint)
 from sharding.plan_io import plan_to_dict
 from sharding.planner import format_plan
 from trainers import checkpoint
@@ -38,6 +40,8 @@ from trainers.report import epoch_line
 from trainers.run_log import Console, RunLog, prune_metrics
 from trainers.sharded_model import ShardedModel, build_sharded_model
 from trainers.steps import SparseDistSteps, choose_step
+from trainers.continued_epoch import ContinuedEpoch, SourceFor
+from trainers.warm_start import load_grown
 
 
 class NonFiniteLoss(RuntimeError):
@@ -85,6 +89,10 @@ class Trainer:
         """Batches left out for a non-finite loss (trainer.nonfinite_loss = "skip"), this epoch."""
         self.checkpoint_due = False
         """The epoch just trained owes a checkpoint (a step checkpoint fell on its last step)."""
+        self.continuing: tuple[int, int] | None = None
+        """(world size, batches per rank) of a checkpoint taken inside an epoch by another world size,
+        until the rest of that epoch is trained."""
+        self.source_for: SourceFor | None = None
 
     # --- the step and the evaluation ---------------------------------------------------------------
 
@@ -202,20 +210,35 @@ class Trainer:
             if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def load_checkpoint(self, path: Path) -> None:
-        """Collective. Weights, optimizer state, RNG states and progress."""
+    def _state_to_load_into(self) -> dict[str, Any]:
         # Adam creates its moments lazily at the first step; DCP loads in place, into the tensors the
-        # state dict already holds, so without them a resumed run would restart Adam from zero.
+        # state dict already holds, so without them a loaded run would restart Adam from zero.
         # init_state takes a zero-gradient step that leaves the weights as they are.
         for name, optimizer in self.sharded.optimizer.optimizers:
             if name == "dense":
                 optimizer.init_state()
-        state = self.state_dict()
+        return self.state_dict()
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Collective. Weights, optimizer state, RNG states and progress."""
+        state = self._state_to_load_into()
         progress = checkpoint.load(state, path)
         self.load_state_dict(state)
         self.epoch, self.step = progress["epoch"], progress["step"]
         self.epoch_batches = int(progress.get("epoch_batches", 0))
         self.best, self.history = progress.get("best", {}), progress.get("history", [])
+
+    def warm_start(self, log: RunLog) -> None:
+        """Collective. The parent run's final tables, dense layers and optimizer state, its tables
+        grown to this dataset's ids; epochs, data order, RNG and best validation start afresh."""
+        parent = Path(self.config.trainer.warm_start)
+        path = warm_start_checkpoint(parent, verify=False)  # the command line verified it
+        state = self._state_to_load_into()
+        grown = load_grown(state, path, self.sharded.model.tail_rows)
+        self.load_state_dict(state)
+        tables = ", ".join(f"{key.split('.')[-2]} {rows[0]:,} -> {rows[1]:,}" for key, rows in grown.items()
+                           if key.startswith("model."))
+        log.info(f"warm-started from {parent} ({path.name})" + (f"; rows added: {tables}" if tables else ""))
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -245,6 +268,12 @@ class Trainer:
                          depth=trainer_config.prefetch_batches,
                          checkpoint_every_steps=trainer_config.checkpoint_every_steps,
                          needs_count=self.step_kind == "sparse_dist")
+        continued = self._continued_epoch(epoch, log)
+        if continued is not None:
+            # Its batches are already this world's share of what is left; a failure in it resumes
+            # from the same checkpoint again (no step checkpoint of a regrouped epoch is taken).
+            source = continued
+            plan.skip, plan.max_steps, plan.checkpoint_every_steps = 0, 0, 0
         device = self.context.device
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = torch.zeros((), dtype=torch.int64, device=device)
@@ -286,6 +315,8 @@ class Trainer:
             batches.finish()
             steps, waited = batches.steps, batches.waited_s
             self.checkpoint_due = batches.checkpoint_at_end
+        if continued is not None:
+            continued.close()
         log.end_bar()
         self._stop_if_nonfinite(nonfinite, epoch)
         elapsed = time.perf_counter() - started
@@ -295,6 +326,20 @@ class Trainer:
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "samples_per_s": total_rows / elapsed if elapsed > 0 else 0.0, "epoch_s": elapsed,
                 "data_wait_frac": waited / elapsed if elapsed > 0 else 0.0}
+
+    def _continued_epoch(self, epoch: int, log: RunLog) -> ContinuedEpoch | None:
+        """The rest of an epoch another world size began (once, after such a resume), or None."""
+        if self.continuing is None:
+            return None
+        old_world, done = self.continuing
+        self.continuing = None
+        if self.source_for is None:
+            raise RuntimeError("this launch path cannot continue an epoch begun on another world size")
+        continued = ContinuedEpoch(self.source_for, old_world, done, epoch, self.context.rank, self.context.world_size,
+                                   self.dataset.num_shards, self.config.trainer.seed, self.config.trainer.batch_size,
+                                   self.config.trainer.max_steps_per_epoch)
+        log.info(f"epoch {epoch} was begun on {old_world} rank(s), {done} batches each: {continued.describe()}")
+        return continued
 
     def _stop_if_nonfinite(self, nonfinite: torch.Tensor, epoch: int) -> None:
         """Collective. With trainer.nonfinite_loss = "stop", end the run when any rank's loss was
@@ -346,8 +391,8 @@ class Trainer:
         notes: list[str] = []
         if self.context.is_main:
             try:
-                chosen = [resumable_checkpoint(run_dir, notes.append, self.context.world_size)]
-            except UserError as exc:  # damaged checkpoints, or only ones another world size can continue
+                chosen = [resumable_checkpoint(run_dir, notes.append)]
+            except UserError as exc:  # every checkpoint damaged (CheckpointUnusable), or unreadable
                 chosen = [exc]  # every rank raises it, none is left waiting in the broadcast
         if self.context.world_size > 1:
             dist.broadcast_object_list(chosen, src=0)
@@ -356,10 +401,13 @@ class Trainer:
         return chosen[0], notes
 
     def fit(self, source: BatchSource, run_dir: Path, resume: bool = False,
-            console: Console | None = None) -> dict[str, Any]:
+            console: Console | None = None, source_for: SourceFor | None = None) -> dict[str, Any]:
         """Collective. Train per the config, evaluating and checkpointing as it says; returns the run
         summary (identical on every rank; rank 0 writes it and the run folder's files, and speaks
-        through `console`)."""
+        through `console`). `source_for` makes the source of any rank of any world size: a resume
+        from a checkpoint taken inside an epoch by another world size replays those ranks' streams
+        (trainers/continued_epoch.py)."""
+        self.source_for = source_for
         latest, notes = self._checkpoint_to_resume(run_dir) if resume else (None, [])
         if resume and latest is None:
             raise RuntimeError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
@@ -384,6 +432,11 @@ class Trainer:
             self.load_checkpoint(latest)
             self.resume_read_mb = (bytes_read() - before) / 2**20
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
+            written_by = checkpoint_world_size(latest)
+            if self.epoch_batches and written_by != self.context.world_size:
+                self.continuing = (written_by, self.epoch_batches)
+        elif self.config.trainer.warm_start:
+            self.warm_start(log)
         try:
             self._fit_epochs(source, run_dir, log)
         finally:
@@ -399,6 +452,7 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "final": self.history[-1] if self.history else {},
+            "parents": lineage(run_dir),
             "ranks": self.rank_resources(),
         }
         if self.context.is_main:

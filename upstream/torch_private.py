@@ -5,6 +5,9 @@ torch / TorchRec / FBGEMM trio is upgraded.
   `torch.distributed._shard`; their sharding specs (for the plan's JSON round-trip) too.
 - `sharded_tensor_from_shards`: a ShardedTensor around new local shards with another one's global
   metadata and process group (the checkpoint's host copy), through torch's private constructor.
+- `sharded_tensor_of_shape`: the same constructor with metadata of our own (a warm start's view
+  of a grown table with the parent's row count); `flat_state_dict`: DCP's private flattening, so
+  that keys are named as DCP names them in a checkpoint's metadata.
 - `kernels_leave_weights_uninitialised`: TorchRec's fused kernels fill every table shard with
   uniform noise while sharding; shardrec initialises every row itself right after (layout-
   independent init), so the fill is skipped by replacing the kernels' `init_parameters`.
@@ -20,12 +23,16 @@ from typing import Any, Iterator
 import torch.distributed as dist
 import torch.distributed.elastic.rendezvous.c10d_rendezvous_backend as c10d_backend
 import torch.distributed.elastic.rendezvous.static_tcp_rendezvous as static_rendezvous
+import torch
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torchrec.distributed.batched_embedding_kernel import BaseBatchedEmbedding, BaseBatchedEmbeddingBag
 
-__all__ = ["EnumerableShardingSpec", "Shard", "ShardMetadata", "ShardedTensor", "kernels_leave_weights_uninitialised",
-           "launcher_stores_bound_to", "sharded_tensor_from_shards"]
+__all__ = ["EnumerableShardingSpec", "Shard", "ShardMetadata", "ShardedTensor", "flat_state_dict",
+           "kernels_leave_weights_uninitialised", "launcher_stores_bound_to", "sharded_tensor_from_shards",
+           "sharded_tensor_of_shape"]
 
 
 def sharded_tensor_from_shards(local_shards: list[Shard], like: ShardedTensor) -> ShardedTensor:
@@ -33,6 +40,21 @@ def sharded_tensor_from_shards(local_shards: list[Shard], like: ShardedTensor) -
     without a collective (torch's public constructors run one)."""
     return ShardedTensor._init_from_local_shards_and_global_metadata(
         local_shards, like.metadata(), process_group=like._process_group)
+
+
+def sharded_tensor_of_shape(local_shards: list[Shard], shards: list[ShardMetadata], size: torch.Size,
+                            like: ShardedTensor) -> ShardedTensor:
+    """A ShardedTensor of global `size` laid out as `shards` (every rank's), holding this rank's
+    `local_shards`, with `like`'s tensor properties and process group; no collective."""
+    metadata = ShardedTensorMetadata(shards_metadata=shards, size=size, tensor_properties=like.metadata().tensor_properties)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local_shards, metadata,
+                                                                    process_group=like._process_group)
+
+
+def flat_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """A nested state dict flattened as DCP flattens it (its keys are the checkpoint's keys); the
+    values are the same objects."""
+    return flatten_state_dict(state)[0]
 
 
 @contextlib.contextmanager
