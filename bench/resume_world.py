@@ -11,6 +11,11 @@ first step (the slowest rank's), what the ranks read while the checkpoint loaded
 together, and the most one rank read), the largest rank's table shards + optimizer state, and the
 peak RSS of the worst rank. The first M should equal --ranks: the baseline
 the others are divided by (`ratio` column).
+
+With --inside-epoch the first epoch also checkpoints at its middle step, and each copy resumes from
+that checkpoint (the epoch-end one removed): on another world size the new ranks first replay the
+old ranks' streams up to where they stopped (trainers/continued_epoch.py), so their first step
+comes after that replay.
 """
 
 from __future__ import annotations
@@ -52,24 +57,30 @@ def main() -> None:
     parser.add_argument("--to", default="2,1,3", help="world sizes that resume it (the first is the baseline)")
     parser.add_argument("--steps", type=int, default=50, help="steps of each epoch")
     parser.add_argument("--data-root", default="runs/data")
+    parser.add_argument("--inside-epoch", action="store_true",
+                        help="resume from a checkpoint taken in the middle of the first epoch")
     args = parser.parse_args()
     data, _ = dataset_for(parse_size(args.size), Path(args.data_root), features=False)
     common = ["--data.path", str(data), "--trainer.max_steps_per_epoch", str(args.steps), "--eval.protocol", "sampled",
               "--eval.max_users", "2000", "--trainer.log_every", "10"]
     with tempfile.TemporaryDirectory(prefix="shardrec-resume-world-", dir=args.data_root) as folder:
         root = Path(folder)
-        torchrun(args.ranks, ["--config", str(CONFIG), *common, "--trainer.epochs", "1",
+        middle = ["--trainer.checkpoint_every_steps", str(args.steps // 2)] if args.inside_epoch else []
+        torchrun(args.ranks, ["--config", str(CONFIG), *common, *middle, "--trainer.epochs", "1",
                               "--trainer.run_root", str(root), "--trainer.run_name", "base"], root / "base")
-        saved = root / "base" / "checkpoints" / "epoch-0001"
+        if args.inside_epoch:
+            shutil.rmtree(root / "base" / "checkpoints" / "epoch-0001")
+        saved = max((root / "base" / "checkpoints").iterdir())
         checkpoint_mb = sum(f.stat().st_size for f in saved.iterdir()) / 2**20
-        print(f"{args.size} interactions: checkpoint of {args.ranks} rank(s), {checkpoint_mb:,.0f} MB")
+        print(f"{args.size} interactions: checkpoint {saved.name} of {args.ranks} rank(s), {checkpoint_mb:,.0f} MB")
         print(f"{'resume on':>9} {'first step s':>12} {'ratio':>6} {'read MB':>8} {'max/rank':>8} "
               f"{'state MB/rank':>13} {'peak RSS MB':>11}")
         baseline = None
         for world in (int(w) for w in args.to.split(",")):
             run = root / f"resume-{world}"
             shutil.copytree(root / "base", run, ignore=shutil.ignore_patterns("tensorboard"))
-            summary = torchrun(world, ["--resume", str(run), "--trainer.epochs", "2", *common], run)
+            epochs = "1" if args.inside_epoch else "2"
+            summary = torchrun(world, ["--resume", str(run), "--trainer.epochs", epochs, *common], run)
             ranks = summary["ranks"]
             first_step = max(r["first_step_at"] for r in ranks) - summary["launch_at"]
             baseline = baseline or first_step

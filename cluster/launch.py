@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +75,65 @@ def ray_train_loop(loop_config: dict[str, Any]) -> None:
 def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str, say: Any = print,
                      verbose: bool = False) -> dict[str, Any]:
     """Run training on `config.cluster.num_workers` Ray Train workers of the cluster this process is
-    connected to (`cluster.ray_cluster.ray_cluster`, described by `where`); returns the run summary."""
+    connected to (`cluster.ray_cluster.ray_cluster`, described by `where`); returns the run summary.
+
+    With cluster.min_workers, a failed job restarts (up to cluster.max_failures times) on as many
+    workers as the cluster holds then, between min_workers and num_workers, from the last
+    checkpoint: a lost node shrinks the job instead of ending it, and nodes that came back are used
+    at the next restart."""
     dataset = PreparedDataset.open(config.data.path)
     section = config.cluster
     say(f"{where}; {section.num_workers} Ray Train workers ({section.backend})")
-    if is_sequence_model(config.model.resolved_params()):
+    interactions = not is_sequence_model(config.model.resolved_params())
+    if not interactions:
         if not sequence_files(dataset):
             say("building per-user sequences with Ray Data (once per dataset)")
             build_with_ray(dataset, say)
     else:  # interaction models stream through Ray Data
         check_task_cpus(section, ray.cluster_resources().get("CPU", 0.0))
         start_ray_data_helpers(say)
+    workers, restarts = section.num_workers, 0
+    while True:
+        try:
+            return _fit_once(config, run_dir, resume, workers, restarts, verbose)
+        except TrainingFailed as failure:
+            if not section.min_workers or restarts >= section.max_failures:
+                raise
+            restarts += 1
+            time.sleep(LOST_NODE_SETTLE_S)  # a node lost with the job is taken off the cluster's resources
+            workers = workers_that_fit(section, interactions)
+            if workers < section.min_workers:
+                raise TrainingFailed(f"{failure}\nthe cluster now holds {workers} worker(s), fewer than cluster.min_workers "
+                                     f"({section.min_workers}): not restarting") from failure
+            say(f"training failed: {str(failure).splitlines()[0]}")
+            say(f"restart {restarts} of {section.max_failures}: on {workers} worker(s), as many as the cluster holds "
+                f"now (cluster.min_workers {section.min_workers}, num_workers {section.num_workers}), from the last "
+                "checkpoint")
+            resume = True
+
+
+LOST_NODE_SETTLE_S = 3.0
+"""Pause after a failed elastic attempt before counting the cluster's resources again."""
+
+
+def workers_that_fit(section: ClusterSection, interactions: bool) -> int:
+    """Workers the cluster's live nodes hold now (their CPUs, and GPUs when used; one per node with
+    STRICT_SPREAD), at most num_workers."""
+    resources = ray.cluster_resources()
+    per_worker = section.cpus_per_worker + (SHARD_TASK_CPUS if interactions else 0.0)
+    fit = int((resources.get("CPU", 0.0) + 1e-9) // per_worker) if per_worker > 0 else section.num_workers
+    if section.use_gpu:
+        fit = min(fit, int(resources.get("GPU", 0.0)))
+    if section.placement == "STRICT_SPREAD":
+        fit = min(fit, sum(1 for node in ray.nodes() if node.get("Alive")))
+    return min(fit, section.num_workers)
+
+
+def _fit_once(config: RunConfig, run_dir: Path, resume: bool, workers: int, attempt: int, verbose: bool
+              ) -> dict[str, Any]:
+    """One Ray Train job of `workers` workers (attempt 0, or an elastic restart)."""
+    section = config.cluster
+    elastic = section.min_workers > 0
     trainer = RankTrainer(
         ray_train_loop,
         embedded=not section.address,  # ray_cluster's own head, stopped when this driver ends
@@ -93,27 +142,29 @@ def train_in_cluster(config: RunConfig, run_dir: Path, resume: bool, where: str,
         # rank 0's store on its node address only; no torch import in Ray Train's controller
         torch_config=RankGroupConfig(backend=section.backend),
         scaling_config=ScalingConfig(
-            num_workers=section.num_workers,
+            num_workers=workers,
             use_gpu=section.use_gpu,
             resources_per_worker={"CPU": section.cpus_per_worker},
             placement_strategy=section.placement,
         ),
         run_config=RayRunConfig(
-            name="ray-train",
+            name="ray-train" if not attempt else f"ray-train-restart-{attempt}",
             storage_path=str(run_dir.resolve()),
             # A restart that cannot place its workers within cluster.placement_timeout_s (set in
             # the workers' environment, see ray_cluster.rank_env) ends the job: Ray's default
-            # retries that wait without limit, a hang when a node is gone for good.
-            failure_config=FailureConfig(max_failures=section.max_failures, controller_failure_limit=0),
+            # retries that wait without limit, a hang when a node is gone for good. An elastic job
+            # is restarted here instead, on the workers the cluster holds then.
+            failure_config=FailureConfig(max_failures=0 if elastic else section.max_failures,
+                                         controller_failure_limit=0),
         ),
     )
     try:
         with follow_console(run_dir):
             trainer.fit()
     except Exception as exc:  # Ray wraps the rank's exception; surface it as one failure.
-        headline = _failing_rank_line(run_dir, section.num_workers)
+        headline = _failing_rank_line(run_dir, workers)
         raise TrainingFailed(f"training failed: {headline or _ray_error_head(exc)}\n{_ray_error_head(exc)}"
-                             f"{_rank_tails(run_dir, section.num_workers)}") from exc
+                             f"{_rank_tails(run_dir, workers)}") from exc
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise TrainingFailed(f"training ended without writing {summary_file}")

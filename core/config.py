@@ -282,6 +282,11 @@ class ClusterSection:
     is printed. Off by default: its module processes take CPU from the ranks, and a run uses none."""
     max_failures: int = 0
     """Times a failed job restarts its whole group of ranks (from the last checkpoint)."""
+    min_workers: int = 0
+    """Ray Train launcher: 0 keeps the job at num_workers. Above 0 the job is elastic: a restart
+    (cluster.max_failures >= 1 of them) runs on as many workers as the cluster holds then, at least
+    this many and at most num_workers, continuing from the last checkpoint (even one taken inside
+    an epoch by more or fewer workers); below min_workers the job ends."""
     placement_timeout_s: float = 60.0
     """How long a start or restart waits for Ray to place every rank (a lost node may be replaced
     meanwhile, by an autoscaler or by hand). Past it the job ends with an error instead of waiting
@@ -312,6 +317,15 @@ class ClusterSection:
             raise UserError(f"cluster.backend must be gloo or nccl, got {self.backend!r}")
         if self.max_failures < 0:
             raise UserError("cluster.max_failures must be >= 0")
+        if not 0 <= self.min_workers <= self.num_workers:
+            raise UserError(f"cluster.min_workers must be between 0 (a fixed-size job) and cluster.num_workers "
+                            f"({self.num_workers}), got {self.min_workers}")
+        if self.min_workers and not self.max_failures:
+            raise UserError("cluster.min_workers makes restarts elastic: set cluster.max_failures >= 1 (how many "
+                            "restarts the job may take)")
+        if self.min_workers and self.launcher != "ray_train":
+            raise UserError("cluster.min_workers applies to the ray_train launcher; with cluster.launcher = "
+                            "'torchrun' resume on another size with --resume RUN --cluster.num_workers M")
         if not self.placement_timeout_s > 0:
             raise UserError(f"cluster.placement_timeout_s must be > 0, got {self.placement_timeout_s}")
         if self.launcher not in ("ray_train", "torchrun"):

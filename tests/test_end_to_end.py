@@ -508,6 +508,7 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
                   env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec"), "SHARDREC_FAIL_AT_STEP": f"1:{fail_at}"})
     assert killed.returncode != 0 and time.monotonic() - started < 300
     shutil.copytree(tmp_path / "run", tmp_path / "run-one-rank")
+    shutil.copytree(tmp_path / "run", tmp_path / "run-three-ranks")
     resumed = _run([*torchrun, "--resume", str(tmp_path / "run")], 300,
                    env_extra={"SHARDREC_RECORD_BATCHES": str(tmp_path / "rec")})
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -517,18 +518,22 @@ def test_a_rank_killed_mid_epoch_resumes_at_the_next_unseen_batch(ml100k_small, 
     blocked = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "checkpoint"]
     assert blocked and all(r["checkpoint_block_s"] >= 0 for r in blocked)
-    _assert_continues_the_epoch_on_one_rank(tmp_path, reference, per_epoch)
+    straight_loss = json.loads((tmp_path / "straight" / "summary.json").read_text())["history"][1]["loss"]
+    for ranks, copy in ((1, "run-one-rank"), (3, "run-three-ranks")):
+        _assert_continues_the_epoch_on(ranks, tmp_path, copy, reference, per_epoch, straight_loss)
 
 
-def _assert_continues_the_epoch_on_one_rank(runs: Path, reference: dict, per_epoch: int) -> None:
-    """The killed 2-rank run (a copy, `run-one-rank`), resumed with `--nproc-per-node 1`: it loads
-    the step checkpoint inside epoch 2 (tables and optimizer state resharded from 2 ranks to 1),
-    replays the two old ranks' streams and trains what they had left, so epoch 2's positives are
-    exactly the uninterrupted run's: what the killed job trained up to the checkpoint plus what the
-    one rank trained after it."""
-    resumed = _run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "1", "-m", "trainers",
-                    "--resume", str(runs / "run-one-rank")], 300,
-                   env_extra={"SHARDREC_RECORD_BATCHES": str(runs / "rec-one-rank")})
+def _assert_continues_the_epoch_on(ranks: int, runs: Path, copy: str, reference: dict, per_epoch: int,
+                                   straight_loss: float) -> None:
+    """A copy of the killed 2-rank run, resumed with `--nproc-per-node ranks`: it loads the step
+    checkpoint inside epoch 2 (tables and optimizer state resharded to `ranks`), replays the two old
+    ranks' streams and trains what they had left, so epoch 2's positives are exactly the
+    uninterrupted run's (what the killed job trained up to the checkpoint plus what the new ranks
+    trained after it; only negatives may be left out where rows do not divide among the ranks), and
+    its loss is the uninterrupted run's within training noise."""
+    resumed = _run([str(VENV_BIN / "torchrun"), "--nproc-per-node", str(ranks), "-m", "trainers",
+                    "--resume", str(runs / copy)], 300,
+                   env_extra={"SHARDREC_RECORD_BATCHES": str(runs / f"rec-{copy}")})
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
     found = re.search(r"resumed from \S+step-0*(\d+) \(epoch 1, step \d+\)", output)
@@ -538,14 +543,16 @@ def _assert_continues_the_epoch_on_one_rank(runs: Path, reference: dict, per_epo
     assert re.search(r"epoch 2 was begun on 2 rank\(s\), \d+ batches each", output), output[-4000:]
     before = [pair for (_, step), pairs in _recorded_steps(runs / "rec", keep_first_attempt_upto=checkpoint_step).items()
               if per_epoch < step <= checkpoint_step for pair in pairs]
-    records = [json.loads(line) for line in (runs / "rec-one-rank" / "rank-0.jsonl").read_text().splitlines()]
-    after = [pair for record in records for pair in zip(record["users"], record["items"])]
+    after = [pair for path in sorted((runs / f"rec-{copy}").glob("rank-*.jsonl"))
+             for record in map(json.loads, path.read_text().splitlines())
+             for pair in zip(record["users"], record["items"])]
     expected = [pair for (_, step), pairs in reference.items() if step > per_epoch for pair in pairs]
     assert Counter(before) + Counter(after) == Counter(expected)  # each of the epoch's positives once
     assert len(after) > 0 and len(before) > 0
-    summary = json.loads((runs / "run-one-rank" / "summary.json").read_text())
-    assert summary["world_size"] == 1 and [epoch["epoch"] for epoch in summary["history"]] == [1, 2]
-    assert summary["ranks"][0]["resume_read_mb"] > 0
+    summary = json.loads((runs / copy / "summary.json").read_text())
+    assert summary["world_size"] == ranks and [epoch["epoch"] for epoch in summary["history"]] == [1, 2]
+    assert all(rank["resume_read_mb"] > 0 for rank in summary["ranks"])
+    assert summary["history"][1]["loss"] == pytest.approx(straight_loss, rel=0.05)
 
 
 @pytest.mark.ray
