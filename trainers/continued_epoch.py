@@ -41,10 +41,18 @@ class ContinuedEpoch:
     def __init__(self, source_for: SourceFor, old_world: int, done: int, epoch: int, rank: int, world: int,
                  num_shards: int, seed: int, batch_size: int, max_steps: int = 0) -> None:
         self.epoch_number, self.rank, self.world, self.batch_size = epoch, rank, world, batch_size
-        self.sources = [source_for(RankPlan(old_rank, old_world, num_shards, seed)) for old_rank in range(old_world)]
-        agreed = min(source.batches_in_epoch(epoch) for source in self.sources)
-        if agreed is None:
+        self.old_world, self._source_for = old_world, source_for
+        self._plans = [RankPlan(old_rank, old_world, num_shards, seed) for old_rank in range(old_world)]
+        # Made one at a time and let go: a sequence source holds its shards' windows, and this rank
+        # reads only the streams its share touches (made again in `epoch`).
+        counts = []
+        for plan in self._plans:
+            source = source_for(plan)
+            counts.append(source.batches_in_epoch(epoch))
+            source.close()
+        if any(count is None for count in counts):
             raise RuntimeError("an epoch continues on another world size only from sources that count their batches")
+        agreed = min(counts)
         if max_steps:
             agreed = min(agreed, max_steps)
         self.done = min(done, agreed)
@@ -57,7 +65,7 @@ class ContinuedEpoch:
 
     def describe(self) -> str:
         dropped = len(self.pooled) * self.batch_size % self.world
-        return (f"{self.remaining_batches} batches of the {len(self.sources)} old ranks' streams were left; this world "
+        return (f"{self.remaining_batches} batches of the {self.old_world} old ranks' streams were left; this world "
                 f"of {self.world} trains them in {self.batches_in_epoch(self.epoch_number)} steps"
                 + (f", leaving out {dropped} row(s) that do not divide among the ranks" if dropped else ""))
 
@@ -77,7 +85,8 @@ class ContinuedEpoch:
         first_yielded = not self.pooled
         for old_rank in sorted(by_stream):
             indices = set(by_stream[old_rank])
-            stream = self.sources[old_rank].epoch(epoch)
+            source = self._source_for(self._plans[old_rank])
+            stream = source.epoch(epoch)
             try:
                 for index, batch in enumerate(itertools.islice(stream, max(indices) + 1)):
                     if index not in indices:
@@ -96,6 +105,7 @@ class ContinuedEpoch:
                 close = getattr(stream, "close", None)
                 if close is not None:
                     close()
+                source.close()
 
     def _my_cut(self, held: list[Batch]) -> Batch:
         """This rank's equal part of the pooled batches' rows (the rows that do not divide left out,
@@ -114,5 +124,4 @@ class ContinuedEpoch:
         return {name: values[part] for name, values in rows.items()}
 
     def close(self) -> None:
-        for source in self.sources:
-            source.close()
+        """Each old stream's source is closed once read (see `epoch`)."""
