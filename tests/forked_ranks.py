@@ -6,6 +6,7 @@ traceback back; any failure or timeout kills every rank, so a test never hangs i
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import traceback
 from datetime import timedelta
@@ -18,8 +19,12 @@ import torch.distributed as dist
 from trainers.distributed import free_loopback_port
 
 
-def _child(fn: Callable[..., Any], rank: int, world: int, port: int, queue: Any, args: tuple) -> None:
+def _child(fn: Callable[..., Any], rank: int, world: int, port: int, queue: Any, args: tuple,
+           stacks_after_s: float) -> None:
     torch.set_num_threads(1)
+    # A rank that is still running when the parent is about to give up prints every thread's stack
+    # to stderr (shown with the failed test): a hang then says where it hangs.
+    faulthandler.dump_traceback_later(stacks_after_s, exit=False)
     try:
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -39,7 +44,8 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
     context = mp.get_context("fork")
     queue = context.Queue()
     port = free_loopback_port()
-    processes = [context.Process(target=_child, args=(fn, rank, world, port, queue, args)) for rank in range(world)]
+    processes = [context.Process(target=_child, args=(fn, rank, world, port, queue, args, max(timeout - 10, 1)))
+                 for rank in range(world)]
     for process in processes:
         process.start()
     results: dict[int, Any] = {}

@@ -49,9 +49,8 @@ def _state(sharded) -> dict:
     return {"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}
 
 
-def _train_and_save(rank: int, world: int, config_json: str, path: str) -> None:
+def _train_and_save(rank: int, world: int, config_json: str, path: str, train: dict) -> None:
     sharded = _build(config_json)
-    train = PreparedDataset.open(config_from_json(config_json).data.path).read_split("train")
     for step in range(3):  # non-zero optimizer state in the rows the steps touched
         rows = slice(step * 200, step * 200 + 200)
         batch = {"user_id": torch.as_tensor(train["user_id"][rows]), "item_id": torch.as_tensor(train["item_id"][rows]),
@@ -104,7 +103,8 @@ def _tensors(path: Path, out: Path) -> dict[str, torch.Tensor]:
 def test_the_parents_rows_land_where_they_were_and_new_rows_stay_fresh(ml100k_days, tmp_path, saved_on, loaded_on):
     day1, day2 = ml100k_days
     parent, fresh, again = (str(tmp_path / name) for name in ("parent", "fresh", "again"))
-    run_ranks(_train_and_save, saved_on, _config("ncf", day1, "row_wise"), parent)
+    train = PreparedDataset.open(day1).read_split("train")  # read here: the ranks only train
+    run_ranks(_train_and_save, saved_on, _config("ncf", day1, "row_wise"), parent, train)
     grown = run_ranks(_grow_and_save, loaded_on, _config("ncf", day2, "row_wise"), parent, fresh, again)[0]
     users = (PreparedDataset.open(day1).num_users, PreparedDataset.open(day2).num_users)
     assert grown["model.tables.user_id.embedding_bags.gmf_user.weight"] == list(users)
