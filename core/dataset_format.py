@@ -185,6 +185,20 @@ class PreparedDataset:
         return [pq.ParquetFile(path).metadata.num_rows for path in self.split_files(split)]
 
 
+def raw_ids(dataset: PreparedDataset, kind: str, who: str) -> np.ndarray:
+    """The raw ids of a dataset's users or items (`kind`), in id order, from its id map; UserError
+    (prefixed by `who`, the option that needs them) when the map is missing or is not integer raw ids
+    for ids 0..n-1."""
+    path = dataset.root / f"{kind}_ids.parquet"
+    if not path.is_file():
+        raise UserError(f"{who}: {dataset.root} has no {path.name}, so its raw {kind} ids are unknown")
+    table = pq.read_table(path)
+    raw, ids = table.column("raw_id").to_numpy(), table.column("id").to_numpy()
+    if raw.dtype.kind not in "iu" or not np.array_equal(ids, np.arange(len(ids))):
+        raise UserError(f"{who}: {path} is not a map of integer raw ids to ids 0..n-1")
+    return raw.astype(np.int64, copy=False)
+
+
 def balanced_user_bounds(rows_per_user: np.ndarray, shards: int) -> list[int]:
     """Shard bounds over user ids such that shards hold near-equal row counts (a user is never split:
     one very active user can make its shard larger). Returns shards+1 rising ids from 0 to num_users."""

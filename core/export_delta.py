@@ -27,10 +27,17 @@ import pyarrow.parquet as pq
 from core.errors import UserError
 
 PARTS = (("users", "user_id"), ("items", "item_id"))
+WHOLE_FILES = ("user_encoder.pt",)
+"""Dense weights (two-tower's user tower) that a delta carries whole when the export has them."""
 
 
 def is_export(path: Path) -> bool:
     return (path / "export.json").is_file() and all((path / f"{name}.parquet").is_file() for name, _ in PARTS)
+
+
+def _require_export(path: Path, role: str) -> None:
+    if not is_export(path):
+        raise UserError(f"{role} {path}: not an export (no export.json, users.parquet and items.parquet)")
 
 
 def read_part(export: Path, name: str) -> pa.Table:
@@ -65,8 +72,7 @@ def changed_rows(base: pa.Table, now: pa.Table, id_column: str) -> tuple[np.ndar
 def write_delta(now: Path, base: Path, out: Path, info: dict[str, Any], named: str | None = None) -> dict[str, Any]:
     """Compare the full export `now` with `base` and write the delta to `out`; returns its counts.
     `named`: what the user called the base (a run or checkpoint the base export was made from)."""
-    if not is_export(base):
-        raise UserError(f"--since {base}: not an export (no export.json, users.parquet and items.parquet)")
+    _require_export(base, "--since")
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Any] = {"since": named or str(base)}
     for name, id_column in PARTS:
@@ -80,7 +86,7 @@ def write_delta(now: Path, base: Path, out: Path, info: dict[str, Any], named: s
         counts[name] = {"rows": current.num_rows, "changed": int(len(changed)), "removed": int(len(removed)),
                         "delta_bytes": (out / f"{name}.parquet").stat().st_size,
                         "full_bytes": (now / f"{name}.parquet").stat().st_size}
-    for extra in ("user_encoder.pt",):  # dense weights travel whole
+    for extra in WHOLE_FILES:
         if (now / extra).exists():
             shutil.copyfile(now / extra, out / extra)
     (out / "export.json").write_text(json.dumps({**info, "delta": counts}, indent=2) + "\n")
@@ -89,9 +95,8 @@ def write_delta(now: Path, base: Path, out: Path, info: dict[str, Any], named: s
 
 def apply_delta(base: Path, delta: Path, out: Path) -> dict[str, Any]:
     """base + delta -> a full export in `out`, ordered by id as `shardrec export` writes it."""
-    for folder, role in ((base, "base"), (delta, "delta")):
-        if not is_export(folder):
-            raise UserError(f"{role} {folder}: not an export (no export.json, users.parquet and items.parquet)")
+    _require_export(base, "base")
+    _require_export(delta, "delta")
     info = json.loads((delta / "export.json").read_text())
     if "delta" not in info:
         raise UserError(f"{delta} is a full export, not a delta (`shardrec export RUN --since BASE` writes one)")
@@ -112,7 +117,7 @@ def apply_delta(base: Path, delta: Path, out: Path) -> dict[str, Any]:
                             "to the export it was taken against)")
         pq.write_table(merged, out / f"{name}.parquet")
         sizes[name] = merged.num_rows
-    for extra in ("user_encoder.pt",):
+    for extra in WHOLE_FILES:
         source = delta / extra if (delta / extra).exists() else base / extra
         if source.exists():
             shutil.copyfile(source, out / extra)

@@ -13,12 +13,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from core.config import RunConfig, config_from_json
-from core.dataset_format import PreparedDataset
+from core.dataset_format import PreparedDataset, raw_ids
 from core.errors import UserError
-from core.run_folder import checkpoint_problem, complete_checkpoints
+from core.run_folder import checkpoint_problem, complete_checkpoints, model_changes
 
 
 def parent_config(parent: Path) -> RunConfig:
@@ -49,15 +48,17 @@ def warm_start_checkpoint(parent: Path, verify: bool = True) -> Path:
 
 
 def check_warm_start(config: RunConfig, verify: bool = True) -> Path:
-    """Refuse, before anything starts, a warm start that cannot work; returns the checkpoint it loads."""
-    parent = Path(config.trainer.warm_start)
+    """Refuse, before anything starts, a warm start that cannot work; returns the checkpoint it loads.
+    Makes trainer.warm_start absolute first: the ranks may run elsewhere, and the run's config.json
+    records its parent by that path."""
+    parent = Path(config.trainer.warm_start).resolve()
+    config.trainer.warm_start = str(parent)
     saved = parent_config(parent)
     checkpoint = warm_start_checkpoint(parent, verify)
-    before, now = saved.to_dict()["model"], config.to_dict()["model"]
-    if before != now:
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-        raise UserError(f"--warm-start {parent}: the parent was trained with other model settings "
-                        f"({', '.join(f'model.{k}' for k in changed)}); a warm start keeps them")
+    changed = model_changes(saved.to_dict()["model"], config)
+    if changed:
+        raise UserError(f"--warm-start {parent}: the parent was trained with other model settings ({changed}); "
+                        "a warm start keeps them")
     _check_ids_extend(Path(saved.data.path), Path(config.data.path), parent)
     return checkpoint
 
@@ -70,19 +71,12 @@ def _check_ids_extend(before: Path, now: Path, parent: Path) -> None:
         raise UserError(f"--warm-start {parent}: its dataset {before} is gone, and is needed to check that "
                         f"{now}'s ids extend its ids")
     old, new = PreparedDataset.open(before), PreparedDataset.open(now)
-    for name, kind in (("user_ids.parquet", "user"), ("item_ids.parquet", "item")):
-        old_ids = _raw_ids(old.root / name)
-        new_ids = _raw_ids(new.root / name)
-        if old_ids is None or new_ids is None:
-            raise UserError(f"--warm-start {parent}: {before if old_ids is None else now} has no {name}, so its "
-                            "ids cannot be matched to the parent's")
+    for kind in ("user", "item"):
+        old_ids = raw_ids(old, kind, f"--warm-start {parent}")
+        new_ids = raw_ids(new, kind, f"--warm-start {parent}")
         if len(new_ids) < len(old_ids) or not np.array_equal(new_ids[:len(old_ids)], old_ids):
             raise UserError(f"--warm-start {parent}: {now}'s {kind} ids do not extend the parent's dataset {before} "
                             f"(import the new data with `shardrec data import ... --extend-ids {before}`)")
-
-
-def _raw_ids(path: Path) -> np.ndarray | None:
-    return pq.read_table(path, columns=["raw_id"]).column("raw_id").to_numpy() if path.is_file() else None
 
 
 def lineage(run_dir: Path, limit: int = 1000) -> list[str]:

@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.dataset_format import FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, is_replaceable_dataset, write_user_shards
+from core.dataset_format import (FORMAT, SPLITS, PreparedDataset, balanced_user_bounds, is_replaceable_dataset, raw_ids,
+                                 write_user_shards)
 from core.errors import UserError
 from core.files import publish_folder, staging_folder
 from core.interactions import sorted_positions
@@ -174,17 +175,7 @@ def _parent_id_maps(parent: str | Path | None, out: Path) -> tuple[np.ndarray | 
     dataset = PreparedDataset.open(parent)  # a clear error when it is not a prepared dataset
     if out.exists() and out.resolve() == dataset.root.resolve():
         raise UserError(f"--extend-ids {parent} is --out itself: write the extended dataset to a new folder")
-    maps = []
-    for name in ("user_ids.parquet", "item_ids.parquet"):
-        path = dataset.root / name
-        if not path.is_file():
-            raise UserError(f"--extend-ids {parent}: it has no {name}, so there are no raw ids to extend")
-        table = pq.read_table(path)
-        raw, ids = table.column("raw_id").to_numpy(), table.column("id").to_numpy()
-        if raw.dtype.kind not in "iu" or not np.array_equal(ids, np.arange(len(ids))):
-            raise UserError(f"--extend-ids {parent}: {name} is not a map of integer raw ids to ids 0..n-1")
-        maps.append(raw.astype(np.int64))
-    return maps[0], maps[1]
+    return raw_ids(dataset, "user", f"--extend-ids {parent}"), raw_ids(dataset, "item", f"--extend-ids {parent}")
 
 
 def _check_options(options: PrepareOptions) -> None:

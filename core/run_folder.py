@@ -70,11 +70,11 @@ def checksum_owner(name: str, world_size: int) -> int:
     return int(digits) if digits.isdigit() and int(digits) < world_size else 0
 
 
-def checkpoint_problem(checkpoint: Path, progress: dict[str, Any] | None = None) -> str | None:
+def checkpoint_problem(checkpoint: Path) -> str | None:
     """What is wrong with a complete checkpoint's files against the checksums its progress.json
-    (`progress`, when already read) records (a missing, truncated or changed file), or None. A
-    checkpoint written before checksums were recorded has none to check."""
-    recorded = (progress if progress is not None else read_progress(checkpoint)).get("files")
+    records (a missing, truncated or changed file), or None. A checkpoint written before checksums
+    were recorded has none to check."""
+    recorded = read_progress(checkpoint).get("files")
     if recorded is None:
         return None
     for name, (size, crc) in sorted(recorded.items()):
@@ -141,15 +141,23 @@ def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
     if latest is None:
         raise UserError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     progress = read_progress(latest)
-    saved, wanted = progress.get("config", {}).get("model"), config.to_dict()["model"]
-    if saved is not None and saved != wanted:
-        changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    saved = progress.get("config", {}).get("model")
+    changed = model_changes(saved, config) if saved is not None else ""
+    if changed:
         raise UserError(f"--resume {run_dir}: the checkpoint was trained with other model settings "
-                        f"({', '.join(f'model.{k}' for k in changed)}); they cannot change on resume")
+                        f"({changed}); they cannot change on resume")
     done = int(progress.get("epoch", 0))
     if config.trainer.epochs < done:
         raise UserError(f"--resume {run_dir}: {done} epochs are done already, more than --trainer.epochs "
                         f"{config.trainer.epochs}")
+
+
+def model_changes(saved: dict[str, Any], config: RunConfig) -> str:
+    """The model settings (`model.KEY, ...`) in which `config` differs from a saved config's model
+    section; "" when none does. A run continued from saved weights (a resume, a warm start) must
+    keep them: they set the tables' widths and the layers."""
+    wanted = config.to_dict()["model"]
+    return ", ".join(f"model.{key}" for key in sorted(set(saved) | set(wanted)) if saved.get(key) != wanted.get(key))
 
 
 RUN_FOLDER_HELD_ENV = "SHARDREC_RUN_FOLDER_HELD"

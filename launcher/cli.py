@@ -112,7 +112,6 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     if resume_dir is not None:
         check_resume(config, resume_dir)
     elif config.trainer.warm_start:
-        config.trainer.warm_start = str(Path(config.trainer.warm_start).resolve())
         check_warm_start(config)
     from cluster.ray_cluster import check_embedded_fits  # Ray only: torch, TorchRec and Ray Train come later
 

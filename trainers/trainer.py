@@ -227,6 +227,9 @@ class Trainer:
         self.epoch, self.step = progress["epoch"], progress["step"]
         self.epoch_batches = int(progress.get("epoch_batches", 0))
         self.best, self.history = progress.get("best", {}), progress.get("history", [])
+        written_by = checkpoint_world_size(path, progress)
+        if self.epoch_batches and written_by != self.context.world_size:
+            self.continuing = (written_by, self.epoch_batches)
 
     def warm_start(self, log: RunLog) -> None:
         """Collective. The parent run's final tables, dense layers and optimizer state, its tables
@@ -432,9 +435,6 @@ class Trainer:
             self.load_checkpoint(latest)
             self.resume_read_mb = (bytes_read() - before) / 2**20
             log.info(f"resumed from {latest} (epoch {self.epoch}, step {self.step})")
-            written_by = checkpoint_world_size(latest)
-            if self.epoch_batches and written_by != self.context.world_size:
-                self.continuing = (written_by, self.epoch_batches)
         elif self.config.trainer.warm_start:
             self.warm_start(log)
         try:
