@@ -26,6 +26,10 @@ def _state_file(dashboard_port: int) -> Path:
 DASHBOARD_FAILED = "Failed to start the dashboard"
 """What `ray start` logs, and then exits 0, when its dashboard (the job API) did not come up."""
 
+NODE_TIMED_OUT = "timed out during startup"
+"""What `ray start` says, exiting 1, when its raylet did not register with the GCS within Ray's fixed
+30 s: on a loaded machine a second start usually succeeds."""
+
 
 class HeadDidNotStart(RuntimeError):
     """A head for jobs that `ray start` launched but that never accepted a job; it has been stopped."""
@@ -37,9 +41,9 @@ def start_job_head(dashboard_port: int = 8265, port: int = 6379, num_cpus: int |
     Returns the job-submission address.
 
     A head whose dashboard never came up (Ray's dashboard gives each of its module processes 30 s
-    to start, which a loaded machine can miss, and then hangs without serving its port) is stopped
-    and started again, up to `attempts` times in all; the last failure is raised with the end of
-    the dashboard's log."""
+    to start, which a loaded machine can miss, and then hangs without serving its port), or whose
+    raylet did not register within Ray's 30 s, is stopped and started again, up to `attempts`
+    times in all; the last failure is raised with the end of the dashboard's log."""
     url = f"http://127.0.0.1:{dashboard_port}"
     if _state_file(dashboard_port).exists():
         raise UserError(f"a head started by shardrec already serves {url}; `shardrec cluster stop "
@@ -87,6 +91,8 @@ def _start_job_head_once(command: list[str], env: dict[str, str], url: str, dash
         failure = _stopped(dashboard_port, temp_dir, f"`ray start` did not return within {timeout_s:.0f} s")
         process.communicate()
         raise failure from None
+    if process.returncode != 0 and NODE_TIMED_OUT in stdout + stderr:
+        raise _stopped(dashboard_port, temp_dir, f"`ray start` says: the node {NODE_TIMED_OUT}")
     if process.returncode != 0:  # a refused flag or port: starting again would fail the same way
         stop_job_head(dashboard_port)
         raise RuntimeError(f"ray start failed ({process.returncode}): {stderr[-2000:] or stdout[-2000:]}")
