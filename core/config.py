@@ -30,6 +30,9 @@ SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "tab
 TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
 TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
+EVICTION_POLICIES = ("lru", "lfu")
+MANAGED_ID_MODELS = ("ncf",)
+"""Models whose tables can be managed-collision tables (ids.user_rows / ids.item_rows)."""
 RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
 """The metrics of each evaluation protocol, in the order an evaluation sums them."""
 
@@ -346,6 +349,55 @@ class ClusterSection:
 
 
 @dataclass
+class IdsSection:
+    """How ids become table rows. By default a table has one row per id of the dataset (the
+    closed world the import's contiguous ids give). A table given a number of rows here becomes a
+    managed-collision table of that many rows (TorchRec's zero-collision hashing): an id is
+    admitted to a row of its own once it has been seen `admit_after` times within one round of
+    `eviction_interval` steps; when the table is full, the round's new ids take the rows of the
+    least recently (lru) or least frequently (lfu) used ones; ids without a row share the default
+    row. The remapping state is part of every checkpoint."""
+
+    user_rows: int = 0
+    """Rows of each table that user ids read (NCF's gmf_user and mlp_user); 0: one per user of the
+    dataset. Row-wise sharded; a multiple of the number of ranks."""
+    item_rows: int = 0
+    """The same for the tables item ids read."""
+    eviction: str = "lru"
+    """Which rows new ids take when a managed table is full: "lru" (least recently seen ids) or
+    "lfu" (least often seen ids)."""
+    admit_after: int = 1
+    """Times an id must be seen within one round before it gets a row of its own."""
+    eviction_interval: int = 20
+    """Training steps per round of admission and eviction (ids seen in a round are admitted at its end)."""
+
+    def validate(self) -> None:
+        for key in ("user_rows", "item_rows"):
+            if getattr(self, key) < 0:
+                raise UserError(f"ids.{key} must be 0 (one row per id) or a number of rows, got {getattr(self, key)}")
+        if self.eviction not in EVICTION_POLICIES:
+            raise UserError(f"ids.eviction must be one of {', '.join(EVICTION_POLICIES)}, got {self.eviction!r}")
+        if self.admit_after < 1:
+            raise UserError(f"ids.admit_after must be at least 1 (times an id is seen before it gets a row), "
+                            f"got {self.admit_after}")
+        if self.eviction_interval < 1:
+            raise UserError(f"ids.eviction_interval must be at least 1 step, got {self.eviction_interval}")
+
+    @property
+    def managed(self) -> bool:
+        return bool(self.user_rows or self.item_rows)
+
+    def check_ranks(self, ranks: int) -> None:
+        """A managed table is split into one block of rows per rank: refused before any rank starts
+        when it cannot be."""
+        for key in ("user_rows", "item_rows"):
+            rows = getattr(self, key)
+            if rows and (rows < ranks or rows % ranks):
+                raise UserError(f"ids.{key} = {rows} cannot be split evenly over {ranks} ranks: choose a multiple "
+                                f"of {ranks}")
+
+
+@dataclass
 class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -353,6 +405,7 @@ class RunConfig:
     sharding: ShardingSection = field(default_factory=ShardingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    ids: IdsSection = field(default_factory=IdsSection)
 
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
@@ -361,6 +414,12 @@ class RunConfig:
             refuse_stream_only_settings(self, "cluster.launcher = 'torchrun'")
         if is_sequence_model(self.model.resolved_params()):
             refuse_stream_only_settings(self, f"the sequence model {self.model.name!r}")
+        if self.ids.managed and self.model.name not in MANAGED_ID_MODELS:
+            raise UserError(f"ids.user_rows / ids.item_rows (managed-collision tables) are built for "
+                            f"{', '.join(MANAGED_ID_MODELS)} so far, not {self.model.name!r}: leave them at 0")
+        if self.ids.managed and self.cluster.min_workers:
+            raise UserError("cluster.min_workers (elastic restarts) cannot be used with managed-collision tables "
+                            "([ids] user_rows / item_rows): they resume only on the world size that wrote them")
         if self.trainer.table_optimizer == "adam" and self.cluster.backend != "nccl":
             raise UserError("trainer.table_optimizer = 'adam' runs on CUDA only (cluster.backend nccl): FBGEMM has "
                             "no CPU kernel for fused Adam; on CPU use rowwise_adagrad (the default) or sgd")

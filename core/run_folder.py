@@ -133,9 +133,10 @@ def read_progress(checkpoint: Path) -> dict[str, Any]:
         raise UserError(f"{checkpoint}: unreadable progress.json ({exc})") from None
 
 
-def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
+def check_resume(config: RunConfig, run_dir: Path, verify: bool = True, world_size: int | None = None) -> None:
     """Refuse, before anything is written, a resume that cannot work: no complete checkpoint (with
     `verify`, none whose files pass their checksums), a model whose tables or layers differ from the
+    checkpoint's, other [ids] settings, managed-collision tables on another `world_size` than the
     checkpoint's, or fewer epochs than already done."""
     latest = resumable_checkpoint(run_dir, lambda _: None, verify)
     if latest is None:
@@ -146,6 +147,17 @@ def check_resume(config: RunConfig, run_dir: Path, verify: bool = True) -> None:
     if changed:
         raise UserError(f"--resume {run_dir}: the checkpoint was trained with other model settings "
                         f"({changed}); they cannot change on resume")
+    saved_ids = progress.get("config", {}).get("ids", {})
+    wanted_ids = config.to_dict()["ids"]
+    changed = ", ".join(f"ids.{key}" for key in sorted(wanted_ids) if key in saved_ids and saved_ids[key] != wanted_ids[key])
+    if changed:
+        raise UserError(f"--resume {run_dir}: the checkpoint was trained with other id settings ({changed}); "
+                        "they cannot change on resume")
+    saved_ranks = progress.get("world_size")
+    if config.ids.managed and world_size is not None and saved_ranks not in (None, world_size):
+        raise UserError(f"--resume {run_dir}: managed-collision tables ([ids]) resume on the world size that "
+                        f"wrote the checkpoint ({saved_ranks} ranks), not on {world_size}: each rank's id "
+                        "remapping state covers its own range of ids")
     done = int(progress.get("epoch", 0))
     if config.trainer.epochs < done:
         raise UserError(f"--resume {run_dir}: {done} epochs are done already, more than --trainer.epochs "

@@ -110,7 +110,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     if is_sequence_model(config.model.resolved_params()):
         require_leave_one_out(dataset)
     if resume_dir is not None:
-        check_resume(config, resume_dir)
+        check_resume(config, resume_dir, world_size=config.cluster.num_workers)
     elif config.trainer.warm_start:
         check_warm_start(config)
     from cluster.ray_cluster import check_embedded_fits  # Ray only: torch, TorchRec and Ray Train come later

@@ -21,6 +21,7 @@ from sharding.plan_io import save_plan
 from sharding.report import format_comparison, format_report, write_json, write_png
 from sharding.tables import TableSpec, read_table_specs, specs_from_module
 from sharding.topology import load_topology
+from models.managed_ids import managed_table_names
 from trainers.sharded_model import model_for_sharding
 
 
@@ -48,6 +49,17 @@ def run_plan_command(args: argparse.Namespace, overrides: list[tuple[str, str]])
         per_table = dict(config.sharding.tables)
         if config.sharding.default and args.strategy == "planner":
             per_table = {s.name: per_table.get(s.name, config.sharding.default) for s in specs}
+        managed = managed_table_names(module)
+        if managed:
+            # Managed-collision tables are planned as the plain tables of their rows they hold,
+            # row-wise as training shards them (from their specs alone: the module's id remapping
+            # is split for the job's own world size when it trains).
+            for name in managed:
+                if per_table.get(name, "row_wise") != "row_wise":
+                    raise UserError(f"{name} is a managed-collision table ([ids]): it can only be row_wise, "
+                                    f"not {per_table[name]}")
+                per_table[name] = "row_wise"
+            module = None
         # What training would use, unless the command line says otherwise.
         reserve = config.sharding.reserve if reserve is None else reserve
         batch_size = config.trainer.batch_size if batch_size is None else batch_size

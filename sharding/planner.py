@@ -11,6 +11,7 @@ from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import ShardingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
 from torchrec.distributed.planner.stats import EmbeddingStats
@@ -54,7 +55,7 @@ class CpuCapableEmbeddingCollectionSharder(EmbeddingCollectionSharder):
 
 
 def make_sharders(comms_forward: str = "fp32", comms_backward: str = "fp32") -> list[ModuleSharder[nn.Module]]:
-    """The sharders for both kinds of table; with TorchRec's quantised all-to-all when either
+    """The sharders for both kinds of table and for managed-collision ones; with TorchRec's quantised all-to-all when either
     direction asks for fp16 or bf16 (QCommsConfig)."""
     kwargs: dict = {}
     if (comms_forward, comms_backward) != ("fp32", "fp32"):
@@ -63,7 +64,8 @@ def make_sharders(comms_forward: str = "fp32", comms_backward: str = "fp32") -> 
         kinds = {"fp32": CommType.FP32, "fp16": CommType.FP16, "bf16": CommType.BF16}
         kwargs["qcomm_codecs_registry"] = get_qcomm_codecs_registry(
             QCommsConfig(forward_precision=kinds[comms_forward], backward_precision=kinds[comms_backward]))
-    return [CpuCapableEmbeddingBagCollectionSharder(**kwargs), CpuCapableEmbeddingCollectionSharder(**kwargs)]
+    return [CpuCapableEmbeddingBagCollectionSharder(**kwargs), CpuCapableEmbeddingCollectionSharder(**kwargs),
+            ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=CpuCapableEmbeddingBagCollectionSharder(**kwargs))]
 
 
 def table_names(model: nn.Module) -> list[str]:
@@ -88,15 +90,25 @@ def saved_plan(path: str, device: str, world_size: int, model: nn.Module) -> Sha
 
 
 def make_constraints(
-    names: list[str], default: str, per_table: dict[str, str], compute_kernels: list[str] | None = None
+    names: list[str], default: str, per_table: dict[str, str], compute_kernels: list[str] | None = None,
+    managed: list[str] | None = None,
 ) -> dict[str, ParameterConstraints]:
     """Per table: its own sharding type, else `default`, else the planner's choice; optionally a
-    restricted set of compute kernels. Unknown table names are a user error."""
+    restricted set of compute kernels. Unknown table names are a user error. `managed`
+    (managed-collision tables) are row-wise on the fused kernel, the one layout TorchRec shards
+    them in."""
     unknown = sorted(set(per_table) - set(names))
     if unknown:
         raise UserError(f"sharding constraints name unknown table(s) {unknown}; the tables are {names}")
     constraints = {}
+    for name in managed or []:
+        asked = per_table.get(name) or default
+        if asked and asked != ShardingType.ROW_WISE.value:
+            raise UserError(f"{name} is a managed-collision table ([ids]): it can only be row_wise, not {asked}")
+        constraints[name] = ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value], compute_kernels=["fused"])
     for name in names:
+        if name in constraints:
+            continue
         sharding_type = per_table.get(name) or default
         if sharding_type or compute_kernels:
             constraints[name] = ParameterConstraints(
@@ -148,15 +160,17 @@ def plan_tables(
     default: str = "",
     per_table: dict[str, str] | None = None,
     process_group: dist.ProcessGroup | None = None,
+    managed: list[str] | None = None,
 ) -> tuple[ShardingPlan, list[ShardingOption]]:
     """Plan `module`'s tables (described by `specs`) on `cluster`: device memory less the `reserve`,
     per-table constraints, pruned proposers. With a process group rank 0 plans and broadcasts (the
     chosen options are then known on rank 0 only); without one it plans offline.
 
+    `managed`: the names of managed-collision tables (row-wise, fused kernel).
     Returns the plan and the chosen options. TorchRec's own plan tables go to its logger (a run's
     logs/ folder), not the console."""
     constraints = make_constraints(
-        [s.name for s in specs], default, per_table or {}, kernels_worth_searching(specs, cluster, reserve)
+        [s.name for s in specs], default, per_table or {}, kernels_worth_searching(specs, cluster, reserve), managed
     )
     chosen = ChosenOptions()
     planner = EmbeddingShardingPlanner(

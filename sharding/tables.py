@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_modules import ManagedCollisionCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from core.errors import UserError
@@ -111,6 +112,8 @@ def tables_by_module(model: nn.Module) -> list[tuple[str, Any]]:
     """(path of the collection that holds it, config) for every TorchRec table in the model."""
     found = []
     for path, module in model.named_modules():
+        if isinstance(module, ManagedCollisionCollection):  # lists the configs of the tables it remaps
+            continue
         for attribute in ("embedding_bag_configs", "embedding_configs"):
             configs = getattr(module, attribute, None)
             if callable(configs):

@@ -12,6 +12,7 @@ from core.config import RunConfig
 from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.model_params import LightGCNParams
+from models.managed_ids import managed_table_names
 from sharding.experiment import PlanInfeasible, check_fits_at_all
 from sharding.planner import make_constraints, saved_plan, table_names
 from sharding.tables import specs_from_module
@@ -31,8 +32,10 @@ def check_job(config: RunConfig, dataset: PreparedDataset, world_size: int,
                         "set --model.side_features false to train on ids only")
     if config.model.name == "lightgcn":
         check_full_graph_fits(params, dataset.num_users + dataset.num_items, ranks_per_host=world_size)
-    model = model_for_sharding(config, dataset.num_users, dataset.num_items, features)
-    make_constraints(table_names(model), config.sharding.default, config.sharding.tables)  # unknown tables
+    model = model_for_sharding(config, dataset.num_users, dataset.num_items, features, world_size)
+    # unknown tables, a managed table asked for another layout
+    make_constraints(table_names(model), config.sharding.default, config.sharding.tables,
+                     managed=managed_table_names(model))
     if ranks_on_this_machine and config.cluster.backend == "gloo":
         check_tables_fit_this_machine(config, model, world_size, ranks_on_this_machine)
     if config.sharding.plan:

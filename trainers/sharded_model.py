@@ -24,12 +24,13 @@ from core.errors import UserError
 from core.model_data import load_model_data
 from core.rank_plan import RankPlan
 from models.base import RecModel
+from models.managed_ids import manage_columns, managed_table_names
 from models.registry import build_model
 from sharding.planner import describe_plan, make_sharders, plan_tables, saved_plan
 from sharding.tables import specs_from_module, table_configs
 from sharding.topology import ClusterSpec, load_topology, running_cluster
 from trainers.distributed import RankContext
-from upstream.torch_private import kernels_leave_weights_uninitialised
+from upstream.torch_private import evicted_rows_reset_on_cpu, kernels_leave_weights_uninitialised
 
 INIT_CHUNK_ROWS = 65_536
 
@@ -48,11 +49,15 @@ class ShardedModel:
 
 
 def model_for_sharding(config: RunConfig, num_users: int, num_items: int,
-                       feature_sizes: dict[str, int] | None) -> RecModel:
+                       feature_sizes: dict[str, int] | None, ranks: int = 1) -> RecModel:
     """The model on the meta device with its table optimizer attached: what training shards and what
-    `shardrec plan --config` plans. The optimizer goes on before planning so the planner counts its state."""
+    `shardrec plan --config` plans. The optimizer goes on before planning so the planner counts its
+    state. `ranks`: the job's world size, over which managed-collision tables ([ids]) split their ids."""
     model = build_model(config.model.name, config.model.resolved_params(), num_users, num_items, device="meta",
                         feature_sizes=feature_sizes)
+    if config.ids.managed:
+        config.ids.check_ranks(ranks)
+        manage_columns(model.tables, config.ids, ranks, model.init_std())
     if config.sharding.table_dtype == "fp16":
         for table in table_configs(model):
             table.data_type = DataType.FP16  # the planner sizes, and the kernels store, half-width rows
@@ -90,7 +95,10 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
     # TorchRec's own deprecation notices (storage reservation, DDP arguments): not actionable here.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torchrec")
     torch.manual_seed(config.trainer.seed)  # identical dense init on every rank
-    model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"))
+    model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"),
+                               context.world_size)
+    if config.ids.managed:
+        evicted_rows_reset_on_cpu()
     model.device = context.device  # before bind_data: what the model builds goes there
     if "graph" in model.data_needs:
         # One rank per node builds the graph file; the others wait, then map the same file.
@@ -107,6 +115,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
             model, specs_from_module(model), job_cluster(config.sharding.topology, context),
             batch_size=config.trainer.batch_size, reserve=config.sharding.reserve,
             default=config.sharding.default, per_table=config.sharding.tables, process_group=dist.group.WORLD,
+            managed=managed_table_names(model),
         )
     with kernels_leave_weights_uninitialised():  # init_tables writes every element next
         dmp = DistributedModelParallel(model, device=context.device, plan=plan,

@@ -20,10 +20,16 @@ import torch
 
 from core.errors import UserError
 from models.base import RecModel
+from models.managed_ids import managed_table_names
 
 def choose_step(requested: str, model: RecModel, device: torch.device) -> str:
     """"plain" or "sparse_dist" for trainer.train_pipeline = `requested` (validated by the config)."""
     supported = type(model).pipeline_input is not RecModel.pipeline_input
+    if managed_table_names(model):  # TorchRec's pipeline is not tried with managed-collision tables
+        if requested == "sparse_dist":
+            raise UserError("trainer.train_pipeline = 'sparse_dist' is not available with managed-collision tables "
+                            "([ids] user_rows / item_rows); use 'plain' or 'auto'")
+        return "plain"
     if requested == "sparse_dist" and not pipeline_available():
         raise UserError("trainer.train_pipeline = 'sparse_dist': this TorchRec's TrainPipelineSparseDist takes no "
                         "custom forward (TorchRec 1.8 does); use 'plain' or 'auto'")

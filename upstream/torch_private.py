@@ -11,6 +11,10 @@ torch / TorchRec / FBGEMM trio is upgraded.
 - `kernels_leave_weights_uninitialised`: TorchRec's fused kernels fill every table shard with
   uniform noise while sharding; shardrec initialises every row itself right after (layout-
   independent init), so the fill is skipped by replacing the kernels' `init_parameters`.
+- `evicted_rows_reset_on_cpu`: a managed-collision table that evicts ids resets their rows through
+  FBGEMM's `reset_weight_momentum` operator, which has no CPU kernel; on CPU the kernel's own
+  reset method is replaced by one that zeroes the rows and their optimizer state through the
+  kernel's public per-table views.
 - `launcher_stores_bound_to`: torch's launcher (torchrun) creates its rendezvous store through
   module-level TCPStore names of its own; replacing them is the only way to bind the server.
 """
@@ -78,3 +82,30 @@ def launcher_stores_bound_to(store_class: type[Any]) -> None:
     dist.TCPStore = store_class
     static_rendezvous.TCPStore = store_class
     c10d_backend.TCPStore = store_class
+
+
+def evicted_rows_reset_on_cpu() -> None:
+    """Let managed-collision tables evict on CPU (idempotent): FBGEMM's CPU kernels reset an
+    evicted row's weights and optimizer state (TorchRec then re-initialises the weights with the
+    table's init_fn). GPU kernels keep FBGEMM's own operator."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    original = SplitTableBatchedEmbeddingBagsCodegen.reset_embedding_weight_momentum
+    if getattr(original, "shardrec_cpu", False):
+        return
+
+    def reset(self: Any, pruned_indices: torch.Tensor, pruned_indices_offsets: torch.Tensor,
+              logical_table_ids: torch.Tensor, buffer_ids: torch.Tensor) -> None:
+        if not self.use_cpu:
+            return original(self, pruned_indices, pruned_indices_offsets, logical_table_ids, buffer_ids)
+        weights, states = self.split_embedding_weights(), self.split_optimizer_states()
+        with torch.no_grad():
+            for group, table in enumerate(logical_table_ids.tolist()):
+                rows = pruned_indices[int(pruned_indices_offsets[group]):int(pruned_indices_offsets[group + 1])].long()
+                weights[table][rows] = 0.0
+                for state in states[table]:
+                    state[rows] = 0.0
+        return None
+
+    reset.shardrec_cpu = True  # type: ignore[attr-defined]
+    SplitTableBatchedEmbeddingBagsCodegen.reset_embedding_weight_momentum = reset

@@ -1,0 +1,104 @@
+"""Managed-collision tables (`[ids]` user_rows / item_rows): a table of a fixed number of rows
+whose ids are admitted, remapped and evicted by TorchRec's zero-collision hashing
+(MCHManagedCollisionModule inside a ManagedCollisionEmbeddingBagCollection), instead of a table
+with one row per id of the dataset.
+
+TorchRec sends each id of a row-wise managed table to the rank that owns its range of the id
+space. Ids are therefore spread over that space by a fixed 64-bit mix first (`spread_ids`), so that
+a dataset's small contiguous ids or clustered raw ids land on every rank alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy, ManagedCollisionCollection,
+                                         MCHEvictionPolicy, MCHManagedCollisionModule)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from core.config import IdsSection
+
+ID_SPACE_BITS = 62
+ID_SPACE = 1 << ID_SPACE_BITS
+"""Spread ids lie in [0, ID_SPACE): well inside int64, and TorchRec splits this range into blocks."""
+
+_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers, as signed int64
+_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's >> is arithmetic)."""
+    return (values >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def spread_ids(ids: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, kept to ID_SPACE_BITS bits: a fixed function of the id alone, the same on
+    every rank and in every run (int64 products wrap modulo 2^64)."""
+    mixed = ids.to(torch.int64)
+    mixed = (mixed ^ _shift_right(mixed, 30)) * _MIX_1
+    mixed = (mixed ^ _shift_right(mixed, 27)) * _MIX_2
+    mixed = mixed ^ _shift_right(mixed, 31)
+    return mixed & (ID_SPACE - 1)
+
+
+def _seen_at_least(counts: torch.Tensor, times: int) -> tuple[torch.Tensor, float]:
+    """TorchRec's admission filter: the ids of a round seen `times` times or more get rows."""
+    return counts >= times, float(times - 1)
+
+
+def eviction_policy(ids: IdsSection) -> MCHEvictionPolicy:
+    admit = functools.partial(_seen_at_least, times=ids.admit_after) if ids.admit_after > 1 else None
+    if ids.eviction == "lfu":
+        return LFU_EvictionPolicy(threshold_filtering_func=admit)
+    return LRU_EvictionPolicy(threshold_filtering_func=admit)
+
+
+class ManagedColumn(nn.Module):
+    """One batch column's tables as managed-collision tables; called like the EmbeddingBagCollection
+    it replaces (KJT -> pooled KeyedTensor)."""
+
+    def __init__(self, collection: EmbeddingBagCollection, rows: int, ids: IdsSection, ranks: int,
+                 init_std: float) -> None:
+        super().__init__()
+        # An evicted row is re-initialised as a new one is (the trainer's normal(0, init_std)).
+        init = functools.partial(torch.nn.init.normal_, mean=0.0, std=init_std)
+        configs = [dataclasses.replace(config, num_embeddings=rows, init_fn=init)
+                   for config in collection.embedding_bag_configs()]
+        device = next(iter(collection.parameters())).device
+        modules = {config.name: MCHManagedCollisionModule(
+            zch_size=rows, device=device, eviction_policy=eviction_policy(ids),
+            eviction_interval=ids.eviction_interval, input_hash_size=ID_SPACE, buckets=ranks, name=config.name)
+            for config in configs}
+        self.table_names = [config.name for config in configs]
+        self.collection = ManagedCollisionEmbeddingBagCollection(
+            EmbeddingBagCollection(tables=configs, device=device),
+            ManagedCollisionCollection(modules, configs),
+            allow_in_place_embed_weight_update=True,
+        )
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled, _ = self.collection(features)
+        return pooled
+
+
+def manage_columns(columns: nn.ModuleDict, ids: IdsSection, ranks: int, init_std: float) -> list[str]:
+    """Replace the collections of `columns` (batch column -> EmbeddingBagCollection) that `ids` gives
+    a number of rows by managed ones; returns the columns replaced (their ids must be spread)."""
+    managed = []
+    for column, rows in (("user_id", ids.user_rows), ("item_id", ids.item_rows)):
+        if rows and column in columns:
+            columns[column] = ManagedColumn(columns[column], rows, ids, ranks, init_std)
+            managed.append(column)
+    if hasattr(columns, "spread"):
+        columns.spread = set(managed)
+    return managed
+
+
+def managed_table_names(model: nn.Module) -> list[str]:
+    """Names of the model's managed-collision tables."""
+    return [name for module in model.modules() if isinstance(module, ManagedColumn) for name in module.table_names]
