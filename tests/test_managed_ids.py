@@ -166,3 +166,38 @@ def test_managed_tables_admit_and_evict_on_two_ranks_and_resume_exactly(ml100k_s
     assert not np.array_equal(first[0]["saved"][key], first[1]["saved"][key])  # the ranks hold different ids
     # ids seen after the checkpoint replaced some of the ones it held
     assert not np.array_equal(first[0]["end"][key], first[0]["saved"][key])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_managed_run_trains_evaluates_and_resumes_only_as_it_was_written(ml100k_small, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    venv = Path(sys.executable).parent
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PATH=f"{venv}:{os.environ['PATH']}")
+
+    def torchrun(ranks: int, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(venv / "torchrun"), "--nproc-per-node", str(ranks), "-m", "trainers", *args],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+
+    first = torchrun(2, "--config", str(REPO / NCF), "--data.path", str(ml100k_small), "--trainer.run_root",
+                     str(tmp_path), "--trainer.run_name", "managed", "--trainer.epochs", "1",
+                     "--ids.user_rows", "32", "--ids.item_rows", "256", "--ids.eviction_interval", "3")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    summary = json.loads((tmp_path / "managed" / "summary.json").read_text())
+    assert summary["best"]["test"]["ndcg@10"] > 0  # every test item ranked, admitted or not
+    assert "gmf_user     row_wise" in first.stdout
+    run = str(tmp_path / "managed")
+    other_size = torchrun(1, "--resume", run, "--trainer.epochs", "2")
+    assert other_size.returncode != 0
+    assert "resume on the world size that wrote the checkpoint (2 ranks), not on 1" in other_size.stdout + other_size.stderr
+    other_rows = torchrun(2, "--resume", run, "--trainer.epochs", "2", "--ids.user_rows", "64")
+    assert other_rows.returncode != 0 and "other id settings (ids.user_rows)" in other_rows.stdout + other_rows.stderr
+    same = torchrun(2, "--resume", run, "--trainer.epochs", "2")
+    assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
+    assert "resumed from" in same.stdout and "epoch 2:" in same.stdout
