@@ -192,6 +192,9 @@ def test_a_managed_run_trains_evaluates_and_resumes_only_as_it_was_written(ml100
     summary = json.loads((tmp_path / "managed" / "summary.json").read_text())
     assert summary["best"]["test"]["ndcg@10"] > 0  # every test item ranked, admitted or not
     assert "gmf_user     row_wise" in first.stdout
+    counts = summary["history"][0]["ids"]["gmf_item"]
+    assert 0 < counts["held"] == counts["admitted"] <= 256 and counts["evicted"] == 0  # from empty tables
+    assert f"gmf_item {counts['held']}/+{counts['admitted']}/-0" in first.stdout
     run = str(tmp_path / "managed")
     other_size = torchrun(1, "--resume", run, "--trainer.epochs", "2")
     assert other_size.returncode != 0
@@ -201,3 +204,5 @@ def test_a_managed_run_trains_evaluates_and_resumes_only_as_it_was_written(ml100
     same = torchrun(2, "--resume", run, "--trainer.epochs", "2")
     assert same.returncode == 0, same.stdout[-2000:] + same.stderr[-2000:]
     assert "resumed from" in same.stdout and "epoch 2:" in same.stdout
+    resumed = json.loads((tmp_path / "managed" / "summary.json").read_text())["history"][-1]["ids"]["gmf_item"]
+    assert resumed["evicted"] > 0 and resumed["admitted"] == resumed["evicted"]  # a full table: one in, one out

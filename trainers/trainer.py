@@ -35,12 +35,14 @@ from trainers.batches import Batch, BatchSource, check_ids, to_tensors
 from trainers.distributed import RankContext, all_agree, all_sum, node_address
 from trainers.epoch import EpochBatches, EpochPlan, ReadAhead
 from trainers.evaluate import Evaluator
+from trainers.id_counts import ManagedIdCounts, ids_line
 from trainers.memory import bytes_read, local_bytes, peak_rss_mb
 from trainers.report import epoch_line
 from trainers.run_log import Console, RunLog, prune_metrics
 from trainers.sharded_model import ShardedModel, build_sharded_model
 from trainers.steps import SparseDistSteps, choose_step
 from trainers.continued_epoch import ContinuedEpoch, SourceFor
+from models.managed_ids import managed_table_names
 from trainers.warm_start import load_grown
 
 
@@ -359,8 +361,11 @@ class Trainer:
     def _fit_epochs(self, source: BatchSource, run_dir: Path, log: RunLog) -> None:
         """The epochs left: train, evaluate and checkpoint as the config says."""
         trainer_config, k = self.config.trainer, self.config.eval.k
+        id_counts = ManagedIdCounts(self.sharded.dmp) if managed_table_names(self.sharded.model) else None
         while self.epoch < trainer_config.epochs:
             record = self.train_epoch(source, log, run_dir)
+            if id_counts is not None:
+                record["ids"] = id_counts.epoch(self.sharded.dmp)
             last = self.epoch == trainer_config.epochs
             if self.epoch % trainer_config.eval_every == 0 or last:
                 eval_started = time.perf_counter()
@@ -381,7 +386,7 @@ class Trainer:
             for split in ("valid", "test"):
                 if split in record:
                     log.record("eval", self.step, {f"{split}_{m}": v for m, v in record[split].items()})
-            log.info(epoch_line(record, k, with_test=self.config.eval.test))
+            log.info(epoch_line(record, k, with_test=self.config.eval.test) + (ids_line(record["ids"]) if "ids" in record else ""))
             self.history.append(record)
             if self.epoch % trainer_config.checkpoint_every == 0 or last or self.checkpoint_due:
                 self.save_checkpoint(run_dir, log)
