@@ -206,3 +206,18 @@ def test_a_managed_run_trains_evaluates_and_resumes_only_as_it_was_written(ml100
     assert "resumed from" in same.stdout and "epoch 2:" in same.stdout
     resumed = json.loads((tmp_path / "managed" / "summary.json").read_text())["history"][-1]["ids"]["gmf_item"]
     assert resumed["evicted"] > 0 and resumed["admitted"] == resumed["evicted"]  # a full table: one in, one out
+
+
+@pytest.mark.unit
+def test_the_policy_admits_after_the_configured_sightings_and_evicts_as_asked():
+    from torchrec.modules.mc_modules import LFU_EvictionPolicy, LRU_EvictionPolicy
+
+    from core.config import IdsSection
+    from models.managed_ids import eviction_policy
+
+    lfu = eviction_policy(IdsSection(user_rows=8, eviction="lfu", admit_after=3))
+    assert isinstance(lfu, LFU_EvictionPolicy)
+    mask, threshold = lfu._threshold_filtering_func(torch.tensor([1, 2, 3, 7]))
+    assert mask.tolist() == [False, False, True, True] and threshold == 2.0
+    lru = eviction_policy(IdsSection(user_rows=8))
+    assert isinstance(lru, LRU_EvictionPolicy) and lru._threshold_filtering_func is None  # every id admitted
