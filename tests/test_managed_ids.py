@@ -29,7 +29,8 @@ def test_spread_ids_are_a_fixed_function_that_covers_the_id_space_evenly():
     # TorchRec routes a managed table's ids by ranges of the space: small ids must reach every range
     halves = torch.bincount(spread // (ID_SPACE // 2), minlength=2)
     assert abs(int(halves[0]) - int(halves[1])) < 300
-    assert torch.equal(spread_ids(torch.tensor([-1, 2**63 - 1])), spread_ids(torch.tensor([-1, 2**63 - 1])))
+    extremes = spread_ids(torch.tensor([-(2**63), -1, 0, 2**63 - 1]))  # raw 64-bit ids of any sign
+    assert ((extremes >= 0) & (extremes < ID_SPACE)).all() and len(torch.unique(extremes)) == 4
 
 
 @pytest.mark.unit
