@@ -15,6 +15,11 @@ reads the rank's shards of every split once, keeping only the sampled users' row
 
 The last two lines are `rss_growth <x>` and `first_step_growth <x>`: largest over smallest size, for
 the worst rank's RSS beyond tables and for the time to the first step.
+
+`--tables plain,4M:1M` runs each size once per entry: "plain" (one row per id), and USERS:ITEMS
+managed-collision tables of those capacities ([ids]) on a dataset synthesised with raw 64-bit ids
+(`data synth --ids raw`); each row then ends with the ratio of its peak RSS and steps/s to the
+size's first entry.
 """
 
 from __future__ import annotations
@@ -52,11 +57,12 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def dataset_for(size: int, root: Path, features: bool, split: str = "random") -> tuple[Path, float]:
+def dataset_for(size: int, root: Path, features: bool, split: str = "random", ids: str = "contiguous") -> tuple[Path, float]:
     """The synthetic dataset of `size` interactions (generated unless already there) and the seconds
     generating it took (0 when reused)."""
     users, items = max(size // 10, 10), max(size // 100, 20)
-    path = root / f"synth-{size}{'-features' if features else ''}{'-loo' if split == 'loo' else ''}"
+    path = root / (f"synth-{size}{'-features' if features else ''}{'-loo' if split == 'loo' else ''}"
+                   f"{'-raw' if ids == 'raw' else ''}")
     if (path / "stats.json").is_file():
         return path, 0.0
     shutil.rmtree(path, ignore_errors=True)
@@ -64,14 +70,14 @@ def dataset_for(size: int, root: Path, features: bool, split: str = "random") ->
                "--interactions", str(size), "--out", str(path)]
     if features:
         command.append("--features")
-    command += ["--split", split]
+    command += ["--split", split, "--ids", ids]
     started = time.monotonic()
     subprocess.run(command, check=True, cwd=REPO)
     return path, time.monotonic() - started
 
 
 def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, run_root: Path,
-               mid_checkpoint: bool = False, async_checkpoints: bool = True) -> dict:
+               mid_checkpoint: bool = False, async_checkpoints: bool = True, tables: str = "plain") -> dict:
     """torchrun on `ranks` ranks, one epoch of `steps` steps (with `mid_checkpoint`, a checkpoint at
     its middle step) and one evaluation; returns the summary plus `launch_at` (wall clock of the
     launch) and `checkpoint_block_s` (how long the checkpoints at the middle and the last step held
@@ -84,6 +90,9 @@ def train_once(model: str, data: Path, ranks: int, steps: int, eval_users: int, 
         "--eval.max_users", str(eval_users), "--trainer.async_checkpoints", str(async_checkpoints).lower(),
         *EXTRA[model],
     ]
+    if tables != "plain":
+        users, items = (parse_size(part) for part in tables.split(":"))
+        command += ["--ids.user_rows", str(users), "--ids.item_rows", str(items)]
     if mid_checkpoint:  # the first one's peak then comes before the evaluation's: the RSS columns change meaning
         command += ["--trainer.checkpoint_every_steps", str(max(steps // 2, 1))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # a crash prints its Python stack
@@ -136,26 +145,40 @@ def main() -> None:
                         help="also checkpoint at the epoch's middle step and report how long it held training")
     parser.add_argument("--sync-checkpoints", action="store_true",
                         help="write the checkpoints synchronously (default: in the background)")
+    parser.add_argument("--tables", default="plain",
+                        help="comma-separated: plain, or USERS:ITEMS managed-collision capacities on raw ids")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     rows = []
     header = (f"{'interactions':>13} {'users':>10} {'items':>9} {'gen s':>7} {'peak RSS MB':>11} {'tables MB':>9} "
               f"{'RSS-tables MB':>13} {'ckpt peak MB':>12} {'1st step s':>10} {'steps/s':>8} {'eval users':>10} "
               f"{'eval s':>7} {'ckpt block s':>12}")
+    cases = args.tables.split(",")
+    if len(cases) > 1:
+        header += f" {'tables':>12} {'RSS x':>6} {'steps/s x':>9}"
     print(header, flush=True)
     with tempfile.TemporaryDirectory(prefix="shardrec-scale-") as scratch:
         for size in sizes:
-            data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower",
-                                           split=SPLIT.get(args.model, "random"))
-            summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch),
-                                 mid_checkpoint=args.checkpoint_block, async_checkpoints=not args.sync_checkpoints)
-            row = row_of(size, generate_s, data, summary)
-            rows.append(row)
-            print(f"{row['interactions']:>13,} {row['users']:>10,} {row['items']:>9,} {row['generate_s']:>7.1f} "
-                  f"{row['peak_rss_mb']:>11,.0f} {row['state_mb']:>9,.0f} {row['rss_beyond_tables_mb']:>13,.0f} "
-                  f"{row['checkpoint_peak_mb']:>12,.0f} {row['first_step_s']:>10.1f} "
-                  f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f} "
-                  f"{'/'.join(f'{b:.2f}' for b in row['checkpoint_block_s']) or '-':>12}", flush=True)
+            first = None
+            for tables in cases:
+                data, generate_s = dataset_for(size, Path(args.data_root), features=args.model == "two_tower",
+                                               split=SPLIT.get(args.model, "random"),
+                                               ids="contiguous" if tables == "plain" else "raw")
+                summary = train_once(args.model, data, args.ranks, args.steps, args.eval_users, Path(scratch),
+                                     mid_checkpoint=args.checkpoint_block, async_checkpoints=not args.sync_checkpoints,
+                                     tables=tables)
+                row = row_of(size, generate_s, data, summary)
+                first = first or row
+                rows.append(row)
+                line = (f"{row['interactions']:>13,} {row['users']:>10,} {row['items']:>9,} {row['generate_s']:>7.1f} "
+                        f"{row['peak_rss_mb']:>11,.0f} {row['state_mb']:>9,.0f} {row['rss_beyond_tables_mb']:>13,.0f} "
+                        f"{row['checkpoint_peak_mb']:>12,.0f} {row['first_step_s']:>10.1f} "
+                        f"{row['steps_per_s']:>8.2f} {row['eval_users']:>10,} {row['eval_s']:>7.1f} "
+                        f"{'/'.join(f'{b:.2f}' for b in row['checkpoint_block_s']) or '-':>12}")
+                if len(cases) > 1:
+                    line += (f" {tables:>12} {row['peak_rss_mb'] / first['peak_rss_mb']:>6.2f} "
+                             f"{row['steps_per_s'] / first['steps_per_s']:>9.2f}")
+                print(line, flush=True)
     print(f"rss_growth {rows[-1]['rss_beyond_tables_mb'] / rows[0]['rss_beyond_tables_mb']:.2f}")
     print(f"first_step_growth {rows[-1]['first_step_s'] / rows[0]['first_step_s']:.2f}")
 

@@ -31,7 +31,7 @@ TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
 TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
 EVICTION_POLICIES = ("lru", "lfu")
-MANAGED_ID_MODELS = ("ncf",)
+MANAGED_ID_MODELS = ("ncf", "two_tower")
 """Models whose tables can be managed-collision tables (ids.user_rows / ids.item_rows)."""
 RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
 """The metrics of each evaluation protocol, in the order an evaluation sums them."""

@@ -142,6 +142,11 @@ class PreparedDataset:
         return int(self.stats["users"])
 
     @property
+    def id_mode(self) -> str:
+        """How the import numbered ids: "contiguous", "raw" or "hash" (core/prepare.PrepareOptions.ids)."""
+        return str(self.stats.get("ids", "contiguous"))
+
+    @property
     def num_items(self) -> int:
         return int(self.stats["items"])
 

@@ -3,8 +3,10 @@ parent a child starts from, what the child may change, and the chain of parents 
 from. No torch: checked by the command line before any cluster starts.
 
 A child keeps the parent's model settings (its tables' widths and layers are loaded as they are)
-and may train on another dataset only if that dataset's id maps extend the parent's (`shardrec data
-import --extend-ids`): row i of a table must mean the same user or item in both.
+and [ids] settings, and may train on another dataset only if each table's rows mean the same users
+or items in both: a plain table's dataset ids must extend the parent's (`shardrec data import
+--extend-ids`); a managed-collision table ([ids]) on datasets imported with raw ids (`--ids raw` or
+`--ids hash`, the same in both) keys its rows by the raw ids, so any such dataset will do.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset, raw_ids
 from core.errors import UserError
-from core.run_folder import checkpoint_problem, complete_checkpoints, model_changes
+from core.run_folder import check_id_settings, checkpoint_problem, complete_checkpoints, model_changes, read_progress
 
 
 def parent_config(parent: Path) -> RunConfig:
@@ -47,7 +49,7 @@ def warm_start_checkpoint(parent: Path, verify: bool = True) -> Path:
     return newest
 
 
-def check_warm_start(config: RunConfig, verify: bool = True) -> Path:
+def check_warm_start(config: RunConfig, verify: bool = True, world_size: int | None = None) -> Path:
     """Refuse, before anything starts, a warm start that cannot work; returns the checkpoint it loads.
     Makes trainer.warm_start absolute first: the ranks may run elsewhere, and the run's config.json
     records its parent by that path."""
@@ -59,18 +61,32 @@ def check_warm_start(config: RunConfig, verify: bool = True) -> Path:
     if changed:
         raise UserError(f"--warm-start {parent}: the parent was trained with other model settings ({changed}); "
                         "a warm start keeps them")
-    _check_ids_extend(Path(saved.data.path), Path(config.data.path), parent)
+    check_id_settings(read_progress(checkpoint), config, world_size, f"--warm-start {parent}", "warm start")
+    _check_ids_carry_over(Path(saved.data.path), config, parent)
     return checkpoint
 
 
-def _check_ids_extend(before: Path, now: Path, parent: Path) -> None:
-    """`now`'s id maps start with `before`'s (the same dataset passes at once)."""
+def _check_ids_carry_over(before: Path, config: RunConfig, parent: Path) -> None:
+    """Each table's rows mean the same users or items on `before` (the parent's dataset) and on this
+    run's: the same dataset passes at once; see the module docstring for the rest."""
+    now = Path(config.data.path)
     if before.resolve() == now.resolve():
         return
     if not before.exists():
         raise UserError(f"--warm-start {parent}: its dataset {before} is gone, and is needed to check that "
-                        f"{now}'s ids extend its ids")
+                        f"{now}'s ids carry over from its ids")
     old, new = PreparedDataset.open(before), PreparedDataset.open(now)
+    if old.id_mode != new.id_mode:
+        raise UserError(f"--warm-start {parent}: its dataset {before} was imported with --ids {old.id_mode} and "
+                        f"{now} with --ids {new.id_mode}; one model's ids cannot mix the two")
+    if new.id_mode != "contiguous":
+        rows = {"user": config.ids.user_rows, "item": config.ids.item_rows}
+        plain = [kind for kind, count in rows.items() if not count]
+        if plain:
+            raise UserError(f"--warm-start {parent}: on datasets imported with --ids {new.id_mode} each dataset "
+                            f"numbers its own ids, so only managed-collision tables carry rows over; set "
+                            + " and ".join(f"ids.{kind}_rows" for kind in plain))
+        return
     for kind in ("user", "item"):
         old_ids = raw_ids(old, kind, f"--warm-start {parent}")
         new_ids = raw_ids(new, kind, f"--warm-start {parent}")

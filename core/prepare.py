@@ -23,7 +23,8 @@ from core.dataset_format import (FORMAT, SPLITS, PreparedDataset, balanced_user_
                                  write_user_shards)
 from core.errors import UserError
 from core.files import publish_folder, staging_folder
-from core.interactions import sorted_positions
+from core.id_hash import CollisionCounter, shard_of_raw
+from core.interactions import sorted_positions, sorted_unique
 from core.raw_input import BatchStream, RawBatch, array_batches
 from core.splits import history_positions, latest_of_each_pair, split_leave_one_out, split_random, tied_last_timestamps
 
@@ -42,6 +43,15 @@ class PrepareOptions:
     """A prepared dataset whose id maps this one extends: its raw ids keep their ids, and ids never
     seen there are appended after them (in raw-id order), so a model trained on it can be
     warm-started on this one (`shardrec train --warm-start`)."""
+    ids: str = "contiguous"
+    """"contiguous": one map of every raw id to 0..n-1, users sharded by ranges of it. "raw" (integer
+    ids) and "hash" (text ids, hashed by core/id_hash.hash_strings): no global user map; a user's
+    shard is a hash of its raw id, and each shard numbers its own users after the previous shard's
+    (user_ids.parquet is written shard by shard). Models with managed-collision tables ([ids]) key
+    their rows by the raw ids, so they carry over between datasets imported this way."""
+
+
+ID_MODES = ("contiguous", "raw", "hash")
 
 
 ROWS_PER_SHARD = 2_000_000
@@ -83,38 +93,53 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
                         "new folder")
     parent = _parent_id_maps(options.extend_ids, out)
     started = time.monotonic()
-    user_raw, user_rows, item_raw, rows = _scan(batches, options)
-    users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
-    shards = options.shards or auto_shards(rows)
-    rows_per_user = np.zeros(users.count, dtype=np.int64)
-    rows_per_user[users.ids_of(user_raw)] = user_rows
-    bounds = balanced_user_bounds(rows_per_user, shards)
-    extended = f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)" if parent[0] is not None else ""
-    say(f"pass 1/3: {rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards "
-        f"({time.monotonic() - started:.0f} s)")
+    raw_mode = options.ids != "contiguous"
+    if raw_mode:
+        item_raw, rows, item_collisions = _scan_items(batches, options)
+        users, items = None, IdMap.extending(None, item_raw)
+        shards = options.shards or auto_shards(rows)
+        bounds = [0]
+        say(f"pass 1/3: {rows:,} rows, {len(item_raw):,} items; users sharded by a hash of their ids over {shards} "
+            f"shards ({time.monotonic() - started:.0f} s)")
+    else:
+        user_raw, user_rows, item_raw, rows = _scan(batches, options)
+        users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
+        shards = options.shards or auto_shards(rows)
+        rows_per_user = np.zeros(users.count, dtype=np.int64)
+        rows_per_user[users.ids_of(user_raw)] = user_rows
+        bounds = balanced_user_bounds(rows_per_user, shards)
+        extended = f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)" if parent[0] is not None else ""
+        say(f"pass 1/3: {rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards "
+            f"({time.monotonic() - started:.0f} s)")
     staging = staging_folder(out, "partial")
     try:
-        _bucket(batches, options, users, items, bounds, staging / "buckets")
+        _bucket(batches, options, users, items, bounds if users else shards, staging / "buckets")
         say(f"pass 2/3: rows bucketed by user shard ({time.monotonic() - started:.0f} s)")
         split_counts = {split: 0 for split in SPLITS}
         tied = 0
+        user_map = _ShardUserIds(staging / "user_ids.parquet", options.ids == "hash") if raw_mode else None
         for shard in range(shards):
-            counts, shard_tied = _finish_shard(staging, shard, bounds, options)
+            counts, shard_tied = _finish_shard(staging, shard, bounds, options, user_map)
             tied += shard_tied
             for split, count in counts.items():
                 split_counts[split] += count
             say(f"pass 3/3: shard {shard + 1}/{shards} written ({time.monotonic() - started:.0f} s)")
         shutil.rmtree(staging / "buckets")
-        users.write(staging / "user_ids.parquet")
+        if user_map is not None:
+            user_map.close()
+        else:
+            users.write(staging / "user_ids.parquet")
         items.write(staging / "item_ids.parquet")
+        user_count = bounds[-1] if raw_mode else users.count
         interactions = sum(split_counts.values())
         stats = {
             "format": FORMAT,
             "source": source,
-            "users": users.count,
+            "ids": options.ids,
+            "users": user_count,
             "items": items.count,
             "interactions": int(interactions),
-            "density": float(interactions) / (users.count * items.count),
+            "density": float(interactions) / (user_count * items.count),
             "splits": split_counts,
             "split_method": options.split,
             "ratios": list(options.ratios) if options.split == "random" else None,
@@ -124,6 +149,8 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
             "user_bounds": bounds,
             "tied_last_timestamps": tied if options.split == "loo" else None,
         }
+        if options.ids == "hash":
+            stats["collisions"] = {"users": user_map.collisions, "items": item_collisions}
         if parent[0] is not None:
             stats["extends"] = {"path": str(Path(options.extend_ids).resolve()), "users": len(parent[0]),
                                 "items": len(parent[1])}
@@ -173,6 +200,10 @@ def _parent_id_maps(parent: str | Path | None, out: Path) -> tuple[np.ndarray | 
     if parent is None:
         return None, None
     dataset = PreparedDataset.open(parent)  # a clear error when it is not a prepared dataset
+    if dataset.stats.get("ids", "contiguous") != "contiguous":
+        raise UserError(f"--extend-ids {parent}: that dataset was imported with --ids {dataset.stats['ids']}; "
+                        "its ids need no extending (import the next day with --ids "
+                        f"{dataset.stats['ids']} on its own)")
     if out.exists() and out.resolve() == dataset.root.resolve():
         raise UserError(f"--extend-ids {parent} is --out itself: write the extended dataset to a new folder")
     return raw_ids(dataset, "user", f"--extend-ids {parent}"), raw_ids(dataset, "item", f"--extend-ids {parent}")
@@ -183,6 +214,11 @@ def _check_options(options: PrepareOptions) -> None:
         raise UserError("--shards must be >= 1 (or 0 for one shard per ~2M interactions)")
     if options.split not in ("random", "loo"):
         raise UserError(f"unknown split {options.split!r}; use random or loo")
+    if options.ids not in ID_MODES:
+        raise UserError(f"unknown --ids {options.ids!r}; use one of {', '.join(ID_MODES)}")
+    if options.ids != "contiguous" and options.extend_ids is not None:
+        raise UserError(f"--extend-ids keeps a contiguous id map; with --ids {options.ids} there is none to extend "
+                        "(raw ids are the same ids in every dataset imported this way)")
 
 
 def _kept(batches: BatchStream, options: PrepareOptions) -> Iterator[RawBatch]:
@@ -242,51 +278,113 @@ def _scan(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, np
         items.add(batch["item"])
         rows += len(batch["user"])
     if rows == 0:
-        if options.min_rating is not None:
-            raise UserError(f"no interaction has rating >= {options.min_rating}")
-        raise UserError("no interactions (the input has no data rows)")
+        _no_rows(options)
     user_ids, user_rows = users.result()
     item_ids, _ = items.result()
     return user_ids, user_rows, item_ids, rows
+
+
+def _scan_items(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, int, int]:
+    """Pass 1 of --ids raw|hash: (raw item ids sorted, rows, distinct item strings sharing a hash)."""
+    items, collisions, rows = _UniqueCounter(), CollisionCounter(), 0
+    for batch in _kept(batches, options):
+        items.add(batch["item"])
+        if "item_fp" in batch:
+            collisions.add(batch["item"], batch["item_fp"])
+        rows += len(batch["item"])
+    if rows == 0:
+        _no_rows(options)
+    return items.result()[0], rows, collisions.collisions()
+
+
+def _no_rows(options: PrepareOptions) -> None:
+    if options.min_rating is not None:
+        raise UserError(f"no interaction has rating >= {options.min_rating}")
+    raise UserError("no interactions (the input has no data rows)")
 
 
 BUCKET_SCHEMA = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("rating", pa.float32()),
                            ("timestamp", pa.int64()), ("order", pa.int64())])
 
 
-def _bucket(batches: BatchStream, options: PrepareOptions, users: "IdMap", items: "IdMap",
-            bounds: list[int], folder: Path) -> None:
-    """Pass 2: contiguous ids, and each row appended to its user shard's bucket file."""
+HASHED_BUCKET_SCHEMA = BUCKET_SCHEMA.append(pa.field("user_fp", pa.int64()))
+
+
+def _bucket(batches: BatchStream, options: PrepareOptions, users: "IdMap | None", items: "IdMap",
+            bounds: list[int] | int, folder: Path) -> None:
+    """Pass 2: contiguous item ids, and each row appended to its user shard's bucket file. With a
+    user map, contiguous user ids sharded by the ranges `bounds`; without one (--ids raw|hash), raw
+    user ids in shard `shard_of_raw(id, bounds)`."""
     folder.mkdir()
     writers: dict[int, pq.ParquetWriter] = {}
+    schema = HASHED_BUCKET_SCHEMA if options.ids == "hash" else BUCKET_SCHEMA
+    shards = bounds if isinstance(bounds, int) else len(bounds) - 1
     try:
         for batch in _kept(batches, options):
-            user = users.ids_of(batch["user"])
             item = items.ids_of(batch["item"])
-            shard = np.searchsorted(bounds, user, side="right") - 1
+            if users is None:
+                user = batch["user"]
+                shard = shard_of_raw(user, shards)
+            else:
+                user = users.ids_of(batch["user"])
+                shard = np.searchsorted(bounds, user, side="right") - 1
             order = np.argsort(shard, kind="stable")
-            edges = np.searchsorted(shard[order], np.arange(len(bounds)))
+            edges = np.searchsorted(shard[order], np.arange(shards + 1))
             for index in np.flatnonzero(np.diff(edges)):
                 chosen = order[edges[index]:edges[index + 1]]
                 if index not in writers:
-                    writers[index] = pq.ParquetWriter(folder / f"bucket-{index:05d}.parquet", BUCKET_SCHEMA)
-                writers[index].write_table(pa.table({"user": user[chosen], "item": item[chosen],
-                                                     "rating": batch["rating"][chosen].astype(np.float32),
-                                                     "timestamp": batch["timestamp"][chosen],
-                                                     "order": batch["order"][chosen]}, schema=BUCKET_SCHEMA))
+                    writers[index] = pq.ParquetWriter(folder / f"bucket-{index:05d}.parquet", schema)
+                columns = {"user": user[chosen], "item": item[chosen],
+                           "rating": batch["rating"][chosen].astype(np.float32),
+                           "timestamp": batch["timestamp"][chosen], "order": batch["order"][chosen]}
+                if "user_fp" in schema.names:
+                    columns["user_fp"] = batch["user_fp"][chosen]
+                writers[index].write_table(pa.table(columns, schema=schema))
     finally:
         for writer in writers.values():
             writer.close()
 
 
-def _finish_shard(staging: Path, shard: int, bounds: list[int], options: PrepareOptions) -> tuple[dict[str, int], int]:
-    """Pass 3 for one shard: returns its rows per split and its users with tied last timestamps."""
+class _ShardUserIds:
+    """user_ids.parquet of --ids raw|hash, written shard by shard in id order, with the count of
+    distinct user strings that share a hash (each shard holds all users of its hashes)."""
+
+    SCHEMA = pa.schema([("raw_id", pa.int64()), ("id", pa.int64())])
+
+    def __init__(self, path: Path, hashed: bool) -> None:
+        self.writer = pq.ParquetWriter(path, self.SCHEMA)
+        self.hashed = hashed
+        self.collisions = 0
+
+    def number(self, rows: dict[str, np.ndarray], first_id: int) -> int:
+        """Replace the shard's raw user ids by ids from `first_id` (in raw-id order); returns how many."""
+        raw = sorted_unique(rows["user"])
+        if self.hashed:
+            counter = CollisionCounter()
+            counter.add(rows["user"], rows["user_fp"])
+            self.collisions += counter.collisions()
+        rows["user"] = first_id + np.searchsorted(raw, rows["user"])
+        ids = np.arange(first_id, first_id + len(raw), dtype=np.int64)
+        self.writer.write_table(pa.table({"raw_id": raw, "id": ids}, schema=self.SCHEMA))
+        return len(raw)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _finish_shard(staging: Path, shard: int, bounds: list[int], options: PrepareOptions,
+                  user_map: _ShardUserIds | None = None) -> tuple[dict[str, int], int]:
+    """Pass 3 for one shard: returns its rows per split and its users with tied last timestamps.
+    With `user_map` (--ids raw|hash) the shard's users are numbered here and its upper bound is
+    appended to `bounds`."""
     bucket = staging / "buckets" / f"bucket-{shard:05d}.parquet"
     if bucket.exists():
         table = pq.read_table(bucket)
-        rows = {name: table.column(name).to_numpy() for name in BUCKET_SCHEMA.names}
+        rows = {name: table.column(name).to_numpy() for name in table.column_names}
     else:  # no user of this range had a row
-        rows = {field.name: np.empty(0, dtype=field.type.to_pandas_dtype()) for field in BUCKET_SCHEMA}
+        rows = {field.name: np.empty(0, dtype=field.type.to_pandas_dtype()) for field in HASHED_BUCKET_SCHEMA}
+    if user_map is not None:
+        bounds.append(bounds[shard] + user_map.number(rows, bounds[shard]))
     kept = latest_of_each_pair(rows["user"], rows["item"], rows["timestamp"], rows["order"])
     user, item, rating, timestamp, order = (rows[name][kept] for name in BUCKET_SCHEMA.names)
     position = history_positions(user, timestamp, order)

@@ -19,6 +19,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from core.errors import UserError
+from core.id_hash import hash_strings
 
 BATCH_ROWS = 1 << 20
 """Rows per batch: about 40 MB of columns, whatever the file's size."""
@@ -36,6 +37,9 @@ class InputColumns:
     item: str
     rating: str | None = None
     timestamp: str | None = None
+    hashed: bool = False
+    """`--ids hash`: user and item ids are read as text and hashed (core/id_hash.hash_strings); the
+    batch also carries their fingerprints (`user_fp`, `item_fp`)."""
 
     def named(self) -> list[str]:
         return [name for name in (self.user, self.item, self.rating, self.timestamp) if name is not None]
@@ -115,6 +119,8 @@ def _record_batches(path: Path, columns: InputColumns, batch_rows: int) -> Itera
             return
         # Ratings are read as floats whatever the first block suggests: a later "4.5" must not fail.
         types = {columns.rating: pa.float64()} if columns.rating else {}
+        if columns.hashed:  # "007" stays "007", not the integer 7
+            types.update({columns.user: pa.string(), columns.item: pa.string()})
         with pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=max(batch_rows * 32, 1 << 20)),
                             parse_options=pacsv.ParseOptions(delimiter=_csv_delimiter(path)),
                             convert_options=pacsv.ConvertOptions(include_columns=columns.named(),
@@ -125,7 +131,8 @@ def _record_batches(path: Path, columns: InputColumns, batch_rows: int) -> Itera
         column = re.search(r"CSV column #(\d+)", message)
         if column:  # a value that does not convert to the column's type
             name = _header(path)[int(column.group(1))]
-            raise UserError(f"{path}: column {name!r} must be numeric with no empty values ({message})") from None
+            hint = " (text ids: import with --ids hash)" if name in (columns.user, columns.item) else ""
+            raise UserError(f"{path}: column {name!r} must be numeric with no empty values ({message}){hint}") from None
         raise UserError(f"{path}: cannot read: {message}") from None
 
 
@@ -133,15 +140,28 @@ def _checked(batch: pa.RecordBatch, columns: InputColumns, path: Path, first_row
     rows = batch.num_rows
     order = np.arange(first_row, first_row + rows, dtype=np.int64)
     where = f"{path} (rows {first_row + 1}-{first_row + rows})"
+    ids = {}
+    for key, name in (("user", columns.user), ("item", columns.item)):
+        if columns.hashed:
+            ids[key], ids[f"{key}_fp"] = _hashed_column(batch.column(name), name, where)
+        else:
+            ids[key] = _integer_column(batch.column(name), name, where)
     return {
-        "user": _integer_column(batch.column(columns.user), columns.user, where),
-        "item": _integer_column(batch.column(columns.item), columns.item, where),
+        **ids,
         "rating": (_numeric_column(batch.column(columns.rating), columns.rating, where, np.float32)
                    if columns.rating else np.ones(rows, dtype=np.float32)),
         "timestamp": (_numeric_column(batch.column(columns.timestamp), columns.timestamp, where, np.int64)
                       if columns.timestamp else order.copy()),
         "order": order,
     }
+
+
+def _hashed_column(column: pa.Array, name: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    if column.null_count:
+        raise UserError(f"{where}: column {name!r} has {column.null_count} empty (null) id(s); every row needs an id")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
+        raise UserError(f"{where}: column {name!r} holds {column.type} values; --ids hash takes text or integer ids")
+    return hash_strings(column)
 
 
 def _integer_column(column: pa.Array, name: str, where: str) -> np.ndarray:
@@ -161,7 +181,8 @@ def _integer_column(column: pa.Array, name: str, where: str) -> np.ndarray:
                 raise UserError(f"{where}: column {name!r} holds ids beyond the 64-bit signed range")
             return values.astype(np.int64)
     sample = column.slice(0, 5).to_pylist()
-    raise UserError(f"{where}: column {name!r} must hold integer ids, found {column.type} values such as {sample}")
+    raise UserError(f"{where}: column {name!r} must hold integer ids, found {column.type} values such as {sample} "
+                    "(text ids: import with --ids hash)")
 
 
 def _numeric_column(column: pa.Array, name: str, where: str, dtype: type) -> np.ndarray:

@@ -147,21 +147,28 @@ def check_resume(config: RunConfig, run_dir: Path, verify: bool = True, world_si
     if changed:
         raise UserError(f"--resume {run_dir}: the checkpoint was trained with other model settings "
                         f"({changed}); they cannot change on resume")
-    saved_ids = progress.get("config", {}).get("ids", {})
-    wanted_ids = config.to_dict()["ids"]
-    changed = ", ".join(f"ids.{key}" for key in sorted(wanted_ids) if key in saved_ids and saved_ids[key] != wanted_ids[key])
-    if changed:
-        raise UserError(f"--resume {run_dir}: the checkpoint was trained with other id settings ({changed}); "
-                        "they cannot change on resume")
-    saved_ranks = progress.get("world_size")
-    if config.ids.managed and world_size is not None and saved_ranks not in (None, world_size):
-        raise UserError(f"--resume {run_dir}: managed-collision tables ([ids]) resume on the world size that "
-                        f"wrote the checkpoint ({saved_ranks} ranks), not on {world_size}: each rank's id "
-                        "remapping state covers its own range of ids")
+    check_id_settings(progress, config, world_size, f"--resume {run_dir}", "resume")
     done = int(progress.get("epoch", 0))
     if config.trainer.epochs < done:
         raise UserError(f"--resume {run_dir}: {done} epochs are done already, more than --trainer.epochs "
                         f"{config.trainer.epochs}")
+
+
+def check_id_settings(progress: dict[str, Any], config: RunConfig, world_size: int | None, who: str,
+                      action: str) -> None:
+    """A run that loads a checkpoint (`action`: resume, warm start) keeps its [ids] settings, and with
+    managed-collision tables its world size: each rank's remapping state covers its own range of ids."""
+    saved_ids = progress.get("config", {}).get("ids", {})
+    wanted_ids = config.to_dict()["ids"]
+    changed = ", ".join(f"ids.{key}" for key in sorted(wanted_ids) if key in saved_ids and saved_ids[key] != wanted_ids[key])
+    if changed:
+        raise UserError(f"{who}: the checkpoint was trained with other id settings ({changed}); "
+                        f"they cannot change on {action}")
+    saved_ranks = progress.get("world_size")
+    if config.ids.managed and world_size is not None and saved_ranks not in (None, world_size):
+        raise UserError(f"{who}: managed-collision tables ([ids]) {action} on the world size that "
+                        f"wrote the checkpoint ({saved_ranks} ranks), not on {world_size}: each rank's id "
+                        "remapping state covers its own range of ids")
 
 
 def model_changes(saved: dict[str, Any], config: RunConfig) -> str:

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from core.dataset_format import FORMAT, SPLITS, write_user_shards
 from core.errors import UserError
+from core.id_hash import spread64
 from core.files import publish_folder, staging_folder
 from core.interactions import sorted_unique
 from core.splits import split_leave_one_out, split_random  # the same splits as `data prepare`
@@ -59,6 +60,10 @@ class SynthOptions:
     user_exponent: float = 2.0
     min_per_user: int = 3
     features: bool = False
+    ids: str = "contiguous"
+    """"raw": every user and item gets a scattered 64-bit raw id (core/id_hash.spread64 of its
+    number, distinct), and the dataset says it was imported with raw ids: what managed-collision
+    tables key their rows by. "contiguous": raw id = id."""
 
     def resolved_shards(self) -> int:
         return self.shards or 4 * -(-self.interactions // 8_000_000)
@@ -71,6 +76,8 @@ class SynthOptions:
             raise UserError("--shards must be >= 0 (0 picks one shard per 2M interactions, a multiple of 4)")
         if self.split not in ("random", "loo"):
             raise UserError(f"unknown split {self.split!r}; use random or loo")
+        if self.ids not in ("contiguous", "raw"):
+            raise UserError(f"unknown --ids {self.ids!r}; use contiguous or raw")
         if self.item_exponent <= 0 or self.user_exponent <= 1:
             raise UserError("--item-exponent must be > 0 and --user-exponent > 1 (the mean must exist)")
         if self.min_per_user < 1 or self.items < 2 * self.min_per_user:
@@ -220,6 +227,7 @@ def _write_dataset(options: SynthOptions, partial: Path, shards: int, workers: i
     stats = {
         "format": FORMAT,
         "source": f"synthetic: {json.dumps(asdict(options))}",
+        "ids": options.ids,
         "users": options.users,
         "items": options.items,
         "interactions": interactions,
@@ -243,13 +251,15 @@ ID_MAP_CHUNK = 4_000_000
 
 
 def _write_id_maps(out: Path, options: SynthOptions) -> None:
-    """Identity id maps (raw id = id), written in chunks so memory does not grow with the tables."""
+    """Id maps (raw id = id, or its spread64 with --ids raw), written in chunks so memory does not
+    grow with the tables."""
     for name, count in (("user_ids.parquet", options.users), ("item_ids.parquet", options.items)):
         schema = pa.schema([("raw_id", pa.int64()), ("id", pa.int64())])
         with pq.ParquetWriter(out / name, schema) as writer:
             for start in range(0, count, ID_MAP_CHUNK):
                 ids = np.arange(start, min(start + ID_MAP_CHUNK, count), dtype=np.int64)
-                writer.write_table(pa.table({"raw_id": ids, "id": ids}, schema=schema))
+                raw = spread64(ids) if options.ids == "raw" else ids
+                writer.write_table(pa.table({"raw_id": raw, "id": ids}, schema=schema))
 
 
 def _write_features(out: Path, options: SynthOptions) -> dict[str, int]:

@@ -49,11 +49,12 @@ def _cmd_data(args: argparse.Namespace) -> int:
         stats = _cmd_synth(args)
     else:
         options = PrepareOptions(split=args.split, seed=args.seed, min_rating=args.min_rating, shards=args.shards,
-                                 extend_ids=getattr(args, "extend_ids", None))
+                                 extend_ids=getattr(args, "extend_ids", None), ids=getattr(args, "ids", "contiguous"))
         if args.data_command == "prepare":
             stats = prepare_ml100k(args.out, options)
         else:
-            columns = InputColumns(args.user_col, args.item_col, args.rating_col, args.timestamp_col)
+            columns = InputColumns(args.user_col, args.item_col, args.rating_col, args.timestamp_col,
+                                   hashed=args.ids == "hash")
             stats = prepare_stream(file_batches(args.file, columns), args.out, options,
                                    source=str(Path(args.file).resolve()),
                                    progress=lambda message: print(f"import: {message}", flush=True))
@@ -61,6 +62,10 @@ def _cmd_data(args: argparse.Namespace) -> int:
         f"prepared {args.out}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions "
         f"(density {stats['density']:.4f}); splits {stats['splits']}"
     )
+    for kind, count in (stats.get("collisions") or {}).items():
+        if count:
+            print(f"warning: {count} distinct {kind} id string(s) share a 64-bit hash with another; "
+                  "each such group is trained as one id", file=sys.stderr)
     if stats.get("tied_last_timestamps"):
         print(f"warning: {stats['tied_last_timestamps']} of {stats['users']} users' last two interactions share a "
               "timestamp: their test item was chosen by input order (file order breaks ties)", file=sys.stderr)
@@ -70,7 +75,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> dict:
     options = SynthOptions(users=args.users, items=args.items, interactions=args.interactions, shards=args.shards,
                            split=args.split, seed=args.seed, item_exponent=args.item_exponent,
-                           user_exponent=args.user_exponent, min_per_user=args.min_per_user, features=args.features)
+                           user_exponent=args.user_exponent, min_per_user=args.min_per_user, features=args.features,
+                           ids=args.ids)
     started = time.monotonic()
 
     def progress(done: int, total: int) -> None:
@@ -112,7 +118,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> in
     if resume_dir is not None:
         check_resume(config, resume_dir, world_size=config.cluster.num_workers)
     elif config.trainer.warm_start:
-        check_warm_start(config)
+        check_warm_start(config, world_size=config.cluster.num_workers)
     from cluster.ray_cluster import check_embedded_fits  # Ray only: torch, TorchRec and Ray Train come later
 
     if not config.cluster.address:

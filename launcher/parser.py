@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--extend-ids", metavar="DATASET",
                           help="keep the ids of this earlier prepared dataset and append new ones after them "
                                "(the next day's data for `shardrec train --warm-start`)")
+    imported.add_argument("--ids", choices=["contiguous", "raw", "hash"], default="contiguous",
+                          help="contiguous: one global map of raw integer ids to 0..n-1 (default); raw: integer "
+                               "ids kept as they are, users sharded by a hash of their id, no global user map; "
+                               "hash: like raw, for text ids, each hashed to a 64-bit id (collisions reported)")
     for sub in (prepare, imported):
         sub.add_argument("--out", required=True, help="output folder")
         sub.add_argument("--split", choices=["random", "loo"], default="random",
@@ -53,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-per-user", type=int, default=3)
     synth.add_argument("--features", action="store_true", help="also write random side features (two-tower)")
     synth.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    synth.add_argument("--ids", choices=["contiguous", "raw"], default="contiguous",
+                       help="raw: scattered 64-bit raw ids (what managed-collision tables key rows by)")
     sequences = data.add_parser(
         "sequences", help="build per-user ordered histories of a leave-one-out dataset with Ray Data"
     )

@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from core.model_data import ModelData
 from models.features import FeatureBatch, column_kjt
-from models.managed_ids import spread_ids
+from models.managed_ids import ManagedColumn
 
 Batch = dict[str, torch.Tensor]
 
@@ -104,12 +104,12 @@ class ColumnTables(nn.ModuleDict):
                           for column, configs in tables.items()})
         # kept here: a sharded collection no longer lists its configs
         self.feature_names = {column: [c.name for c in configs] for column, configs in tables.items()}
-        self.spread: set[str] = set()
-        """Columns whose tables are managed-collision tables (models/managed_ids.py): their ids are
-        spread over the id space before the lookup."""
 
     def features(self, column: str, ids: torch.Tensor) -> KeyedJaggedTensor:
-        return column_kjt(self.feature_names[column], spread_ids(ids) if column in self.spread else ids)
+        module = self[column]
+        if isinstance(module, ManagedColumn):  # [ids]: keyed by the raw or dataset id, spread
+            return module.features(ids)
+        return column_kjt(self.feature_names[column], ids)
 
 
 class UserItemModel(RecModel):

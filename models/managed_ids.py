@@ -22,6 +22,7 @@ from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy,
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from core.config import IdsSection
+from models.features import column_kjt
 
 ID_SPACE_BITS = 62
 ID_SPACE = 1 << ID_SPACE_BITS
@@ -60,7 +61,8 @@ def eviction_policy(ids: IdsSection) -> MCHEvictionPolicy:
 
 class ManagedColumn(nn.Module):
     """One batch column's tables as managed-collision tables; called like the EmbeddingBagCollection
-    it replaces (KJT -> pooled KeyedTensor)."""
+    it replaces (KJT -> pooled KeyedTensor), with `features(ids)` building that KJT from the
+    dataset's ids."""
 
     def __init__(self, collection: EmbeddingBagCollection, rows: int, ids: IdsSection, ranks: int,
                  init_std: float) -> None:
@@ -75,28 +77,60 @@ class ManagedColumn(nn.Module):
             eviction_interval=ids.eviction_interval, input_hash_size=ID_SPACE, buckets=ranks, name=config.name)
             for config in configs}
         self.table_names = [config.name for config in configs]
+        self.feature_names = [name for config in configs for name in config.feature_names]
         self.collection = ManagedCollisionEmbeddingBagCollection(
             EmbeddingBagCollection(tables=configs, device=device),
             ManagedCollisionCollection(modules, configs),
             allow_in_place_embed_weight_update=True,
         )
+        self.raw_ids: torch.Tensor | None = None
+        """The raw id of each dataset id, on a dataset imported with raw ids (`data import --ids
+        raw|hash`): rows are then keyed by the raw id, so a user or item keeps its row in the next
+        dataset whatever id that dataset numbers it by. None: keyed by the dataset's ids. A plain
+        attribute: neither sharded nor checkpointed (it belongs to the dataset)."""
+
+    def keys_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the tables key rows by, for the dataset's `ids`: the raw or dataset id, spread."""
+        return spread_ids(self.raw_ids[ids] if self.raw_ids is not None else ids)
+
+    def features(self, ids: torch.Tensor) -> KeyedJaggedTensor:
+        """One id per sample for every table of the column."""
+        return column_kjt(self.feature_names, self.keys_of(ids))
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled, _ = self.collection(features)
         return pooled
 
 
-def manage_columns(columns: nn.ModuleDict, ids: IdsSection, ranks: int, init_std: float) -> list[str]:
-    """Replace the collections of `columns` (batch column -> EmbeddingBagCollection) that `ids` gives
-    a number of rows by managed ones; returns the columns replaced (their ids must be spread)."""
-    managed = []
-    for column, rows in (("user_id", ids.user_rows), ("item_id", ids.item_rows)):
-        if rows and column in columns:
-            columns[column] = ManagedColumn(columns[column], rows, ids, ranks, init_std)
-            managed.append(column)
-    if hasattr(columns, "spread"):
-        columns.spread = set(managed)
+MANAGED_COLUMNS = ("user_id", "item_id")
+
+
+def manage_model(model: nn.Module, ids: IdsSection, ranks: int, init_std: float) -> list[str]:
+    """Give the model's user and item id tables the capacities `ids` names, as managed-collision
+    tables; returns the columns made managed. Models whose tables are one collection per batch
+    column (models.base.ColumnTables) get those collections replaced in place. Others opt in with
+    `managed_id_tables(columns)`: the model takes the named columns' id tables out of its own
+    collection, returns them (one EmbeddingBagCollection per column), and from then on looks them
+    up through `self.id_tables`, which this sets."""
+    rows = {"user_id": ids.user_rows, "item_id": ids.item_rows}
+    columns = [column for column in MANAGED_COLUMNS if rows[column]]
+    if hasattr(model, "managed_id_tables"):
+        collections = model.managed_id_tables(columns)
+        model.id_tables = nn.ModuleDict({column: ManagedColumn(collection, rows[column], ids, ranks, init_std)
+                                         for column, collection in collections.items()})
+        return list(collections)
+    managed = [column for column in columns if column in model.tables]
+    for column in managed:
+        model.tables[column] = ManagedColumn(model.tables[column], rows[column], ids, ranks, init_std)
     return managed
+
+
+def managed_columns(model: nn.Module) -> dict[str, ManagedColumn]:
+    """The model's managed columns by batch column (empty without [ids] capacities)."""
+    holder = getattr(model, "id_tables", None)
+    if holder is None and isinstance(getattr(model, "tables", None), nn.ModuleDict):
+        holder = model.tables
+    return {column: module for column, module in (holder or {}).items() if isinstance(module, ManagedColumn)}
 
 
 def managed_table_names(model: nn.Module) -> list[str]:

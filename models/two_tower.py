@@ -21,6 +21,7 @@ from core.model_data import ModelData
 from core.model_params import TwoTowerParams
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
+from models.managed_ids import managed_columns
 
 USER_SIDE = ("age", "gender", "occupation", "zip")
 ITEM_SIDE = ("year",)
@@ -54,6 +55,7 @@ class TwoTower(RecModel):
         if self.item_bag:
             tables.append((f"item_{ITEM_BAG}", sizes[f"item_{ITEM_BAG}"], params.side_dim, PoolingType.MEAN))
         self.keys = [name for name, _, _, _ in tables]
+        """The features of `self.tables`, in order (all but managed id tables)."""
         self.tables = EmbeddingBagCollection(
             tables=[EmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim, feature_names=[name], pooling=pooling)
                     for name, rows, dim, pooling in tables],
@@ -75,6 +77,16 @@ class TwoTower(RecModel):
 
     def init_std(self) -> float:
         return self.params.init_std
+
+    def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingBagCollection]:
+        """Take the id tables of `columns` ("user_id", "item_id") out of the shared collection for
+        models/managed_ids.manage_model; the side-feature tables stay plain (their codes are few)."""
+        configs = {config.name: config for config in self.tables.embedding_bag_configs()}
+        device = next(iter(self.tables.parameters())).device
+        taken = {column: EmbeddingBagCollection(tables=[configs[column]], device=device) for column in columns}
+        self.keys = [key for key in self.keys if key not in taken]
+        self.tables = EmbeddingBagCollection(tables=[configs[key] for key in self.keys], device=device)
+        return taken
 
     def bind_data(self, data: ModelData) -> None:
         """Side-feature codes per user and item, and the items' training popularity (log Q)."""
@@ -101,11 +113,13 @@ class TwoTower(RecModel):
         ids: dict[str, torch.Tensor] = {}
         bag_lengths: dict[str, torch.Tensor] = {}
         if users is not None:
-            ids["user_id"] = users
+            if "user_id" in self.keys:
+                ids["user_id"] = users
             for index, name in enumerate(self.user_side):
                 ids[f"user_{name}"] = self.user_codes[users, index]
         if items is not None:
-            ids["item_id"] = items
+            if "item_id" in self.keys:
+                ids["item_id"] = items
             for index, name in enumerate(self.item_side):
                 ids[f"item_{name}"] = self.item_codes[items, index]
             if self.item_bag:
@@ -119,7 +133,12 @@ class TwoTower(RecModel):
         return counts, self.genre_values[torch.repeat_interleave(starts, counts) + within]
 
     def _towers(self, users: torch.Tensor | None, items: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        pooled = self.tables(self._features(users, items)).to_dict()
+        # with no side features and both id tables managed, the shared collection has no tables left
+        pooled = self.tables(self._features(users, items)).to_dict() if self.keys else {}
+        for column, managed in managed_columns(self).items():  # [ids]: managed-collision id tables
+            ids = users if column == "user_id" else items
+            if ids is not None:
+                pooled[column] = managed(managed.features(ids))[column]
         user_out = item_out = None
         if users is not None:
             user_out = self.user_tower(torch.cat([pooled[k][: len(users)] for k in self.user_keys], 1))

@@ -57,7 +57,7 @@ def test_managed_tables_refuse_what_they_cannot_do():
     with pytest.raises(UserError, match="cannot be split evenly over 128 ranks"):
         config.ids.check_ranks(128)
     config.set("model.name", "sasrec")
-    with pytest.raises(UserError, match="built for ncf so far"):
+    with pytest.raises(UserError, match="built for ncf, two_tower so far"):
         config.validate()
     config.set("model.name", "ncf")
     config.set("cluster.min_workers", 1)

@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
             # Every rank runs this: the checksums are read once, by rank 0 when it loads (Trainer.fit).
             check_resume(config, resume_dir, verify=False, world_size=world_size)
         elif config.trainer.warm_start:
-            check_warm_start(config, verify=os.environ.get("RANK", "0") == "0")  # one rank reads the checksums
+            check_warm_start(config, verify=os.environ.get("RANK", "0") == "0", world_size=world_size)  # one rank reads the checksums
         check_job(config, dataset, world_size,
                   ranks_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except UserError as exc:

@@ -18,13 +18,13 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from core.config import RunConfig
-from core.dataset_format import PreparedDataset
+from core.dataset_format import PreparedDataset, raw_ids
 from core.graph import graph_of
 from core.errors import UserError
 from core.model_data import load_model_data
 from core.rank_plan import RankPlan
 from models.base import RecModel
-from models.managed_ids import manage_columns, managed_table_names
+from models.managed_ids import manage_model, managed_columns, managed_table_names
 from models.registry import build_model
 from sharding.planner import describe_plan, make_sharders, plan_tables, saved_plan
 from sharding.tables import specs_from_module, table_configs
@@ -57,13 +57,26 @@ def model_for_sharding(config: RunConfig, num_users: int, num_items: int,
                         feature_sizes=feature_sizes)
     if config.ids.managed:
         config.ids.check_ranks(ranks)
-        manage_columns(model.tables, config.ids, ranks, model.init_std())
+        manage_model(model, config.ids, ranks, model.init_std())
     if config.sharding.table_dtype == "fp16":
         for table in table_configs(model):
             table.data_type = DataType.FP16  # the planner sizes, and the kernels store, half-width rows
     optimizer, arguments = TABLE_OPTIMIZER_CLASSES[config.trainer.table_optimizer]
-    apply_optimizer_in_backward(optimizer, model.tables.parameters(), {"lr": config.trainer.sparse_lr, **arguments})
+    # dict: once each (NCF's managed columns live inside model.tables; two-tower's beside them)
+    table_parameters = list(dict.fromkeys([*model.tables.parameters(), *(
+        parameter for managed in managed_columns(model).values() for parameter in managed.parameters())]))
+    apply_optimizer_in_backward(optimizer, table_parameters, {"lr": config.trainer.sparse_lr, **arguments})
     return model
+
+
+def key_managed_rows_by_raw_ids(model: RecModel, dataset: PreparedDataset, device: torch.device) -> None:
+    """On a dataset imported with raw ids (`--ids raw|hash`), managed-collision tables look rows up by
+    the raw id (8 bytes per user and per item on every rank), not by the dataset's own numbering."""
+    if dataset.id_mode == "contiguous":
+        return
+    for column, managed in managed_columns(model).items():
+        kind = column.removesuffix("_id")
+        managed.raw_ids = torch.tensor(raw_ids(dataset, kind, "managed-collision tables"), device=device)
 
 
 TABLE_OPTIMIZER_CLASSES: dict[str, tuple[type, dict[str, float]]] = {
@@ -99,6 +112,7 @@ def build_sharded_model(config: RunConfig, dataset: PreparedDataset, context: Ra
                                context.world_size)
     if config.ids.managed:
         evicted_rows_reset_on_cpu()
+        key_managed_rows_by_raw_ids(model, dataset, context.device)
     model.device = context.device  # before bind_data: what the model builds goes there
     if "graph" in model.data_needs:
         # One rank per node builds the graph file; the others wait, then map the same file.
