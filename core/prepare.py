@@ -95,8 +95,8 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
     started = time.monotonic()
     raw_mode = options.ids != "contiguous"
     if raw_mode:
-        item_raw, rows, item_collisions = _scan_items(batches, options)
-        users, items = None, IdMap.extending(None, item_raw)
+        item_raw, rows, item_collisions, item_text = _scan_items(batches, options)
+        users, items = None, IdMap.extending(None, item_raw, item_text)
         shards = options.shards or auto_shards(rows)
         bounds = [0]
         say(f"pass 1/3: {rows:,} rows, {len(item_raw):,} items; users sharded by a hash of their ids over {shards} "
@@ -170,13 +170,15 @@ class IdMap:
     sorted_raw: np.ndarray
     sorted_ids: np.ndarray | None
     """None: `raw` is itself sorted, so an id is its position (no second array for a fresh import)."""
+    text: np.ndarray | None = None
+    """--ids hash: each id's text, which its raw id is the hash of (written as `raw_text`)."""
 
     @classmethod
-    def extending(cls, parent: np.ndarray | None, seen: np.ndarray) -> "IdMap":
+    def extending(cls, parent: np.ndarray | None, seen: np.ndarray, text: np.ndarray | None = None) -> "IdMap":
         """The parent's ids as they are, then the sorted raw ids in `seen` (sorted, distinct) that
-        the parent lacks; without a parent, the sorted ids themselves."""
+        the parent lacks; without a parent, the sorted ids themselves (with their `text`)."""
         if parent is None:
-            return cls(seen, seen, None)
+            return cls(seen, seen, None, text)
         order = np.argsort(parent, kind="stable")
         _, known = sorted_positions(parent[order], seen)
         raw = np.concatenate([parent, seen[~known]])
@@ -192,7 +194,10 @@ class IdMap:
         return position if self.sorted_ids is None else self.sorted_ids[position]
 
     def write(self, path: Path) -> None:
-        pq.write_table(pa.table({"raw_id": self.raw, "id": np.arange(self.count, dtype=np.int64)}), path)
+        columns = {"raw_id": self.raw, "id": np.arange(self.count, dtype=np.int64)}
+        if self.text is not None:
+            columns["raw_text"] = pa.array(self.text, type=pa.string())
+        pq.write_table(pa.table(columns), path)
 
 
 def _parent_id_maps(parent: str | Path | None, out: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -284,17 +289,24 @@ def _scan(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, np
     return user_ids, user_rows, item_ids, rows
 
 
-def _scan_items(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, int, int]:
-    """Pass 1 of --ids raw|hash: (raw item ids sorted, rows, distinct item strings sharing a hash)."""
+def _scan_items(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, int, int, np.ndarray | None]:
+    """Pass 1 of --ids raw|hash: (raw item ids sorted, rows, distinct item strings sharing a hash,
+    with --ids hash the text of each item id, in the same order)."""
     items, collisions, rows = _UniqueCounter(), CollisionCounter(), 0
+    texts: dict[int, str] = {}  # the first text seen with each item hash
     for batch in _kept(batches, options):
         items.add(batch["item"])
         if "item_fp" in batch:
             collisions.add(batch["item"], batch["item_fp"])
+            distinct, first = np.unique(batch["item"], return_index=True)
+            for item, index in zip(distinct.tolist(), first.tolist()):
+                texts.setdefault(item, batch["item_text"][index])
         rows += len(batch["item"])
     if rows == 0:
         _no_rows(options)
-    return items.result()[0], rows, collisions.collisions()
+    item_ids = items.result()[0]
+    text = np.array([texts[item] for item in item_ids.tolist()], dtype=object) if texts else None
+    return item_ids, rows, collisions.collisions(), text
 
 
 def _no_rows(options: PrepareOptions) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -39,7 +40,7 @@ class InputColumns:
     timestamp: str | None = None
     hashed: bool = False
     """`--ids hash`: user and item ids are read as text and hashed (core/id_hash.hash_strings); the
-    batch also carries their fingerprints (`user_fp`, `item_fp`)."""
+    batch also carries their fingerprints (`user_fp`, `item_fp`) and the items' text (`item_text`)."""
 
     def named(self) -> list[str]:
         return [name for name in (self.user, self.item, self.rating, self.timestamp) if name is not None]
@@ -144,6 +145,8 @@ def _checked(batch: pa.RecordBatch, columns: InputColumns, path: Path, first_row
     for key, name in (("user", columns.user), ("item", columns.item)):
         if columns.hashed:
             ids[key], ids[f"{key}_fp"] = _hashed_column(batch.column(name), name, where)
+            if key == "item":  # kept for the item id map: search answers with the items' own ids
+                ids["item_text"] = pc.cast(batch.column(name), pa.string()).to_numpy(zero_copy_only=False)
         else:
             ids[key] = _integer_column(batch.column(name), name, where)
     return {

@@ -227,8 +227,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
         top = index.search(index.users[users], args.k, exclude)[0]
     found = [int(i) for i in top if i >= 0]
     note = "" if len(found) == args.k else f" (only {len(found)} items are left once the user's own are excluded)"
+    if index.user_held is not None and not index.user_held[users[0]]:
+        note += (" (this user has no row of its own in the model's managed table: never admitted or evicted, "
+                 "it is scored through the row such users share)")
     print(f"top {args.k} items for user {args.user} (raw item ids, best first){note}: "
-          f"{' '.join(str(index.item_raw[i]) for i in found)}")
+          f"{' '.join(str(index.item_names[i]) for i in found)}")
     return 0
 
 

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="exact top-K items for a user from an export")
     search.add_argument("export_dir")
     target = search.add_mutually_exclusive_group(required=True)
-    target.add_argument("--user", type=int, help="raw user id, as in the input data")
+    target.add_argument("--user", help="raw user id, as in the input data (text ids too, for --ids hash)")
     target.add_argument("--measure-recall", action="store_true",
                         help="approximate vs exact top-K over every exported user: recall@K and query time")
     search.add_argument("--approx", action="store_true", help="use the approximate (faiss HNSW) index")

@@ -99,6 +99,9 @@ def test_hash_import_reads_text_ids(tmp_path):
     assert stats["collisions"] == {"users": 0, "items": 0}
     assert np.array_equal(np.sort(raw_ids(dataset, "user", "test")), np.unique(hash_strings(pa.array(users))[0]))
     assert dataset.num_items == len(set(items))
+    item_map = pq.read_table(tmp_path / "hashed" / "item_ids.parquet")  # each item keeps its text
+    assert sorted(item_map.column("raw_text").to_pylist()) == sorted(set(items))
+    assert np.array_equal(hash_strings(item_map.column("raw_text"))[0], item_map.column("raw_id").to_numpy())
 
 
 @pytest.mark.unit
@@ -222,3 +225,69 @@ def test_a_warm_start_refuses_ids_that_do_not_carry_over(ml100k_small, tmp_path)
         check_warm_start(child(tmp_path / "raw"), verify=False, world_size=3)
     _import(log, tmp_path / "raw2", "raw", seed=5)
     assert check_warm_start(child(tmp_path / "raw2"), verify=False, world_size=2).name == "epoch-0001"
+
+
+def _train_and_rank_everything(rank: int, world: int, config_json: str, path: str) -> dict:
+    from core.config import config_from_json
+    from tests.test_managed_ids import _batches, _steps
+    from trainers import checkpoint
+    from trainers.distributed import setup
+    from trainers.sharded_model import build_sharded_model
+
+    config = config_from_json(config_json)
+    dataset = PreparedDataset.open(config.data.path)
+    sharded = build_sharded_model(config, dataset, setup())
+    _steps(sharded, _batches(dataset, rank, world, 12, seed=1))
+    checkpoint.save({"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}, Path(path),
+                    {"epoch": 1, "step": 12, "world_size": world, "config": json.loads(config_json)})
+    sharded.dmp.eval()
+    model = sharded.model
+    with torch.no_grad():
+        users = model.vectors("user_id", torch.arange(dataset.num_users))["tower"]
+        items = model.vectors("item_id", torch.arange(dataset.num_items))["tower"]
+    return {"users": users.numpy().copy(), "items": items.numpy().copy()}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+def test_an_export_of_managed_tables_gives_the_trained_models_vectors_by_raw_id(ml100k_small, tmp_path):
+    from trainers.export import export_run
+    from trainers.retrieval import ExactIndex
+
+    _import(_write(_raw_log(ml100k_small), tmp_path / "log.parquet"), tmp_path / "raw", "raw")
+    dataset = PreparedDataset.open(tmp_path / "raw")
+    # fewer item rows than items: some items share their block's row, and the export says which
+    config_json = _managed("two_tower", tmp_path / "raw", 64, 256)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(config_json)
+    trained = run_ranks(_train_and_rank_everything, 2, config_json, str(run / "checkpoints" / "epoch-0001"))
+    info = export_run(run, tmp_path / "export", checkpoint_path=run / "checkpoints" / "epoch-0001")
+    users = pq.read_table(tmp_path / "export" / "users.parquet").to_pydict()
+    items = pq.read_table(tmp_path / "export" / "items.parquet").to_pydict()
+    assert users["raw_id"] == raw_ids(dataset, "user", "test").tolist()
+    assert items["raw_id"] == raw_ids(dataset, "item", "test").tolist()
+    for name, exported in (("users", users), ("items", items)):
+        np.testing.assert_allclose(np.array(exported["vector"]), trained[0][name], rtol=1e-5, atol=1e-6)
+    assert info["ids"] == "raw" and info["held"]["items"] == sum(items["held"]) <= 256
+    assert not all(items["held"])  # evicted or never admitted items are reported as such
+    index = ExactIndex(tmp_path / "export")
+    assert index.user_index(users["raw_id"][5]) == 5  # looked up by the raw id
+
+
+@pytest.mark.unit
+def test_search_finds_a_text_user_of_a_hashed_export_by_its_text(tmp_path):
+    from trainers.retrieval import ExactIndex
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.eye(2, dtype=np.float32).reshape(-1)), 2)
+    users = hash_strings(pa.array(["ann", "bob"]))[0]
+    pq.write_table(pa.table({"user_id": [0, 1], "raw_id": users, "vector": vectors,
+                             "held": [True, False]}), tmp_path / "users.parquet")
+    pq.write_table(pa.table({"item_id": [0, 1], "raw_id": hash_strings(pa.array(["B01", "B02"]))[0],
+                             "raw_text": ["B01", "B02"], "vector": vectors}), tmp_path / "items.parquet")
+    (tmp_path / "export.json").write_text(json.dumps({"ids": "hash"}))
+    index = ExactIndex(tmp_path)
+    assert index.user_index("bob") == 1 and not index.user_held[1]
+    assert list(index.item_names[index.search(index.users[[1]], 1)[0]]) == ["B02"]
+    with pytest.raises(UserError, match="user carol is not in the export"):
+        index.user_index("carol")

@@ -29,15 +29,18 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from core.config import config_from_json
-from core.dataset_format import PreparedDataset
+from core.config import IdsSection, RunConfig, config_from_json
+from core.dataset_format import PreparedDataset, raw_ids
+from core.id_hash import spread64
 from core.errors import UserError
 from core.export_delta import is_export, write_delta
 from models.two_tower import TwoTower, user_encoder
-from core.run_folder import resumable_checkpoint
+from core.run_folder import checkpoint_world_size, resumable_checkpoint
+from models.managed_ids import ID_SPACE, managed_columns
 from trainers import checkpoint
 from trainers.distributed import free_loopback_port, setup
-from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables
+from trainers.managed_export import fill_plain_table, read_managed_rows
+from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables, model_for_sharding, table_weights
 
 CHUNK = 4096
 
@@ -57,6 +60,23 @@ def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
     return torch.cat(parts).numpy().astype(np.float32)
 
 
+def managed_tables(config: RunConfig, dataset: PreparedDataset, checkpoint_path: Path) -> dict[str, list[str]]:
+    """Batch column -> the names of its managed-collision tables ([ids]); empty without."""
+    if not config.ids.managed:
+        return {}
+    model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"),
+                               checkpoint_world_size(checkpoint_path))
+    return {column: module.table_names for column, module in managed_columns(model).items()}
+
+
+def table_keys(dataset: PreparedDataset, column: str) -> np.ndarray:
+    """What a managed table keys dataset ids 0..n-1 of `column` by (models/managed_ids.ManagedColumn)."""
+    kind = column.removesuffix("_id")
+    ids = (raw_ids(dataset, kind, "export") if dataset.id_mode != "contiguous"
+           else np.arange(dataset.num_users if kind == "user" else dataset.num_items, dtype=np.int64))
+    return spread64(ids) & (ID_SPACE - 1)
+
+
 def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None,
                checkpoint_path: Path | None = None) -> dict[str, Any]:
     """Export the run's newest complete checkpoint (or `checkpoint_path`) to `out` (default
@@ -67,6 +87,7 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
     # One process on a saved plan-free layout: TorchRec's notices about it are not the user's business,
     # nor DCP's about the ShardedTensors TorchRec's state dicts are made of.
     logging.getLogger("torchrec").setLevel(logging.ERROR)
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # TorchRec's managed-collision modules ask
     warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
@@ -88,23 +109,38 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_loopback_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
+    held: dict[str, np.ndarray] = {}
     try:
         config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}
+        # Managed id tables ([ids]) are exported through plain ones, one row per dataset id
+        # (trainers/managed_export.py): their remapping state is split by the ranks that wrote it.
+        managed = managed_tables(config, dataset, latest)
+        config.ids = IdsSection()
         sharded = build_sharded_model(config, dataset, setup("gloo"))
         if sharded.model.retrieval_key is None:
             raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
-        weights = {"model": sharded.dmp.state_dict()}
+        state = sharded.dmp.state_dict()
+        filled = {key for key, table, _ in table_weights(state) if table in
+                  {name for names in managed.values() for name in names}}
+        weights = {"model": {key: value for key, value in state.items() if key not in filled}}
         logging.disable(logging.WARNING)  # DCP logs each failed metadata read with its traceback
         try:
             checkpoint.load(weights, latest, restore_rng=False)
+            for column, names in managed.items():
+                for name in names:
+                    rows = read_managed_rows(latest, name)
+                    row, held[column] = rows.rows_of(table_keys(dataset, column))
+                    fill_plain_table(state, name, rows.weight[torch.from_numpy(row)])
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            if isinstance(exc, UserError):
+                raise
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{latest}: cannot read this checkpoint ({reason})") from None
         finally:
             logging.disable(logging.NOTSET)
-        sharded.dmp.load_state_dict(weights["model"])
+        sharded.dmp.load_state_dict(state)
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
         if isinstance(sharded.model, TwoTower):
@@ -113,13 +149,19 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
         if owns_group:
             dist.destroy_process_group()
     for name, vectors, id_file in (("users", users, "user_ids.parquet"), ("items", items, "item_ids.parquet")):
-        raw = pq.read_table(dataset.root / id_file).column("raw_id")
         column = "user_id" if name == "users" else "item_id"
-        table = pa.table({column: np.arange(len(vectors), dtype=np.int64), "raw_id": raw,
-                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
-        pq.write_table(table, out / f"{name}.parquet")
+        id_map = pq.read_table(dataset.root / id_file)
+        raw = id_map.column("raw_id")
+        texts = {"raw_text": id_map.column("raw_text")} if "raw_text" in id_map.column_names else {}
+        columns = {column: np.arange(len(vectors), dtype=np.int64), "raw_id": raw, **texts,
+                   "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}
+        if column in held:
+            columns["held"] = held[column]
+        pq.write_table(pa.table(columns), out / f"{name}.parquet")
     info = {"model": config.model.name, "dim": int(items.shape[1]), "users": len(users), "items": len(items),
-            "checkpoint": str(latest), "dataset": str(dataset.root)}
+            "ids": dataset.id_mode, "checkpoint": str(latest), "dataset": str(dataset.root)}
+    if held:
+        info["held"] = {column.removesuffix("_id") + "s": int(flags.sum()) for column, flags in held.items()}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "out": str(out)}
 

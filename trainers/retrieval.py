@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.errors import UserError
+from core.id_hash import hash_strings
 
 
 class ExactIndex:
@@ -22,7 +24,16 @@ class ExactIndex:
             self.items = _vectors(export_dir / "items.parquet")
             self.users = _vectors(export_dir / "users.parquet")
             self.user_raw = pq.read_table(export_dir / "users.parquet", columns=["raw_id"]).column(0).to_numpy()
-            self.item_raw = pq.read_table(export_dir / "items.parquet", columns=["raw_id"]).column(0).to_numpy()
+            items = pq.ParquetFile(export_dir / "items.parquet")
+            self.item_raw = items.read(columns=["raw_id"]).column(0).to_numpy()
+            self.item_names = (items.read(columns=["raw_text"]).column(0).to_numpy(zero_copy_only=False)
+                               if "raw_text" in items.schema_arrow.names else self.item_raw)
+            """How the input data wrote each item id: its text (--ids hash), else its raw id."""
+            users = pq.ParquetFile(export_dir / "users.parquet")
+            self.user_held = (users.read(columns=["held"]).column(0).to_numpy()
+                              if "held" in users.schema_arrow.names else None)
+            """Managed-collision tables ([ids]): whether each user had a row of its own."""
+            self.id_mode = json.loads((export_dir / "export.json").read_text()).get("ids", "contiguous")
         except (OSError, KeyError, ValueError, pa.ArrowException) as exc:
             raise UserError(f"{export_dir}: incomplete or corrupt export ({exc}); run `shardrec export` again") from None
 
@@ -45,11 +56,22 @@ class ExactIndex:
         out[:, :width] = top
         return out
 
-    def user_index(self, raw_id: int) -> int:
-        found = np.flatnonzero(self.user_raw == raw_id)
+    def user_index(self, raw_id: int | str) -> int:
+        """The export's row of a user given by its raw id as the input data wrote it: an integer, or
+        (an export of a dataset imported with --ids hash) its text, hashed as the import hashed it."""
+        key = self.raw_key(raw_id)
+        found = np.flatnonzero(self.user_raw == key)
         if not len(found):
             raise UserError(f"user {raw_id} is not in the export")
         return int(found[0])
+
+    def raw_key(self, raw_id: int | str) -> int:
+        if self.id_mode == "hash":
+            return int(hash_strings(pa.array([str(raw_id)]))[0][0])
+        try:
+            return int(raw_id)
+        except ValueError:
+            raise UserError(f"user {raw_id!r}: this export's raw ids are integers") from None
 
 
 def _vectors(path: Path) -> np.ndarray:
