@@ -8,6 +8,15 @@ per id, the baseline), then with managed user and item tables of capacity x the 
 and items (rounded up to a multiple of the ranks). Capacity below 1 makes eviction run. Prints test
 NDCG@10 at the best validation epoch and steady samples/s (the median of epochs 2..n), each as a
 ratio to the baseline of the same seed.
+
+    python -m bench.open_world --continual [--capacities 1,0.5] [--warm-epochs 3]
+
+Continual training on raw ids: ML-100K's ids scrambled to 64-bit raw ids and cut by time into day 1
+and day 2, day 2 holding 20% more users (bench/warm_chain.day_cuts), each imported on its own with
+`data import --ids raw --split loo` (no id map carried between them). For each capacity (x day 2's
+users and items): the model trains on day 1; day 2 is trained warm-started from it for
+--warm-epochs epochs and from scratch for the preset's epochs. Prints test NDCG@10 on day 2 and
+wall time of both, and the warm run's per-epoch ids held / admitted / evicted in its user tables.
 """
 
 from __future__ import annotations
@@ -18,10 +27,16 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.warm_chain import train
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bench.warm_chain import day_cuts, train
 from core.dataset_format import PreparedDataset
-from core.ml100k import prepare_ml100k
-from core.prepare import PrepareOptions
+from core.id_hash import spread64
+from core.ml100k import ml100k_source, prepare_ml100k
+from core.prepare import PrepareOptions, prepare_stream
+from core.raw_input import InputColumns, file_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,8 +58,13 @@ def main() -> None:
     parser.add_argument("--capacities", default="2,0.5", help="table rows as multiples of the dataset's ids")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--continual", action="store_true", help="day 1 -> day 2 on raw ids (see the docstring)")
+    parser.add_argument("--warm-epochs", type=int, default=3)
     args = parser.parse_args()
     capacities = [float(c) for c in args.capacities.split(",")]
+    if args.continual:
+        continual(args.model, capacities, args.ranks, args.warm_epochs)
+        return
     with tempfile.TemporaryDirectory(prefix="open-world-") as scratch:
         root = Path(scratch)
         data = root / "ml-100k"
@@ -68,6 +88,53 @@ def main() -> None:
                 baseline = baseline or (ndcg, speed)
                 print(f"{seed:>4}  {label:<28} {ndcg:>8.4f} {ndcg / baseline[0]:>6.3f} {speed:>10,.0f} "
                       f"{speed / baseline[1]:>6.2f} {wall:>7.1f}", flush=True)
+
+
+def raw_days(root: Path) -> tuple[Path, Path]:
+    """ML-100K as two days of raw 64-bit ids, each imported on its own (--ids raw)."""
+    rows = np.loadtxt(ml100k_source(), skiprows=1, dtype=np.int64, usecols=(0, 1, 3))
+    days = []
+    for day, cut in enumerate(day_cuts(rows[:, 0], rows[:, 2], 2, 0.2), start=1):
+        kept = rows[rows[:, 2] < cut]
+        log = root / f"day{day}.parquet"
+        pq.write_table(pa.table({"user": spread64(kept[:, 0]), "item": spread64(kept[:, 1] + (1 << 40)),
+                                 "ts": kept[:, 2]}), log)
+        stats = prepare_stream(file_batches(log, InputColumns("user", "item", None, "ts")), root / f"day{day}",
+                               PrepareOptions(split="loo", shards=4, ids="raw"), str(log))
+        print(f"day {day}: {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items",
+              flush=True)
+        days.append(root / f"day{day}")
+    return days[0], days[1]
+
+
+def continual(model: str, capacities: list[float], ranks: int, warm_epochs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="open-world-days-") as scratch:
+        root = Path(scratch)
+        day1, day2 = raw_days(root)
+        final = PreparedDataset.open(day2)
+        config = str(REPO / f"launcher/configs/{model}_ml100k.toml")
+        print(f"{'capacity':<22} {'run':<26} {'NDCG@10':>8} {'ratio':>6} {'wall s':>7} {'ratio':>6}")
+        for capacity in capacities:
+            users, items = (rows_for(n, capacity, ranks) for n in (final.num_users, final.num_items))
+            ids = ["--ids.user_rows", str(users), "--ids.item_rows", str(items), "--trainer.run_root",
+                   str(root / "runs"), "--config", config]
+            tag = f"c{capacity:g}"
+            train(ranks, [*ids, "--data.path", str(day1), "--trainer.run_name", f"{tag}-day1"])
+            scratch_s = train(ranks, [*ids, "--data.path", str(day2), "--trainer.run_name", f"{tag}-scratch"])
+            warm_s = train(ranks, [*ids, "--data.path", str(day2), "--trainer.run_name", f"{tag}-warm",
+                                   "--trainer.warm_start", str(root / "runs" / f"{tag}-day1"),
+                                   "--trainer.epochs", str(warm_epochs)])
+            cold, _ = result(root / "runs" / f"{tag}-scratch")
+            warm, _ = result(root / "runs" / f"{tag}-warm")
+            label = f"{capacity:g}x ({users}/{items})"
+            print(f"{label:<22} {'day 2 from scratch':<26} {cold:>8.4f} {1:>6.3f} {scratch_s:>7.1f} {1:>6.2f}")
+            print(f"{label:<22} {f'day 2 warm, {warm_epochs} epochs':<26} {warm:>8.4f} {warm / cold:>6.3f} "
+                  f"{warm_s:>7.1f} {warm_s / scratch_s:>6.2f}", flush=True)
+            history = json.loads((root / "runs" / f"{tag}-warm" / "summary.json").read_text())["history"]
+            for record in history:
+                counts = ", ".join(f"{table} {c['held']}/+{c['admitted']}/-{c['evicted']}"
+                                   for table, c in sorted(record.get("ids", {}).items()) if "user" in table)
+                print(f"    warm epoch {record['epoch']}: user ids held/admitted/evicted: {counts}")
 
 
 if __name__ == "__main__":
