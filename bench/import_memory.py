@@ -9,12 +9,13 @@ import s, the import process's peak RSS, rows/s. The last line is `import_rss_gr
 RSS of the largest size over the smallest's.
 
 `--code DIR` imports with another checkout of shardrec (for a before/after comparison in one run).
+`--ids contiguous,raw` imports each file once per id mode (`data import --ids`), each row then
+ending with its mode and its peak RSS as a ratio to the size's first mode.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -56,22 +57,27 @@ def input_file(rows: int, root: Path) -> Path:
     return path
 
 
-def import_once(source: Path, out: Path, code: Path) -> tuple[float, float]:
-    """(seconds, peak RSS MB) of one `data import` in a fresh process running `code`'s shardrec."""
+PEAK_MARK = "import peak RSS kB "
+
+
+def import_once(source: Path, out: Path, code: Path, ids: str = "") -> tuple[float, float]:
+    """(seconds, peak RSS MB) of one `data import` in a fresh process running `code`'s shardrec (the
+    process reports its own peak: the imports of one benchmark run are all this process's children)."""
     shutil.rmtree(out, ignore_errors=True)
-    program = ("import sys; sys.path.insert(0, sys.argv[1]); from launcher.cli import main; "
-               "sys.exit(main(sys.argv[2:]))")
+    program = ("import resource, sys; sys.path.insert(0, sys.argv[1]); from launcher.cli import main; "
+               "code = main(sys.argv[2:]); "
+               f"print({PEAK_MARK!r} + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), file=sys.stderr); "
+               "sys.exit(code)")
     command = [sys.executable, "-c", program, str(code), "data", "import", str(source), "--user-col", "user",
                "--item-col", "item", "--rating-col", "rating", "--timestamp-col", "ts", "--out", str(out)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if ids:
+        command += ["--ids", ids]
     started = time.monotonic()
     done = subprocess.run(command, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     took = time.monotonic() - started
     if done.returncode != 0:
         sys.exit(f"import of {source} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kb <= before:  # RUSAGE_CHILDREN keeps the largest child so far: sizes run smallest first
-        print(f"note: the import of {source.name} peaked no higher than an earlier one", file=sys.stderr)
+    peak_kb = int(done.stderr.split(PEAK_MARK)[-1].split()[0])
     shutil.rmtree(out, ignore_errors=True)
     return took, peak_kb / 1024
 
@@ -81,16 +87,23 @@ def main() -> None:
     parser.add_argument("--sizes", default="1M,10M,100M", help="rows of the input file, e.g. 1M,10M,100M")
     parser.add_argument("--data-root", type=Path, default=REPO / "runs" / "data" / "import-bench")
     parser.add_argument("--code", type=Path, default=REPO, help="the shardrec checkout to import with")
+    parser.add_argument("--ids", default="", help="comma-separated id modes to import each file with (data import --ids)")
     args = parser.parse_args()
     sizes = sorted(parse_size(size) for size in args.sizes.split(","))
-    print(f"{'rows':>12} {'file MB':>8} {'import s':>9} {'peak RSS MB':>12} {'rows/s':>10}", flush=True)
+    modes = args.ids.split(",") if args.ids else [""]
+    header = f"{'rows':>12} {'file MB':>8} {'import s':>9} {'peak RSS MB':>12} {'rows/s':>10}"
+    print(header + (f" {'ids':>10} {'RSS x':>6}" if args.ids else ""), flush=True)
     peaks = []
     for rows in sizes:
         source = input_file(rows, args.data_root)
-        took, peak = import_once(source, args.data_root / f"imported-{rows}", args.code.resolve())
-        peaks.append(peak)
-        print(f"{rows:12,} {source.stat().st_size / 2**20:8.0f} {took:9.1f} {peak:12,.0f} {rows / took:10,.0f}",
-              flush=True)
+        first = None
+        for mode in modes:
+            took, peak = import_once(source, args.data_root / f"imported-{rows}", args.code.resolve(), mode)
+            first = first or peak
+            if mode == modes[0]:
+                peaks.append(peak)
+            line = f"{rows:12,} {source.stat().st_size / 2**20:8.0f} {took:9.1f} {peak:12,.0f} {rows / took:10,.0f}"
+            print(line + (f" {mode:>10} {peak / first:6.2f}" if args.ids else ""), flush=True)
     print(f"import_rss_growth {peaks[-1] / peaks[0]:.2f}")
 
 

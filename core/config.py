@@ -356,11 +356,13 @@ class IdsSection:
     admitted to a row of its own once it has been seen `admit_after` times within one round of
     `eviction_interval` steps; when the table is full, the round's new ids take the rows of the
     least recently (lru) or least frequently (lfu) used ones; ids without a row share the default
-    row. The remapping state is part of every checkpoint."""
+    row. The remapping state is part of every checkpoint. On a dataset imported with raw ids
+    (`data import --ids raw|hash`) rows are keyed by the raw id, so they carry over to the next
+    day's dataset (`--warm-start`)."""
 
     user_rows: int = 0
-    """Rows of each table that user ids read (NCF's gmf_user and mlp_user); 0: one per user of the
-    dataset. Row-wise sharded; a multiple of the number of ranks."""
+    """Rows of each table that user ids read (NCF's gmf_user and mlp_user, two-tower's user_id);
+    0: one per user of the dataset. Row-wise sharded; a multiple of the number of ranks."""
     item_rows: int = 0
     """The same for the tables item ids read."""
     eviction: str = "lru"
