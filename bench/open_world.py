@@ -1,13 +1,14 @@
 """Tables sized by a budget: managed-collision tables ([ids]) against plain tables, in one run.
 
-    python -m bench.open_world [--model ncf] [--capacities 2,0.5] [--seeds 1] [--ranks 2]
+    python -m bench.open_world [--model ncf] [--capacities 2,0.5] [--seeds 1] [--ranks 2] [--set KEY=VALUE ...]
 
 MovieLens-100K (per-user random 8:1:1, the preset's split) under torchrun on --ranks ranks, the
 preset launcher/configs/<model>_ml100k.toml. For each seed: the preset with plain tables (one row
 per id, the baseline), then with managed user and item tables of capacity x the dataset's users
 and items (rounded up to a multiple of the ranks). Capacity below 1 makes eviction run. Prints test
 NDCG@10 at the best validation epoch and steady samples/s (the median of epochs 2..n), each as a
-ratio to the baseline of the same seed.
+ratio to the baseline of the same seed. `--set model.propagation=sampled` (any config key) applies
+to every run, baseline included: LightGCN's managed tables need sampled propagation.
 
     python -m bench.open_world --continual [--capacities 1,0.5] [--warm-epochs 3]
 
@@ -59,11 +60,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--continual", action="store_true", help="day 1 -> day 2 on raw ids (see the docstring)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (repeatable)")
     parser.add_argument("--warm-epochs", type=int, default=3)
     args = parser.parse_args()
     capacities = [float(c) for c in args.capacities.split(",")]
+    overrides = [part for item in args.set for part in (f"--{item.split('=', 1)[0]}", item.split("=", 1)[1])]
     if args.continual:
-        continual(args.model, capacities, args.ranks, args.warm_epochs)
+        continual(args.model, capacities, args.ranks, args.warm_epochs, overrides)
         return
     with tempfile.TemporaryDirectory(prefix="open-world-") as scratch:
         root = Path(scratch)
@@ -73,7 +77,7 @@ def main() -> None:
         print(f"{args.model} on ML-100K ({dataset.num_users} users, {dataset.num_items} items), {args.ranks} ranks")
         print(f"{'seed':>4}  {'tables':<28} {'NDCG@10':>8} {'ratio':>6} {'samples/s':>10} {'ratio':>6} {'wall s':>7}")
         base = ["--config", str(REPO / f"launcher/configs/{args.model}_ml100k.toml"), "--data.path", str(data),
-                "--trainer.run_root", str(root / "runs")]
+                "--trainer.run_root", str(root / "runs"), *overrides]
         for seed in range(args.seeds):
             cases = [("plain (one row per id)", [])]
             for capacity in capacities:
@@ -107,7 +111,7 @@ def raw_days(root: Path) -> tuple[Path, Path]:
     return days[0], days[1]
 
 
-def continual(model: str, capacities: list[float], ranks: int, warm_epochs: int) -> None:
+def continual(model: str, capacities: list[float], ranks: int, warm_epochs: int, overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="open-world-days-") as scratch:
         root = Path(scratch)
         day1, day2 = raw_days(root)
@@ -117,7 +121,7 @@ def continual(model: str, capacities: list[float], ranks: int, warm_epochs: int)
         for capacity in capacities:
             users, items = (rows_for(n, capacity, ranks) for n in (final.num_users, final.num_items))
             ids = ["--ids.user_rows", str(users), "--ids.item_rows", str(items), "--trainer.run_root",
-                   str(root / "runs"), "--config", config]
+                   str(root / "runs"), "--config", config, *overrides]
             tag = f"c{capacity:g}"
             train(ranks, [*ids, "--data.path", str(day1), "--trainer.run_name", f"{tag}-day1"])
             scratch_s = train(ranks, [*ids, "--data.path", str(day2), "--trainer.run_name", f"{tag}-scratch"])

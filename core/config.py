@@ -31,7 +31,7 @@ TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
 TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
 EVICTION_POLICIES = ("lru", "lfu")
-MANAGED_ID_MODELS = ("ncf", "two_tower")
+MANAGED_ID_MODELS = ("ncf", "two_tower", "lightgcn")
 """Models whose tables can be managed-collision tables (ids.user_rows / ids.item_rows)."""
 RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
 """The metrics of each evaluation protocol, in the order an evaluation sums them."""
@@ -361,7 +361,8 @@ class IdsSection:
     day's dataset (`--warm-start`)."""
 
     user_rows: int = 0
-    """Rows of each table that user ids read (NCF's gmf_user and mlp_user, two-tower's user_id);
+    """Rows of each table that user ids read (NCF's gmf_user and mlp_user, two-tower's user_id,
+    LightGCN's user);
     0: one per user of the dataset. Row-wise sharded; a multiple of the number of ranks."""
     item_rows: int = 0
     """The same for the tables item ids read."""
@@ -419,6 +420,9 @@ class RunConfig:
         if self.ids.managed and self.model.name not in MANAGED_ID_MODELS:
             raise UserError(f"ids.user_rows / ids.item_rows (managed-collision tables) are built for "
                             f"{', '.join(MANAGED_ID_MODELS)} so far, not {self.model.name!r}: leave them at 0")
+        if self.ids.managed and self.model.name == "lightgcn" and self.model.resolved_params().propagation != "sampled":
+            raise UserError("LightGCN with managed-collision tables ([ids]) needs model.propagation = 'sampled': full "
+                            "propagation looks up every id at every step, so every id would count as seen")
         if self.ids.managed and self.cluster.min_workers:
             raise UserError("cluster.min_workers (elastic restarts) cannot be used with managed-collision tables "
                             "([ids] user_rows / item_rows): they resume only on the world size that wrote them")

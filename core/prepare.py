@@ -444,10 +444,10 @@ def sample_dataset(source: str | Path, out: str | Path, users: int, seed: int = 
         sub["item_id"] = item_remap[sub["item_id"]]
         write_user_shards(sub, out / split, user_bounds, shuffle=rng if split == "train" else None)
         counts[split] = int(mask.sum())
-    user_raw = pq.read_table(dataset.root / "user_ids.parquet").column("raw_id").to_numpy()[:users]
-    item_raw = pq.read_table(dataset.root / "item_ids.parquet").column("raw_id").to_numpy()[keep_items]
-    pq.write_table(pa.table({"raw_id": user_raw, "id": np.arange(users)}), out / "user_ids.parquet")
-    pq.write_table(pa.table({"raw_id": item_raw, "id": np.arange(len(keep_items))}), out / "item_ids.parquet")
+    pq.write_table(pq.read_table(dataset.root / "user_ids.parquet").slice(0, users), out / "user_ids.parquet")
+    item_map = pq.read_table(dataset.root / "item_ids.parquet").take(pa.array(keep_items))  # raw_text too, if any
+    item_map = item_map.set_column(item_map.column_names.index("id"), "id", pa.array(np.arange(len(keep_items))))
+    pq.write_table(item_map, out / "item_ids.parquet")
     if (dataset.root / "user_features.parquet").exists():
         users_table = pq.read_table(dataset.root / "user_features.parquet")
         pq.write_table(users_table.slice(0, users), out / "user_features.parquet")

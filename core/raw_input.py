@@ -164,6 +164,10 @@ def _hashed_column(column: pa.Array, name: str, where: str) -> tuple[np.ndarray,
         raise UserError(f"{where}: column {name!r} has {column.null_count} empty (null) id(s); every row needs an id")
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
         raise UserError(f"{where}: column {name!r} holds {column.type} values; --ids hash takes text or integer ids")
+    if not pa.types.is_integer(column.type):
+        empty = pc.sum(pc.equal(pc.utf8_length(column), 0)).as_py() or 0
+        if empty:  # a CSV's empty field reads as "", which would otherwise hash like any id
+            raise UserError(f"{where}: column {name!r} has {empty} empty id(s); every row needs an id")
     return hash_strings(column)
 
 

@@ -32,6 +32,7 @@ from core.model_data import ModelData
 from core.model_params import LightGCNParams
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
+from models.managed_ids import managed_columns
 from models import layerwise
 from models.graph import adjacency_tensor
 from models.neighbourhood import NeighbourSampler, rows_of
@@ -58,6 +59,8 @@ class LightGCN(RecModel):
             ],
             device=torch.device(device),
         )
+        self.plain_keys = ["user", "item"]
+        """The tables of `self.tables`: all but those made managed-collision tables ([ids])."""
         # A plain attribute, not a buffer: DistributedModelParallel must neither shard nor broadcast it.
         self.adjacency: torch.Tensor | None = None
         self.sampler: NeighbourSampler | None = None
@@ -81,10 +84,30 @@ class LightGCN(RecModel):
         if self.params.propagation == "full":
             self.adjacency = adjacency_tensor(data.graph).to(self.device)
 
+    def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingBagCollection]:
+        """Take the tables of `columns` ("user_id" -> user, "item_id" -> item) out of `self.tables`
+        for models/managed_ids.manage_model."""
+        configs = {config.name: config for config in self.tables.embedding_bag_configs()}
+        device = next(iter(self.tables.parameters())).device
+        taken = {column: EmbeddingBagCollection(tables=[configs[column.removesuffix("_id")]], device=device)
+                 for column in columns}
+        self.plain_keys = [key for key in self.plain_keys if f"{key}_id" not in taken]
+        self.tables = EmbeddingBagCollection(tables=[configs[key] for key in self.plain_keys], device=device)
+        return taken
+
     def _pooled(self, ids: dict[str, torch.Tensor], width: int | None = None) -> dict[str, torch.Tensor]:
         """Layer-0 rows of `ids` ("user" and/or "item"), through the sharded tables (collective: every
-        rank makes the same call, so each pads to the same `width`; see padded_kjt)."""
-        return self.tables(padded_kjt(["user", "item"], ids, width=width)).to_dict()
+        rank makes the same calls, so each pads to the same `width`; see padded_kjt). A managed
+        table ([ids]) is called only for the key asked: every rank asks for the same keys."""
+        pooled = {}
+        if self.plain_keys:
+            plain = {key: values for key, values in ids.items() if key in self.plain_keys}
+            pooled = self.tables(padded_kjt(self.plain_keys, plain, width=width)).to_dict()
+        for column, managed in managed_columns(self).items():
+            key = column.removesuffix("_id")
+            if key in ids:
+                pooled[key] = managed(managed.features(ids[key], width))[key]
+        return pooled
 
     def layer0(self) -> torch.Tensor:
         """All layer-0 rows [users + items, dim], fetched from whichever ranks hold them (collective)."""

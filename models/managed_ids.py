@@ -22,7 +22,7 @@ from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy,
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from core.config import IdsSection
-from models.features import column_kjt
+from models.features import column_kjt, padded_kjt
 
 ID_SPACE_BITS = 62
 ID_SPACE = 1 << ID_SPACE_BITS
@@ -93,9 +93,13 @@ class ManagedColumn(nn.Module):
         """What the tables key rows by, for the dataset's `ids`: the raw or dataset id, spread."""
         return spread_ids(self.raw_ids[ids] if self.raw_ids is not None else ids)
 
-    def features(self, ids: torch.Tensor) -> KeyedJaggedTensor:
-        """One id per sample for every table of the column."""
-        return column_kjt(self.feature_names, self.keys_of(ids))
+    def features(self, ids: torch.Tensor, width: int | None = None) -> KeyedJaggedTensor:
+        """One id per sample for every table of the column, padded with empty samples to `width`
+        (models/features.padded_kjt)."""
+        if width is None:
+            return column_kjt(self.feature_names, self.keys_of(ids))
+        keys = self.keys_of(ids)
+        return padded_kjt(self.feature_names, {name: keys for name in self.feature_names}, width=width)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         pooled, _ = self.collection(features)

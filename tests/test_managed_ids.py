@@ -57,12 +57,19 @@ def test_managed_tables_refuse_what_they_cannot_do():
     with pytest.raises(UserError, match="cannot be split evenly over 128 ranks"):
         config.ids.check_ranks(128)
     config.set("model.name", "sasrec")
-    with pytest.raises(UserError, match="built for ncf, two_tower so far"):
+    with pytest.raises(UserError, match="built for ncf, two_tower, lightgcn so far"):
         config.validate()
     config.set("model.name", "ncf")
     config.set("cluster.min_workers", 1)
     with pytest.raises(UserError, match="elastic"):
         config.validate()
+    graph = RunConfig()
+    graph.set("ids.item_rows", 100)
+    graph.set("model.name", "lightgcn")
+    with pytest.raises(UserError, match="needs model.propagation = 'sampled'"):
+        graph.validate()
+    graph.set("model.propagation", "sampled")
+    graph.validate()
 
 
 def _config(data: Path, users: int, items: int) -> str:
@@ -79,7 +86,9 @@ def _batches(dataset: PreparedDataset, rank: int, world: int, steps: int, seed: 
         negatives = rng.integers(0, dataset.num_items, len(rows))
         batches.append({"user_id": torch.as_tensor(np.concatenate([train["user_id"][rows], train["user_id"][rows]])),
                         "item_id": torch.as_tensor(np.concatenate([train["item_id"][rows], negatives])),
-                        "label": torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))])})
+                        "label": torch.cat([torch.ones(len(rows)), torch.zeros(len(rows))]),
+                        # for pairwise models (LightGCN); NCF reads the labels
+                        "neg_item_id": torch.as_tensor(np.concatenate([negatives, negatives[::-1]]))})
     return batches
 
 

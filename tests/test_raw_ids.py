@@ -121,19 +121,31 @@ def test_raw_ids_refuse_bad_input_and_mixed_modes(ml100k_small, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+MODEL_SETTINGS = {"ncf": [("model.dropout", 0.0)], "two_tower": [("model.dropout", 0.0)],
+                  "lightgcn": [("model.propagation", "sampled")]}
+
+
 def _managed(model: str, data: Path, users: int, items: int, **more) -> str:
-    overrides = [("data.path", str(data)), ("ids.user_rows", users), ("ids.item_rows", items), ("model.dropout", 0.0)]
+    overrides = [("data.path", str(data)), ("ids.user_rows", users), ("ids.item_rows", items), *MODEL_SETTINGS[model]]
     return load_config(f"launcher/configs/{model}_ml100k.toml", overrides + list(more.items())).to_json()
 
 
 def _vectors(sharded, dense_users: np.ndarray) -> np.ndarray:
-    """What the model makes of these dataset ids' users (a collective): NCF's GMF user rows, the
-    two-tower user tower's output."""
+    """What the model makes of these dataset ids' users from their own rows (a collective): NCF's GMF
+    user rows, two-tower's user tower, LightGCN's layer-0 rows (its propagated ones also read the
+    day's graph)."""
     sharded.dmp.eval()
     users = torch.from_numpy(dense_users)
+    model = sharded.model
     with torch.no_grad():
-        if sharded.model.retrieval_key is not None:
-            return sharded.model.vectors("user_id", users)[sharded.model.retrieval_key].numpy().copy()
+        if hasattr(model, "node_rows"):
+            return model.node_rows(dense_users).numpy().copy()
+        if model.retrieval_key is not None:
+            model.begin_ranking()
+            try:
+                return model.vectors("user_id", users)[model.retrieval_key].numpy().copy()
+            finally:
+                model.end_ranking()
         tables = sharded.model.tables
         return tables["user_id"](tables.features("user_id", users))["gmf_user"].numpy().copy()
 
@@ -178,7 +190,7 @@ def _day_two(rank: int, world: int, config_json: str, path: str, dense_users: np
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("model", ["ncf", "two_tower"])
+@pytest.mark.parametrize("model", ["ncf", "two_tower", "lightgcn"])
 def test_a_warm_start_on_the_next_days_raw_ids_finds_each_users_row(ml100k_small, tmp_path, model):
     everyone = _raw_log(ml100k_small)
     day1 = _raw_log(ml100k_small, users=slice(0, 48))  # day 2 adds 20% new users
@@ -242,22 +254,26 @@ def _train_and_rank_everything(rank: int, world: int, config_json: str, path: st
                     {"epoch": 1, "step": 12, "world_size": world, "config": json.loads(config_json)})
     sharded.dmp.eval()
     model = sharded.model
+    key = model.retrieval_key
     with torch.no_grad():
-        users = model.vectors("user_id", torch.arange(dataset.num_users))["tower"]
-        items = model.vectors("item_id", torch.arange(dataset.num_items))["tower"]
+        model.begin_ranking()
+        users = model.vectors("user_id", torch.arange(dataset.num_users))[key]
+        items = model.vectors("item_id", torch.arange(dataset.num_items))[key]
+        model.end_ranking()
     return {"users": users.numpy().copy(), "items": items.numpy().copy()}
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-def test_an_export_of_managed_tables_gives_the_trained_models_vectors_by_raw_id(ml100k_small, tmp_path):
+@pytest.mark.parametrize("model", ["two_tower", "lightgcn"])
+def test_an_export_of_managed_tables_gives_the_trained_models_vectors_by_raw_id(ml100k_small, tmp_path, model):
     from trainers.export import export_run
     from trainers.retrieval import ExactIndex
 
     _import(_write(_raw_log(ml100k_small), tmp_path / "log.parquet"), tmp_path / "raw", "raw")
     dataset = PreparedDataset.open(tmp_path / "raw")
     # fewer item rows than items: some items share their block's row, and the export says which
-    config_json = _managed("two_tower", tmp_path / "raw", 64, 256)
+    config_json = _managed(model, tmp_path / "raw", 64, 256)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text(config_json)
