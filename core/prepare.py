@@ -73,7 +73,8 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
     """Raw interactions -> a prepared dataset in `out`, in memory bounded by the id maps and one shard:
 
     1. one pass over the input finds the users (with their row counts) and the items, and so the
-       contiguous ids and the user shards' bounds;
+       contiguous ids and the user shards' bounds (with --ids raw|hash: the items alone; a user's
+       shard is a hash of its raw id, and step 3 numbers each shard's users);
     2. a second pass maps the ids and appends each row to its user shard's bucket file;
     3. each bucket alone is de-duplicated (a repeated pair is one positive, its latest occurrence),
        ordered into histories, split and written, with its own seeded generator (seed, shard), so the
@@ -93,24 +94,10 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
                         "new folder")
     parent = _parent_id_maps(options.extend_ids, out)
     started = time.monotonic()
-    raw_mode = options.ids != "contiguous"
-    if raw_mode:
-        item_raw, rows, item_collisions, item_text = _scan_items(batches, options)
-        users, items = None, IdMap.extending(None, item_raw, item_text)
-        shards = options.shards or auto_shards(rows)
-        bounds = [0]
-        say(f"pass 1/3: {rows:,} rows, {len(item_raw):,} items; users sharded by a hash of their ids over {shards} "
-            f"shards ({time.monotonic() - started:.0f} s)")
-    else:
-        user_raw, user_rows, item_raw, rows = _scan(batches, options)
-        users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
-        shards = options.shards or auto_shards(rows)
-        rows_per_user = np.zeros(users.count, dtype=np.int64)
-        rows_per_user[users.ids_of(user_raw)] = user_rows
-        bounds = balanced_user_bounds(rows_per_user, shards)
-        extended = f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)" if parent[0] is not None else ""
-        say(f"pass 1/3: {rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards "
-            f"({time.monotonic() - started:.0f} s)")
+    first = _first_pass(batches, options, parent)
+    say(f"pass 1/3: {first.summary} ({time.monotonic() - started:.0f} s)")
+    users, items, shards, bounds = first.users, first.items, first.shards, first.bounds
+    raw_mode = users is None
     staging = staging_folder(out, "partial")
     try:
         _bucket(batches, options, users, items, bounds if users else shards, staging / "buckets")
@@ -130,7 +117,7 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
         else:
             users.write(staging / "user_ids.parquet")
         items.write(staging / "item_ids.parquet")
-        user_count = bounds[-1] if raw_mode else users.count
+        user_count = bounds[-1]
         interactions = sum(split_counts.values())
         stats = {
             "format": FORMAT,
@@ -150,7 +137,7 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
             "tied_last_timestamps": tied if options.split == "loo" else None,
         }
         if options.ids == "hash":
-            stats["collisions"] = {"users": user_map.collisions, "items": item_collisions}
+            stats["collisions"] = {"users": user_map.collisions, "items": first.item_collisions}
         if parent[0] is not None:
             stats["extends"] = {"path": str(Path(options.extend_ids).resolve()), "users": len(parent[0]),
                                 "items": len(parent[1])}
@@ -160,6 +147,37 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return stats
+
+
+@dataclass
+class _FirstPass:
+    """What pass 1 learns: the id maps (no user map with --ids raw|hash), the shard count and the
+    user shards' bounds (with --ids raw|hash only their start: pass 3 appends each shard's end)."""
+    users: "IdMap | None"
+    items: "IdMap"
+    shards: int
+    bounds: list[int]
+    item_collisions: int
+    summary: str
+
+
+def _first_pass(batches: BatchStream, options: PrepareOptions,
+                parent: tuple[np.ndarray | None, np.ndarray | None]) -> _FirstPass:
+    if options.ids != "contiguous":
+        item_raw, rows, item_collisions, item_text = _scan_items(batches, options)
+        shards = options.shards or auto_shards(rows)
+        return _FirstPass(None, IdMap.extending(None, item_raw, item_text), shards, [0], item_collisions,
+                          f"{rows:,} rows, {len(item_raw):,} items; users sharded by a hash of their ids over "
+                          f"{shards} shards")
+    user_raw, user_rows, item_raw, rows = _scan(batches, options)
+    users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
+    shards = options.shards or auto_shards(rows)
+    rows_per_user = np.zeros(users.count, dtype=np.int64)
+    rows_per_user[users.ids_of(user_raw)] = user_rows
+    extended = (f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)"
+                if parent[0] is not None else "")
+    return _FirstPass(users, items, shards, balanced_user_bounds(rows_per_user, shards), 0,
+                      f"{rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards")
 
 
 @dataclass
@@ -205,10 +223,9 @@ def _parent_id_maps(parent: str | Path | None, out: Path) -> tuple[np.ndarray | 
     if parent is None:
         return None, None
     dataset = PreparedDataset.open(parent)  # a clear error when it is not a prepared dataset
-    if dataset.stats.get("ids", "contiguous") != "contiguous":
-        raise UserError(f"--extend-ids {parent}: that dataset was imported with --ids {dataset.stats['ids']}; "
-                        "its ids need no extending (import the next day with --ids "
-                        f"{dataset.stats['ids']} on its own)")
+    if dataset.id_mode != "contiguous":
+        raise UserError(f"--extend-ids {parent}: that dataset was imported with --ids {dataset.id_mode}; "
+                        f"its ids need no extending (import the next day with --ids {dataset.id_mode} on its own)")
     if out.exists() and out.resolve() == dataset.root.resolve():
         raise UserError(f"--extend-ids {parent} is --out itself: write the extended dataset to a new folder")
     return raw_ids(dataset, "user", f"--extend-ids {parent}"), raw_ids(dataset, "item", f"--extend-ids {parent}")

@@ -109,7 +109,6 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_loopback_port())
         dist.init_process_group("gloo", rank=0, world_size=1)
-    held: dict[str, np.ndarray] = {}
     try:
         config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}
         # Managed id tables ([ids]) are exported through plain ones, one row per dataset id
@@ -121,26 +120,7 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
             raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
-        state = sharded.dmp.state_dict()
-        filled = {key for key, table, _ in table_weights(state) if table in
-                  {name for names in managed.values() for name in names}}
-        weights = {"model": {key: value for key, value in state.items() if key not in filled}}
-        logging.disable(logging.WARNING)  # DCP logs each failed metadata read with its traceback
-        try:
-            checkpoint.load(weights, latest, restore_rng=False)
-            for column, names in managed.items():
-                for name in names:
-                    rows = read_managed_rows(latest, name)
-                    row, held[column] = rows.rows_of(table_keys(dataset, column))
-                    fill_plain_table(state, name, rows.weight[torch.from_numpy(row)])
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            if isinstance(exc, UserError):
-                raise
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{latest}: cannot read this checkpoint ({reason})") from None
-        finally:
-            logging.disable(logging.NOTSET)
-        sharded.dmp.load_state_dict(state)
+        held = _load_weights(sharded, latest, managed, dataset)
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
         if isinstance(sharded.model, TwoTower):
@@ -164,6 +144,35 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
         info["held"] = {column.removesuffix("_id") + "s": int(flags.sum()) for column, flags in held.items()}
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return {**info, "out": str(out)}
+
+
+def _load_weights(sharded: ShardedModel, path: Path, managed: dict[str, list[str]],
+                  dataset: PreparedDataset) -> dict[str, np.ndarray]:
+    """Load checkpoint `path`'s weights into the one-rank export model; the plain tables standing for
+    managed ones (`managed`: column -> table names) get each dataset id's managed row. Returns, per
+    managed column, whether each id had a row of its own."""
+    state = sharded.dmp.state_dict()
+    standing_in = {name for names in managed.values() for name in names}
+    filled = {key for key, table, _ in table_weights(state) if table in standing_in}
+    held: dict[str, np.ndarray] = {}
+    logging.disable(logging.WARNING)  # DCP logs each failed metadata read with its traceback
+    try:
+        checkpoint.load({"model": {key: value for key, value in state.items() if key not in filled}}, path,
+                        restore_rng=False)
+        for column, names in managed.items():
+            for name in names:
+                rows = read_managed_rows(path, name)
+                row, held[column] = rows.rows_of(table_keys(dataset, column))
+                fill_plain_table(state, name, rows.weight[torch.from_numpy(row)])
+    except UserError:
+        raise
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read this checkpoint ({reason})") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    sharded.dmp.load_state_dict(state)
+    return held
 
 
 def _export_delta(run_dir: Path, out: Path, since: Path) -> dict[str, Any]:
