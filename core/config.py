@@ -31,6 +31,10 @@ TABLE_OPTIMIZERS = ("rowwise_adagrad", "sgd", "adam")
 TRAIN_PIPELINES = ("auto", "plain", "sparse_dist")
 COMMS_PRECISIONS = ("fp32", "fp16", "bf16")
 EVICTION_POLICIES = ("lru", "lfu")
+MIN_EVICTION_INTERVAL = 20
+ROWS_PER_ROUND_STEP = 10_000
+"""ids.eviction_interval = 0: a round every (rows of a rank's block / this) steps, at least
+MIN_EVICTION_INTERVAL (the cost of rounds against their interval: bench/RESULTS.md, Open-world ids)."""
 MANAGED_ID_MODELS = ("ncf", "two_tower", "lightgcn")
 """Models whose tables can be managed-collision tables (ids.user_rows / ids.item_rows)."""
 RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
@@ -371,8 +375,10 @@ class IdsSection:
     "lfu" (least often seen ids)."""
     admit_after: int = 1
     """Times an id must be seen within one round before it gets a row of its own."""
-    eviction_interval: int = 20
-    """Training steps per round of admission and eviction (ids seen in a round are admitted at its end)."""
+    eviction_interval: int = 0
+    """Training steps per round of admission and eviction (ids seen in a round are admitted at its
+    end). 0: one step per 10,000 rows of a rank's block of the table, and at least 20: a round
+    sorts and merges the whole block, so large tables run rounds less often."""
 
     def validate(self) -> None:
         for key in ("user_rows", "item_rows"):
@@ -383,12 +389,19 @@ class IdsSection:
         if self.admit_after < 1:
             raise UserError(f"ids.admit_after must be at least 1 (times an id is seen before it gets a row), "
                             f"got {self.admit_after}")
-        if self.eviction_interval < 1:
-            raise UserError(f"ids.eviction_interval must be at least 1 step, got {self.eviction_interval}")
+        if self.eviction_interval < 0:
+            raise UserError(f"ids.eviction_interval must be a number of steps (0: chosen by the table's size), "
+                            f"got {self.eviction_interval}")
 
     @property
     def managed(self) -> bool:
         return bool(self.user_rows or self.item_rows)
+
+    def interval_for(self, rows: int, ranks: int) -> int:
+        """Steps per round of a managed table of `rows` rows split over `ranks` ranks."""
+        if self.eviction_interval:
+            return self.eviction_interval
+        return max(MIN_EVICTION_INTERVAL, -(-rows // ranks) // ROWS_PER_ROUND_STEP)
 
     def check_ranks(self, ranks: int) -> None:
         """A managed table is split into one block of rows per rank: refused before any rank starts

@@ -74,7 +74,8 @@ class ManagedColumn(nn.Module):
         device = next(iter(collection.parameters())).device
         modules = {config.name: MCHManagedCollisionModule(
             zch_size=rows, device=device, eviction_policy=eviction_policy(ids),
-            eviction_interval=ids.eviction_interval, input_hash_size=ID_SPACE, buckets=ranks, name=config.name)
+            eviction_interval=ids.interval_for(rows, ranks), input_hash_size=ID_SPACE, buckets=ranks,
+            name=config.name)
             for config in configs}
         self.table_names = [config.name for config in configs]
         self.feature_names = [name for config in configs for name in config.feature_names]

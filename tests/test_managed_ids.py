@@ -38,13 +38,22 @@ def test_spread_ids_are_a_fixed_function_that_covers_the_id_space_evenly():
     (("ids.admit_after", 0), "ids.admit_after must be at least 1"),
     (("ids.eviction", "fifo"), "ids.eviction must be one of lru, lfu"),
     (("ids.user_rows", -5), "ids.user_rows must be 0"),
-    (("ids.eviction_interval", 0), "ids.eviction_interval must be at least 1"),
+    (("ids.eviction_interval", -1), "ids.eviction_interval must be a number of steps"),
 ])
 def test_bad_id_settings_are_refused_with_one_line(override, message):
     config = RunConfig()
     config.set(*override)
     with pytest.raises(UserError, match=message):
         config.validate()
+
+
+@pytest.mark.unit
+def test_rounds_are_rarer_on_large_blocks_unless_set():
+    config = RunConfig()
+    assert config.ids.interval_for(1886, 2) == 20  # ML-100K sizes: the minimum
+    assert config.ids.interval_for(4_000_000, 2) == 200  # 2M rows a rank
+    config.set("ids.eviction_interval", 7)
+    assert config.ids.interval_for(4_000_000, 2) == 7
 
 
 @pytest.mark.unit
