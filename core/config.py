@@ -35,7 +35,7 @@ MIN_EVICTION_INTERVAL = 20
 ROWS_PER_ROUND_STEP = 10_000
 """ids.eviction_interval = 0: a round every (rows of a rank's block / this) steps, at least
 MIN_EVICTION_INTERVAL (the cost of rounds against their interval: bench/RESULTS.md, Open-world ids)."""
-MANAGED_ID_MODELS = ("ncf", "two_tower", "lightgcn")
+MANAGED_ID_MODELS = ("ncf", "two_tower", "lightgcn", "sasrec", "bert4rec", "gru4rec")
 """Models whose tables can be managed-collision tables (ids.user_rows / ids.item_rows)."""
 RANKING_METRICS = {"full": ("recall", "ndcg", "hit", "mrr"), "sampled": ("hit", "ndcg", "mrr")}
 """The metrics of each evaluation protocol, in the order an evaluation sums them."""
@@ -369,7 +369,7 @@ class IdsSection:
     LightGCN's user);
     0: one per user of the dataset. Row-wise sharded; a multiple of the number of ranks."""
     item_rows: int = 0
-    """The same for the tables item ids read."""
+    """The same for the tables item ids read (a sequence model's item table too)."""
     eviction: str = "lru"
     """Which rows new ids take when a managed table is full: "lru" (least recently seen ids) or
     "lfu" (least often seen ids)."""
@@ -436,6 +436,13 @@ class RunConfig:
         if self.ids.managed and self.model.name == "lightgcn" and self.model.resolved_params().propagation != "sampled":
             raise UserError("LightGCN with managed-collision tables ([ids]) needs model.propagation = 'sampled': full "
                             "propagation looks up every id at every step, so every id would count as seen")
+        if self.ids.managed and is_sequence_model(self.model.resolved_params()):
+            if self.ids.user_rows:
+                raise UserError(f"{self.model.name} has no user table: ids.user_rows must stay 0 (ids.item_rows sizes "
+                                "its item table)")
+            if not self.model.resolved_params().tie_output:
+                raise UserError("a managed item table ([ids] item_rows) needs model.tie_output = true: an output "
+                                "table of its own would still have one row per item of the dataset")
         if self.ids.managed and self.cluster.min_workers:
             raise UserError("cluster.min_workers (elastic restarts) cannot be used with managed-collision tables "
                             "([ids] user_rows / item_rows): they resume only on the world size that wrote them")

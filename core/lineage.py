@@ -19,6 +19,7 @@ import numpy as np
 from core.config import RunConfig, config_from_json
 from core.dataset_format import PreparedDataset, raw_ids
 from core.errors import UserError
+from core.model_params import is_sequence_model
 from core.run_folder import check_id_settings, checkpoint_problem, complete_checkpoints, model_changes, read_progress
 
 
@@ -81,6 +82,8 @@ def _check_ids_carry_over(before: Path, config: RunConfig, parent: Path) -> None
                         f"{now} with --ids {new.id_mode}; one model's ids cannot mix the two")
     if new.id_mode != "contiguous":
         rows = {"user": config.ids.user_rows, "item": config.ids.item_rows}
+        if is_sequence_model(config.model.resolved_params()):
+            del rows["user"]  # no user table: users are their histories
         plain = [kind for kind, count in rows.items() if not count]
         if plain:
             raise UserError(f"--warm-start {parent}: on datasets imported with --ids {new.id_mode} each dataset "

@@ -12,6 +12,7 @@ collectives (sharded lookups): every rank calls it the same number of times with
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -42,6 +43,12 @@ class RecModel(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scalar training loss for a batch of id columns (see the model's batch kind)."""
         raise NotImplementedError
+
+    def table_row_keys(self, column: str, keys: np.ndarray) -> tuple[np.ndarray, slice]:
+        """Exporting a managed-collision table ([ids]) through a plain one: given the keys of the
+        dataset's ids 0..n-1 of `column`, the key of each row of the plain table, and where the
+        ids' rows are among them. Default: row i is id i."""
+        return keys, slice(0, len(keys))
 
     def pipeline_input(self, batch: Batch) -> FeatureBatch | None:
         """`batch` with its table features built outside `forward`, for TorchRec's train pipeline;

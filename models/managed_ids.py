@@ -10,16 +10,19 @@ a dataset's small contiguous ids or clustered raw ids land on every rank alike.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from typing import Iterator
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import (ManagedCollisionEmbeddingBagCollection,
+                                                   ManagedCollisionEmbeddingCollection)
 from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy, ManagedCollisionCollection,
                                          MCHEvictionPolicy, MCHManagedCollisionModule)
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from core.config import IdsSection
 from models.features import column_kjt, padded_kjt
@@ -64,13 +67,14 @@ class ManagedColumn(nn.Module):
     it replaces (KJT -> pooled KeyedTensor), with `features(ids)` building that KJT from the
     dataset's ids."""
 
-    def __init__(self, collection: EmbeddingBagCollection, rows: int, ids: IdsSection, ranks: int,
-                 init_std: float) -> None:
+    def __init__(self, collection: EmbeddingBagCollection | EmbeddingCollection, rows: int, ids: IdsSection,
+                 ranks: int, init_std: float) -> None:
         super().__init__()
         # An evicted row is re-initialised as a new one is (the trainer's normal(0, init_std)).
         init = functools.partial(torch.nn.init.normal_, mean=0.0, std=init_std)
-        configs = [dataclasses.replace(config, num_embeddings=rows, init_fn=init)
-                   for config in collection.embedding_bag_configs()]
+        pooled = isinstance(collection, EmbeddingBagCollection)
+        configs = [dataclasses.replace(config, num_embeddings=rows, init_fn=init) for config in
+                   (collection.embedding_bag_configs() if pooled else collection.embedding_configs())]
         device = next(iter(collection.parameters())).device
         modules = {config.name: MCHManagedCollisionModule(
             zch_size=rows, device=device, eviction_policy=eviction_policy(ids),
@@ -79,11 +83,10 @@ class ManagedColumn(nn.Module):
             for config in configs}
         self.table_names = [config.name for config in configs]
         self.feature_names = [name for config in configs for name in config.feature_names]
-        self.collection = ManagedCollisionEmbeddingBagCollection(
-            EmbeddingBagCollection(tables=configs, device=device),
-            ManagedCollisionCollection(modules, configs),
-            allow_in_place_embed_weight_update=True,
-        )
+        wrapper, inner = ((ManagedCollisionEmbeddingBagCollection, EmbeddingBagCollection) if pooled
+                          else (ManagedCollisionEmbeddingCollection, EmbeddingCollection))
+        self.collection = wrapper(inner(tables=configs, device=device), ManagedCollisionCollection(modules, configs),
+                                  allow_in_place_embed_weight_update=True)
         self.raw_ids: torch.Tensor | None = None
         """The raw id of each dataset id, on a dataset imported with raw ids (`data import --ids
         raw|hash`): rows are then keyed by the raw id, so a user or item keeps its row in the next
@@ -102,9 +105,23 @@ class ManagedColumn(nn.Module):
         keys = self.keys_of(ids)
         return padded_kjt(self.feature_names, {name: keys for name in self.feature_names}, width=width)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        pooled, _ = self.collection(features)
-        return pooled
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor | dict[str, JaggedTensor]:
+        looked_up, _ = self.collection(features)
+        return looked_up
+
+    @contextlib.contextmanager
+    def unseen(self) -> Iterator[None]:
+        """Lookups inside are remapped but not counted as sightings (no admission, no recency):
+        for ids a model scores against rather than reads, such as a sequence model's candidates."""
+        modules = [module for module in self.modules() if isinstance(module, MCHManagedCollisionModule)]
+        modes = [module.training for module in modules]
+        for module in modules:
+            module.training = False
+        try:
+            yield
+        finally:
+            for module, mode in zip(modules, modes):
+                module.training = mode
 
 
 MANAGED_COLUMNS = ("user_id", "item_id")

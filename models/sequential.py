@@ -10,6 +10,10 @@ other table. One lookup per step fetches both the history tokens and the candida
 output layer is the sharded table itself rather than the seed's dense [hidden, n_items] layer, whose
 size would grow with the catalogue on every rank. `tie_output = false` gives the output its own
 sharded table (`item_output`) instead.
+
+With `ids.item_rows` the item table is a managed-collision table (models/managed_ids.py). Padding
+is then not looked up at all, MASK is keyed by MASK_KEY, and the candidates are looked up in a
+second call that TorchRec does not count as sightings: only the items users read are admitted.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ from core.model_params import SequenceParams
 from core.sequences import SequenceTable
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
+from models.managed_ids import ID_SPACE, ManagedColumn, managed_columns
+
+MASK_KEY = ID_SPACE - 1
+"""What a managed item table keys BERT4Rec's MASK token by: the top of the key space (an item's
+spread id lands there with probability 2^-62)."""
 
 # nn.TransformerEncoder asks torch.fx whether it is being traced on every call, and torch answers
 # with a once-per-process deprecation warning about its own API: nothing a user can act on.
@@ -86,9 +95,50 @@ class SequenceModel(RecModel):
         data.require("sequences", type(self).__name__)
         self.histories = data.sequences
 
+    def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingCollection]:
+        """The item table, taken out of `self.tables` for models/managed_ids.manage_model (a sequence
+        model has no user table; the config refuses user_rows and an untied output table)."""
+        configs = {config.name: config for config in self.tables.embedding_configs()}
+        device = next(iter(self.tables.parameters())).device
+        taken = {"item_id": EmbeddingCollection(tables=[configs["item"]], device=device)} if "item_id" in columns else {}
+        if taken:
+            self.tables = EmbeddingCollection(tables=[c for name, c in configs.items() if name != "item"], device=device)
+        return taken
+
+    def table_row_keys(self, column: str, keys: np.ndarray) -> tuple[np.ndarray, slice]:
+        """Row 0 is padding (never read; keyed like MASK), row i + 1 item i, then MASK's row."""
+        mask = np.array([MASK_KEY], dtype=np.int64)
+        rows = [mask, np.asarray(keys, dtype=np.int64), *([mask] if self.uses_mask_token else [])]
+        return np.concatenate(rows), slice(1, 1 + len(keys))
+
+    def _token_keys(self, managed: ManagedColumn, tokens: torch.Tensor) -> torch.Tensor:
+        """Managed item table: what each (non-padding) token's row is keyed by."""
+        keys = torch.full_like(tokens, MASK_KEY)
+        items = tokens <= self.num_items
+        keys[items] = managed.keys_of(tokens[items] - 1)
+        return keys
+
+    def _managed_lookup(self, managed: ManagedColumn, tokens: torch.Tensor,
+                        candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """lookup() through a managed item table: two collective calls, the history's (sightings)
+        and the candidates' (not)."""
+        flat = tokens.reshape(-1)
+        real = flat != 0
+        history = torch.zeros(len(flat), self.params.embed_dim, device=flat.device)
+        names = managed.feature_names
+        rows = managed(padded_kjt(names, {"history": self._token_keys(managed, flat[real])}))["history"].values()
+        history = history.to(rows.dtype).index_put((real.nonzero().squeeze(1),), rows)
+        with managed.unseen():
+            looked_up = managed(padded_kjt(names, {"candidates": self._token_keys(managed, candidates.to(flat.device))}))
+        return (history.reshape(tokens.shape[0], tokens.shape[1], self.params.embed_dim),
+                looked_up["candidates"].values())
+
     def lookup(self, tokens: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One sharded lookup (collective): tokens [B, L] -> [B, L, d] with padding zeroed, and
         candidate tokens [C] -> [C, d] from the output table."""
+        managed = managed_columns(self).get("item_id")
+        if managed is not None:
+            return self._managed_lookup(managed, tokens, candidates)
         flat = tokens.reshape(-1)
         looked_up = self.tables(padded_kjt(["history", "candidates"], {"history": flat, "candidates": candidates.to(flat.device)}))
         history = looked_up["history"].values().reshape(tokens.shape[0], tokens.shape[1], self.params.embed_dim)

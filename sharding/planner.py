@@ -11,6 +11,7 @@ from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import ShardingType
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
 from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.proposers import GreedyProposer, GridSearchProposer, UniformProposer
@@ -65,7 +66,8 @@ def make_sharders(comms_forward: str = "fp32", comms_backward: str = "fp32") -> 
         kwargs["qcomm_codecs_registry"] = get_qcomm_codecs_registry(
             QCommsConfig(forward_precision=kinds[comms_forward], backward_precision=kinds[comms_backward]))
     return [CpuCapableEmbeddingBagCollectionSharder(**kwargs), CpuCapableEmbeddingCollectionSharder(**kwargs),
-            ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=CpuCapableEmbeddingBagCollectionSharder(**kwargs))]
+            ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=CpuCapableEmbeddingBagCollectionSharder(**kwargs)),
+            ManagedCollisionEmbeddingCollectionSharder(ec_sharder=CpuCapableEmbeddingCollectionSharder(**kwargs))]
 
 
 def table_names(model: nn.Module) -> list[str]:

@@ -66,8 +66,15 @@ def test_managed_tables_refuse_what_they_cannot_do():
     with pytest.raises(UserError, match="cannot be split evenly over 128 ranks"):
         config.ids.check_ranks(128)
     config.set("model.name", "sasrec")
-    with pytest.raises(UserError, match="built for ncf, two_tower, lightgcn so far"):
+    with pytest.raises(UserError, match="sasrec has no user table"):
         config.validate()
+    config.set("ids.user_rows", 0)
+    config.set("ids.item_rows", 100)
+    config.set("model.tie_output", False)
+    with pytest.raises(UserError, match="needs model.tie_output = true"):
+        config.validate()
+    config = RunConfig()
+    config.set("ids.user_rows", 100)
     config.set("model.name", "ncf")
     config.set("cluster.min_workers", 1)
     with pytest.raises(UserError, match="elastic"):

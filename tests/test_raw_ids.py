@@ -239,6 +239,27 @@ def test_a_warm_start_refuses_ids_that_do_not_carry_over(ml100k_small, tmp_path)
     assert check_warm_start(child(tmp_path / "raw2"), verify=False, world_size=2).name == "epoch-0001"
 
 
+@pytest.mark.unit
+def test_a_sequence_models_warm_start_on_raw_ids_needs_only_its_item_table_managed(ml100k_small, tmp_path):
+    log = _write(_raw_log(ml100k_small), tmp_path / "log.parquet")
+    for name in ("day1", "day2"):
+        _import(log, tmp_path / name, "raw", split="loo")
+    preset = "launcher/configs/sasrec_ml100k.toml"
+    parent = load_config(preset, [("data.path", str(tmp_path / "day1")), ("ids.item_rows", 1024)])
+    run = tmp_path / "run"
+    (run / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run / "config.json").write_text(parent.to_json())
+    (run / "summary.json").write_text("{}")
+    (run / "checkpoints" / "epoch-0001" / "progress.json").write_text(
+        json.dumps({"epoch": 1, "step": 5, "world_size": 2, "files": {}, "config": parent.to_dict()}))
+    child = load_config(preset, [("data.path", str(tmp_path / "day2")), ("trainer.warm_start", str(run)),
+                                 ("ids.item_rows", 1024)])
+    assert check_warm_start(child, verify=False, world_size=2).name == "epoch-0001"
+    child.ids.item_rows = 0
+    with pytest.raises(UserError, match="other id settings"):
+        check_warm_start(child, verify=False, world_size=2)
+
+
 def _train_and_rank_everything(rank: int, world: int, config_json: str, path: str) -> dict:
     from core.config import config_from_json
     from tests.test_managed_ids import _batches, _steps
@@ -307,3 +328,81 @@ def test_search_finds_a_text_user_of_a_hashed_export_by_its_text(tmp_path):
     assert list(index.item_names[index.search(index.users[[1]], 1)[0]]) == ["B02"]
     with pytest.raises(UserError, match="user carol is not in the export"):
         index.user_index("carol")
+
+
+def _sequence_batches(dataset: PreparedDataset, rank: int, world: int, steps: int) -> list[dict]:
+    """Windows of the last 20 train items of 16 users a step, this rank's users only (tokens = item + 1)."""
+    from core.sequences import load_sequences
+
+    table = load_sequences(dataset)
+    mine = [user for user in table.users.tolist() if user % world == rank]
+    batches = []
+    for step in range(steps):
+        users = [mine[(step * 16 + i) % len(mine)] for i in range(16)]
+        histories = [table.history(user, "valid")[-20:] + 1 for user in users]
+        sequence = torch.zeros(16, 20, dtype=torch.int64)
+        for row, history in enumerate(histories):
+            sequence[row, :len(history)] = torch.from_numpy(history)
+        batches.append({"user_id": torch.tensor(users), "sequence": sequence,
+                        "length": torch.tensor([len(h) for h in histories])})
+    return batches
+
+
+def _train_sequence_model(rank: int, world: int, config_json: str, path: str) -> dict:
+    from core.config import config_from_json
+    from tests.test_managed_ids import _steps
+    from trainers import checkpoint
+    from trainers.distributed import setup
+    from trainers.sharded_model import build_sharded_model
+
+    config = config_from_json(config_json)
+    dataset = PreparedDataset.open(config.data.path)
+    sharded = build_sharded_model(config, dataset, setup())
+    _steps(sharded, _sequence_batches(dataset, rank, world, 6))
+    checkpoint.save({"model": sharded.dmp.state_dict(), "optim": sharded.optimizer.state_dict()}, Path(path),
+                    {"epoch": 1, "step": 6, "world_size": world, "config": json.loads(config_json)})
+    held = next(value for key, value in sharded.dmp.state_dict().items() if key.endswith("_mch_sorted_raw_ids"))
+    sharded.dmp.eval()
+    model = sharded.model
+    with torch.no_grad():
+        model.begin_ranking()  # what an export ranks for: after everything known
+        users = model.vectors("user_id", torch.arange(dataset.num_users))["vector"]
+        items = model.vectors("item_id", torch.arange(dataset.num_items))["vector"]
+        model.end_ranking()
+    return {"users": users.numpy().copy(), "items": items.numpy().copy(), "mine": model.histories.users.copy(),
+            "held": held.local_shards()[0].tensor.numpy().copy()}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("model", ["sasrec", "bert4rec"])
+def test_a_managed_item_table_admits_the_items_users_read_not_every_candidate(ml100k_small, tmp_path, model):
+    from models.sequential import MASK_KEY
+    from trainers.export import export_run
+
+    _import(_write(_raw_log(ml100k_small), tmp_path / "log.parquet"), tmp_path / "raw", "raw", split="loo")
+    dataset = PreparedDataset.open(tmp_path / "raw")
+    config_json = load_config(f"launcher/configs/{model}_ml100k.toml", [
+        ("data.path", str(tmp_path / "raw")), ("ids.item_rows", 2 * dataset.num_items), ("ids.eviction_interval", 2),
+        ("model.loss", "softmax")]).to_json()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(config_json)
+    trained = run_ranks(_train_sequence_model, 2, config_json, str(run / "checkpoints" / "epoch-0001"))
+    held = {int(key) for rank in trained for key in rank["held"] if key != torch.iinfo(torch.int64).max}
+    read = np.unique(np.concatenate([batch["sequence"][batch["sequence"] > 0].numpy() - 1 for rank in range(2)
+                                     for batch in _sequence_batches(dataset, rank, 2, 6)]))
+    items = raw_ids(dataset, "item", "test")
+    read_keys = set((spread64(items[read]) & ((1 << 62) - 1)).tolist())
+    # every item is a candidate of the full softmax at every step; only items read as input count
+    # (a window's tokens, less SASRec's last and BERT4Rec's masked ones)
+    assert held - {MASK_KEY} <= read_keys and len(read) < dataset.num_items
+    assert len(held - {MASK_KEY}) > len(read_keys) // 2
+    assert (MASK_KEY in held) == (model == "bert4rec")
+    export_run(run, tmp_path / "export", checkpoint_path=run / "checkpoints" / "epoch-0001")
+    exported = {name: pq.read_table(tmp_path / "export" / f"{name}.parquet").to_pydict() for name in ("users", "items")}
+    np.testing.assert_allclose(np.array(exported["items"]["vector"]), trained[0]["items"], rtol=1e-5, atol=1e-6)
+    for rank in trained:  # a rank ranks the users of its own shards: their histories are its own
+        np.testing.assert_allclose(np.array(exported["users"]["vector"])[rank["mine"]], rank["users"][rank["mine"]],
+                                   rtol=1e-5, atol=1e-5)
+    assert sum(exported["items"]["held"]) == len(held - {MASK_KEY})

@@ -162,7 +162,9 @@ def _load_weights(sharded: ShardedModel, path: Path, managed: dict[str, list[str
         for column, names in managed.items():
             for name in names:
                 rows = read_managed_rows(path, name)
-                row, held[column] = rows.rows_of(table_keys(dataset, column))
+                row_keys, ids_at = sharded.model.table_row_keys(column, table_keys(dataset, column))
+                row, flags = rows.rows_of(row_keys)
+                held[column] = flags[ids_at]
                 fill_plain_table(state, name, rows.weight[torch.from_numpy(row)])
     except UserError:
         raise

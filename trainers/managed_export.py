@@ -59,8 +59,9 @@ def read_managed_rows(checkpoint: Path, table: str) -> ManagedRows:
     if len(found) != 1:
         raise UserError(f"{checkpoint}: no managed-collision state for table {table} (was it trained with [ids]?)")
     prefix = found[0][: found[0].index("_managed_collision_collection")]
+    weights = [key for key in metadata if key.startswith(f"{prefix}_embedding_module.") and key.endswith(f".{table}.weight")]
     names = {"keys": found[0], "rows": found[0].replace("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"),
-             "weight": f"{prefix}_embedding_module.embedding_bags.{table}.weight"}
+             "weight": weights[0] if len(weights) == 1 else f"{prefix}_embedding_module.?.{table}.weight"}
     state = {}
     for name, key in names.items():
         stored = metadata.get(key)
@@ -80,7 +81,8 @@ def read_managed_rows(checkpoint: Path, table: str) -> ManagedRows:
 @torch.no_grad()
 def fill_plain_table(state: dict, table: str, values: torch.Tensor) -> None:
     """Write `values` [rows, dim] into table `table` of a one-rank model's state dict (in place)."""
-    matches = [value for key, value in state.items() if key.endswith(f".embedding_bags.{table}.weight")]
+    matches = [value for key, value in state.items()
+               if key.endswith((f".embedding_bags.{table}.weight", f".embeddings.{table}.weight"))]
     if len(matches) != 1:
         raise RuntimeError(f"the export model has {len(matches)} tables named {table}")
     value = matches[0]
