@@ -2,8 +2,8 @@
 
     python -m bench.open_world [--model ncf] [--capacities 2,0.5] [--seeds 1] [--ranks 2] [--set KEY=VALUE ...]
 
-MovieLens-100K (per-user random 8:1:1, the preset's split) under torchrun on --ranks ranks, the
-preset launcher/configs/<model>_ml100k.toml. For each seed: the preset with plain tables (one row
+MovieLens-100K (the preset's split: per-user random 8:1:1, leave-one-out for the sequence models)
+under torchrun on --ranks ranks, the preset launcher/configs/<model>_ml100k.toml. For each seed: the preset with plain tables (one row
 per id, the baseline), then with managed user and item tables of capacity x the dataset's users
 and items (rounded up to a multiple of the ranks). Capacity below 1 makes eviction run. Prints test
 NDCG@10 at the best validation epoch and steady samples/s (the median of epochs 2..n), each as a
@@ -33,9 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.warm_chain import day_cuts, train
+from core.config import load_config
 from core.dataset_format import PreparedDataset
 from core.id_hash import spread64
 from core.ml100k import ml100k_source, prepare_ml100k
+from core.model_params import is_sequence_model
 from core.prepare import PrepareOptions, prepare_stream
 from core.raw_input import InputColumns, file_batches
 
@@ -72,7 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="open-world-") as scratch:
         root = Path(scratch)
         data = root / "ml-100k"
-        prepare_ml100k(data, PrepareOptions(shards=4))
+        preset = load_config(REPO / f"launcher/configs/{args.model}_ml100k.toml")
+        split = "loo" if is_sequence_model(preset.model.resolved_params()) else "random"  # the preset's split
+        prepare_ml100k(data, PrepareOptions(shards=4, split=split))
         dataset = PreparedDataset.open(data)
         print(f"{args.model} on ML-100K ({dataset.num_users} users, {dataset.num_items} items), {args.ranks} ranks")
         print(f"{'seed':>4}  {'tables':<28} {'NDCG@10':>8} {'ratio':>6} {'samples/s':>10} {'ratio':>6} {'wall s':>7}")
