@@ -4,8 +4,8 @@
 
 MovieLens-100K (the preset's split: per-user random 8:1:1, leave-one-out for the sequence models)
 under torchrun on --ranks ranks, the preset launcher/configs/<model>_ml100k.toml. For each seed: the preset with plain tables (one row
-per id, the baseline), then with managed user and item tables of capacity x the dataset's users
-and items (rounded up to a multiple of the ranks). Capacity below 1 makes eviction run. Prints test
+per id, the baseline), then with managed user and item tables (a sequence model's item table) of
+capacity x the dataset's users and items (rounded up to a multiple of the ranks). Capacity below 1 makes eviction run. Prints test
 NDCG@10 at the best validation epoch and steady samples/s (the median of epochs 2..n), each as a
 ratio to the baseline of the same seed. `--set model.propagation=sampled` (any config key) applies
 to every run, baseline included: LightGCN's managed tables need sampled propagation.
@@ -75,7 +75,8 @@ def main() -> None:
         root = Path(scratch)
         data = root / "ml-100k"
         preset = load_config(REPO / f"launcher/configs/{args.model}_ml100k.toml")
-        split = "loo" if is_sequence_model(preset.model.resolved_params()) else "random"  # the preset's split
+        sequences = is_sequence_model(preset.model.resolved_params())
+        split = "loo" if sequences else "random"  # the preset's split
         prepare_ml100k(data, PrepareOptions(shards=4, split=split))
         dataset = PreparedDataset.open(data)
         print(f"{args.model} on ML-100K ({dataset.num_users} users, {dataset.num_items} items), {args.ranks} ranks")
@@ -86,6 +87,9 @@ def main() -> None:
             cases = [("plain (one row per id)", [])]
             for capacity in capacities:
                 users, items = (rows_for(n, capacity, args.ranks) for n in (dataset.num_users, dataset.num_items))
+                if sequences:  # no user table: the item table alone
+                    cases.append((f"managed {capacity:g}x (-/{items})", ["--ids.item_rows", str(items)]))
+                    continue
                 cases.append((f"managed {capacity:g}x ({users}/{items})",
                               ["--ids.user_rows", str(users), "--ids.item_rows", str(items)]))
             baseline: tuple[float, float] | None = None
