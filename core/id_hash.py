@@ -2,7 +2,8 @@
 
 - `spread64`: splitmix64's finaliser, a bijection of int64 that scatters clustered ids over the
   whole range. `data import --ids raw|hash` puts a user in shard `spread64(id) mod shards`, and
-  managed-collision tables (models/managed_ids.spread_ids, its torch twin) route ids by it.
+  managed-collision tables key rows by it, kept to KEY_SPACE (`table_keys`; models/managed_ids.spread_ids
+  is its torch twin).
 - `hash_strings`: the id of a string id under `--ids hash`: FNV-1a 64 over its UTF-8 bytes, then
   spread64, read as a signed int64. A second FNV-1a with another offset basis is kept beside it as
   a fingerprint, so that two distinct strings with one id (a collision) can be counted without
@@ -17,8 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
+SPLITMIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_MIX_1, _MIX_2 = (np.uint64(multiplier) for multiplier in SPLITMIX_MULTIPLIERS)
+KEY_SPACE_BITS = 62
+KEY_SPACE = 1 << KEY_SPACE_BITS
+"""Managed-collision tables' keys lie in [0, KEY_SPACE): well inside int64, and TorchRec splits this
+range into one block per rank."""
 FNV_PRIME = np.uint64(0x100000001B3)
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 """FNV-1a 64's published offset basis: the id's hash."""
@@ -33,6 +38,11 @@ def spread64(values: np.ndarray) -> np.ndarray:
         mixed = (mixed ^ (mixed >> np.uint64(30))) * _MIX_1
         mixed = (mixed ^ (mixed >> np.uint64(27))) * _MIX_2
     return (mixed ^ (mixed >> np.uint64(31))).view(np.int64)
+
+
+def table_keys(ids: np.ndarray) -> np.ndarray:
+    """What a managed-collision table keys each id by: spread64, kept to KEY_SPACE_BITS bits."""
+    return spread64(ids) & (KEY_SPACE - 1)
 
 
 def shard_of_raw(values: np.ndarray, shards: int) -> np.ndarray:

@@ -97,14 +97,14 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
     first = _first_pass(batches, options, parent)
     say(f"pass 1/3: {first.summary} ({time.monotonic() - started:.0f} s)")
     users, items, shards, bounds = first.users, first.items, first.shards, first.bounds
-    raw_mode = users is None
     staging = staging_folder(out, "partial")
     try:
-        _bucket(batches, options, users, items, bounds if users else shards, staging / "buckets")
+        _bucket(batches, options, first, staging / "buckets")
         say(f"pass 2/3: rows bucketed by user shard ({time.monotonic() - started:.0f} s)")
         split_counts = {split: 0 for split in SPLITS}
         tied = 0
-        user_map = _ShardUserIds(staging / "user_ids.parquet", options.ids == "hash") if raw_mode else None
+        # without a user map (--ids raw|hash) pass 3 numbers each shard's users
+        user_map = _ShardUserIds(staging / "user_ids.parquet", options.ids == "hash") if users is None else None
         for shard in range(shards):
             counts, shard_tied = _finish_shard(staging, shard, bounds, options, user_map)
             tied += shard_tied
@@ -117,16 +117,15 @@ def prepare_stream(batches: BatchStream, out: str | Path, options: PrepareOption
         else:
             users.write(staging / "user_ids.parquet")
         items.write(staging / "item_ids.parquet")
-        user_count = bounds[-1]
         interactions = sum(split_counts.values())
         stats = {
             "format": FORMAT,
             "source": source,
             "ids": options.ids,
-            "users": user_count,
+            "users": bounds[-1],
             "items": items.count,
             "interactions": int(interactions),
-            "density": float(interactions) / (user_count * items.count),
+            "density": float(interactions) / (bounds[-1] * items.count),
             "splits": split_counts,
             "split_method": options.split,
             "ratios": list(options.ratios) if options.split == "random" else None,
@@ -163,21 +162,21 @@ class _FirstPass:
 
 def _first_pass(batches: BatchStream, options: PrepareOptions,
                 parent: tuple[np.ndarray | None, np.ndarray | None]) -> _FirstPass:
-    if options.ids != "contiguous":
-        item_raw, rows, item_collisions, item_text = _scan_items(batches, options)
-        shards = options.shards or auto_shards(rows)
-        return _FirstPass(None, IdMap.extending(None, item_raw, item_text), shards, [0], item_collisions,
-                          f"{rows:,} rows, {len(item_raw):,} items; users sharded by a hash of their ids over "
-                          f"{shards} shards")
-    user_raw, user_rows, item_raw, rows = _scan(batches, options)
-    users, items = IdMap.extending(parent[0], user_raw), IdMap.extending(parent[1], item_raw)
-    shards = options.shards or auto_shards(rows)
+    scanned = _scan(batches, options)
+    shards = options.shards or auto_shards(scanned.rows)
+    if scanned.users is None:
+        return _FirstPass(None, IdMap.extending(None, scanned.items, scanned.item_text), shards, [0],
+                          scanned.item_collisions,
+                          f"{scanned.rows:,} rows, {len(scanned.items):,} items; users sharded by a hash of their "
+                          f"ids over {shards} shards")
+    users, items = IdMap.extending(parent[0], scanned.users), IdMap.extending(parent[1], scanned.items)
     rows_per_user = np.zeros(users.count, dtype=np.int64)
-    rows_per_user[users.ids_of(user_raw)] = user_rows
+    rows_per_user[users.ids_of(scanned.users)] = scanned.user_rows
     extended = (f" ({users.count - len(parent[0]):,} users and {items.count - len(parent[1]):,} items new)"
                 if parent[0] is not None else "")
     return _FirstPass(users, items, shards, balanced_user_bounds(rows_per_user, shards), 0,
-                      f"{rows:,} rows, {len(user_raw):,} users, {len(item_raw):,} items{extended}; {shards} shards")
+                      f"{scanned.rows:,} rows, {len(scanned.users):,} users, {len(scanned.items):,} items{extended}; "
+                      f"{shards} shards")
 
 
 @dataclass
@@ -292,26 +291,30 @@ class _UniqueCounter:
         return self.values, self.counts
 
 
-def _scan(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Pass 1: (raw user ids sorted, rows per user, raw item ids sorted, rows)."""
-    users, items, rows = _UniqueCounter(), _UniqueCounter(), 0
-    for batch in _kept(batches, options):
-        users.add(batch["user"])
-        items.add(batch["item"])
-        rows += len(batch["user"])
-    if rows == 0:
-        _no_rows(options)
-    user_ids, user_rows = users.result()
-    item_ids, _ = items.result()
-    return user_ids, user_rows, item_ids, rows
+@dataclass
+class _Scanned:
+    rows: int
+    items: np.ndarray
+    """Raw item ids, sorted."""
+    item_text: np.ndarray | None
+    """--ids hash: the text of each of `items`."""
+    item_collisions: int
+    """--ids hash: distinct item strings that share a hash."""
+    users: np.ndarray | None
+    """Raw user ids, sorted; None with --ids raw|hash (no user map)."""
+    user_rows: np.ndarray | None
+    """Rows of each of `users`."""
 
 
-def _scan_items(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarray, int, int, np.ndarray | None]:
-    """Pass 1 of --ids raw|hash: (raw item ids sorted, rows, distinct item strings sharing a hash,
-    with --ids hash the text of each item id, in the same order)."""
+def _scan(batches: BatchStream, options: PrepareOptions) -> _Scanned:
+    """Pass 1: the items (and their text and collisions with --ids hash), and with contiguous ids the
+    users and their row counts."""
+    users = _UniqueCounter() if options.ids == "contiguous" else None
     items, collisions, rows = _UniqueCounter(), CollisionCounter(), 0
     texts: dict[int, str] = {}  # the first text seen with each item hash
     for batch in _kept(batches, options):
+        if users is not None:
+            users.add(batch["user"])
         items.add(batch["item"])
         if "item_fp" in batch:
             collisions.add(batch["item"], batch["item_fp"])
@@ -320,16 +323,13 @@ def _scan_items(batches: BatchStream, options: PrepareOptions) -> tuple[np.ndarr
                 texts.setdefault(item, batch["item_text"][index])
         rows += len(batch["item"])
     if rows == 0:
-        _no_rows(options)
-    item_ids = items.result()[0]
+        if options.min_rating is not None:
+            raise UserError(f"no interaction has rating >= {options.min_rating}")
+        raise UserError("no interactions (the input has no data rows)")
+    item_ids, _ = items.result()
     text = np.array([texts[item] for item in item_ids.tolist()], dtype=object) if texts else None
-    return item_ids, rows, collisions.collisions(), text
-
-
-def _no_rows(options: PrepareOptions) -> None:
-    if options.min_rating is not None:
-        raise UserError(f"no interaction has rating >= {options.min_rating}")
-    raise UserError("no interactions (the input has no data rows)")
+    user_ids, user_rows = users.result() if users is not None else (None, None)
+    return _Scanned(rows, item_ids, text, collisions.collisions(), user_ids, user_rows)
 
 
 BUCKET_SCHEMA = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("rating", pa.float32()),
@@ -339,15 +339,14 @@ BUCKET_SCHEMA = pa.schema([("user", pa.int64()), ("item", pa.int64()), ("rating"
 HASHED_BUCKET_SCHEMA = BUCKET_SCHEMA.append(pa.field("user_fp", pa.int64()))
 
 
-def _bucket(batches: BatchStream, options: PrepareOptions, users: "IdMap | None", items: "IdMap",
-            bounds: list[int] | int, folder: Path) -> None:
+def _bucket(batches: BatchStream, options: PrepareOptions, first: _FirstPass, folder: Path) -> None:
     """Pass 2: contiguous item ids, and each row appended to its user shard's bucket file. With a
-    user map, contiguous user ids sharded by the ranges `bounds`; without one (--ids raw|hash), raw
-    user ids in shard `shard_of_raw(id, bounds)`."""
+    user map, contiguous user ids sharded by the ranges `first.bounds`; without one (--ids
+    raw|hash), raw user ids in shard `shard_of_raw(id, shards)`."""
     folder.mkdir()
     writers: dict[int, pq.ParquetWriter] = {}
     schema = HASHED_BUCKET_SCHEMA if options.ids == "hash" else BUCKET_SCHEMA
-    shards = bounds if isinstance(bounds, int) else len(bounds) - 1
+    users, items, bounds, shards = first.users, first.items, first.bounds, first.shards
     try:
         for batch in _kept(batches, options):
             item = items.ids_of(batch["item"])

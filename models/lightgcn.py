@@ -32,7 +32,7 @@ from core.model_data import ModelData
 from core.model_params import LightGCNParams
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
-from models.managed_ids import managed_columns
+from models.managed_ids import managed_columns, take_tables
 from models import layerwise
 from models.graph import adjacency_tensor
 from models.neighbourhood import NeighbourSampler, rows_of
@@ -87,12 +87,8 @@ class LightGCN(RecModel):
     def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingBagCollection]:
         """Take the tables of `columns` ("user_id" -> user, "item_id" -> item) out of `self.tables`
         for models/managed_ids.manage_model."""
-        configs = {config.name: config for config in self.tables.embedding_bag_configs()}
-        device = next(iter(self.tables.parameters())).device
-        taken = {column: EmbeddingBagCollection(tables=[configs[column.removesuffix("_id")]], device=device)
-                 for column in columns}
+        self.tables, taken = take_tables(self.tables, {column: column.removesuffix("_id") for column in columns})
         self.plain_keys = [key for key in self.plain_keys if f"{key}_id" not in taken]
-        self.tables = EmbeddingBagCollection(tables=[configs[key] for key in self.plain_keys], device=device)
         return taken
 
     def _pooled(self, ids: dict[str, torch.Tensor], width: int | None = None) -> dict[str, torch.Tensor]:

@@ -25,14 +25,13 @@ from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy,
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from core.config import IdsSection
-from models.features import column_kjt, padded_kjt
+from core.id_hash import KEY_SPACE, KEY_SPACE_BITS, SPLITMIX_MULTIPLIERS
+from models.features import padded_kjt
 
-ID_SPACE_BITS = 62
-ID_SPACE = 1 << ID_SPACE_BITS
-"""Spread ids lie in [0, ID_SPACE): well inside int64, and TorchRec splits this range into blocks."""
-
-_MIX_1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's multipliers, as signed int64
-_MIX_2 = 0x94D049BB133111EB - (1 << 64)
+ID_SPACE_BITS, ID_SPACE = KEY_SPACE_BITS, KEY_SPACE
+_MIX_1, _MIX_2 = (multiplier - (1 << 64) for multiplier in SPLITMIX_MULTIPLIERS)  # as signed int64
+NO_KEY = torch.iinfo(torch.int64).max
+"""What a managed table's sorted key buffer (`_mch_sorted_raw_ids`) holds where no key has a row."""
 
 
 def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -42,7 +41,7 @@ def _shift_right(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def spread_ids(ids: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser, kept to ID_SPACE_BITS bits: a fixed function of the id alone, the same on
-    every rank and in every run (int64 products wrap modulo 2^64)."""
+    every rank and in every run (int64 products wrap modulo 2^64); core/id_hash.table_keys in numpy."""
     mixed = ids.to(torch.int64)
     mixed = (mixed ^ _shift_right(mixed, 30)) * _MIX_1
     mixed = (mixed ^ _shift_right(mixed, 27)) * _MIX_2
@@ -62,19 +61,28 @@ def eviction_policy(ids: IdsSection) -> MCHEvictionPolicy:
     return LRU_EvictionPolicy(threshold_filtering_func=admit)
 
 
+Collection = EmbeddingBagCollection | EmbeddingCollection
+
+
+def table_configs_of(collection: Collection) -> list:
+    """A (meta) collection's table configs, pooled or not."""
+    if isinstance(collection, EmbeddingBagCollection):
+        return collection.embedding_bag_configs()
+    return collection.embedding_configs()
+
+
 class ManagedColumn(nn.Module):
     """One batch column's tables as managed-collision tables; called like the EmbeddingBagCollection
     it replaces (KJT -> pooled KeyedTensor), with `features(ids)` building that KJT from the
     dataset's ids."""
 
-    def __init__(self, collection: EmbeddingBagCollection | EmbeddingCollection, rows: int, ids: IdsSection,
+    def __init__(self, collection: Collection, rows: int, ids: IdsSection,
                  ranks: int, init_std: float) -> None:
         super().__init__()
         # An evicted row is re-initialised as a new one is (the trainer's normal(0, init_std)).
         init = functools.partial(torch.nn.init.normal_, mean=0.0, std=init_std)
         pooled = isinstance(collection, EmbeddingBagCollection)
-        configs = [dataclasses.replace(config, num_embeddings=rows, init_fn=init) for config in
-                   (collection.embedding_bag_configs() if pooled else collection.embedding_configs())]
+        configs = [dataclasses.replace(config, num_embeddings=rows, init_fn=init) for config in table_configs_of(collection)]
         device = next(iter(collection.parameters())).device
         modules = {config.name: MCHManagedCollisionModule(
             zch_size=rows, device=device, eviction_policy=eviction_policy(ids),
@@ -87,21 +95,19 @@ class ManagedColumn(nn.Module):
                           else (ManagedCollisionEmbeddingCollection, EmbeddingCollection))
         self.collection = wrapper(inner(tables=configs, device=device), ManagedCollisionCollection(modules, configs),
                                   allow_in_place_embed_weight_update=True)
-        self.raw_ids: torch.Tensor | None = None
-        """The raw id of each dataset id, on a dataset imported with raw ids (`data import --ids
-        raw|hash`): rows are then keyed by the raw id, so a user or item keeps its row in the next
-        dataset whatever id that dataset numbers it by. None: keyed by the dataset's ids. A plain
-        attribute: neither sharded nor checkpointed (it belongs to the dataset)."""
+        self.row_keys: torch.Tensor | None = None
+        """The key of each dataset id, set once on a dataset imported with raw ids (`data import --ids
+        raw|hash`): the spread raw id, so that a user or item keeps its row in the next dataset
+        whatever id that dataset numbers it by. None: the dataset's own ids are spread at each lookup.
+        A plain attribute: neither sharded nor checkpointed (it belongs to the dataset)."""
 
     def keys_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """What the tables key rows by, for the dataset's `ids`: the raw or dataset id, spread."""
-        return spread_ids(self.raw_ids[ids] if self.raw_ids is not None else ids)
+        """What the tables key rows by, for the dataset's `ids`."""
+        return self.row_keys[ids] if self.row_keys is not None else spread_ids(ids)
 
     def features(self, ids: torch.Tensor, width: int | None = None) -> KeyedJaggedTensor:
         """One id per sample for every table of the column, padded with empty samples to `width`
         (models/features.padded_kjt)."""
-        if width is None:
-            return column_kjt(self.feature_names, self.keys_of(ids))
         keys = self.keys_of(ids)
         return padded_kjt(self.feature_names, {name: keys for name in self.feature_names}, width=width)
 
@@ -125,6 +131,16 @@ class ManagedColumn(nn.Module):
 
 
 MANAGED_COLUMNS = ("user_id", "item_id")
+
+def take_tables(collection: Collection, tables: dict[str, str]) -> tuple[Collection, dict[str, Collection]]:
+    """Split a (meta) collection for a model's `managed_id_tables`: each of `tables` (batch column ->
+    table name) in a collection of its own, the rest together in one of the same kind."""
+    kind = type(collection)
+    configs = {config.name: config for config in table_configs_of(collection)}
+    device = next(iter(collection.parameters())).device
+    taken = {column: kind(tables=[configs[name]], device=device) for column, name in tables.items()}
+    rest = kind(tables=[config for name, config in configs.items() if name not in tables.values()], device=device)
+    return rest, taken
 
 
 def manage_model(model: nn.Module, ids: IdsSection, ranks: int, init_std: float) -> list[str]:

@@ -32,7 +32,7 @@ from core.model_params import SequenceParams
 from core.sequences import SequenceTable
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
-from models.managed_ids import ID_SPACE, ManagedColumn, managed_columns
+from models.managed_ids import ID_SPACE, ManagedColumn, managed_columns, take_tables
 
 MASK_KEY = ID_SPACE - 1
 """What a managed item table keys BERT4Rec's MASK token by: the top of the key space (an item's
@@ -98,11 +98,9 @@ class SequenceModel(RecModel):
     def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingCollection]:
         """The item table, taken out of `self.tables` for models/managed_ids.manage_model (a sequence
         model has no user table; the config refuses user_rows and an untied output table)."""
-        configs = {config.name: config for config in self.tables.embedding_configs()}
-        device = next(iter(self.tables.parameters())).device
-        taken = {"item_id": EmbeddingCollection(tables=[configs["item"]], device=device)} if "item_id" in columns else {}
-        if taken:
-            self.tables = EmbeddingCollection(tables=[c for name, c in configs.items() if name != "item"], device=device)
+        if "item_id" not in columns:
+            return {}
+        self.tables, taken = take_tables(self.tables, {"item_id": "item"})
         return taken
 
     def table_row_keys(self, column: str, keys: np.ndarray) -> tuple[np.ndarray, slice]:

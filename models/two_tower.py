@@ -21,7 +21,7 @@ from core.model_data import ModelData
 from core.model_params import TwoTowerParams
 from models.base import Batch, RecModel, dot_all, dot_candidates
 from models.features import padded_kjt
-from models.managed_ids import managed_columns
+from models.managed_ids import managed_columns, take_tables
 
 USER_SIDE = ("age", "gender", "occupation", "zip")
 ITEM_SIDE = ("year",)
@@ -81,11 +81,8 @@ class TwoTower(RecModel):
     def managed_id_tables(self, columns: list[str]) -> dict[str, EmbeddingBagCollection]:
         """Take the id tables of `columns` ("user_id", "item_id") out of the shared collection for
         models/managed_ids.manage_model; the side-feature tables stay plain (their codes are few)."""
-        configs = {config.name: config for config in self.tables.embedding_bag_configs()}
-        device = next(iter(self.tables.parameters())).device
-        taken = {column: EmbeddingBagCollection(tables=[configs[column]], device=device) for column in columns}
+        self.tables, taken = take_tables(self.tables, {column: column for column in columns})
         self.keys = [key for key in self.keys if key not in taken]
-        self.tables = EmbeddingBagCollection(tables=[configs[key] for key in self.keys], device=device)
         return taken
 
     def bind_data(self, data: ModelData) -> None:

@@ -29,18 +29,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from core.config import IdsSection, RunConfig, config_from_json
-from core.dataset_format import PreparedDataset, raw_ids
-from core.id_hash import spread64
+from core.config import IdsSection, config_from_json
+from core.dataset_format import PreparedDataset
 from core.errors import UserError
 from core.export_delta import is_export, write_delta
 from models.two_tower import TwoTower, user_encoder
-from core.run_folder import checkpoint_world_size, resumable_checkpoint
-from models.managed_ids import ID_SPACE, managed_columns
+from core.run_folder import resumable_checkpoint
 from trainers import checkpoint
 from trainers.distributed import free_loopback_port, setup
-from trainers.managed_export import fill_plain_table, read_managed_rows
-from trainers.sharded_model import ShardedModel, build_sharded_model, full_tables, model_for_sharding, table_weights
+from trainers.managed_export import fill_plain_table, read_managed_tables
+from trainers.sharded_model import ShardedModel, build_sharded_model, dataset_row_keys, full_tables, table_weights
 
 CHUNK = 4096
 
@@ -58,23 +56,6 @@ def all_vectors(sharded: ShardedModel, column: str, count: int) -> np.ndarray:
     finally:
         model.end_ranking()
     return torch.cat(parts).numpy().astype(np.float32)
-
-
-def managed_tables(config: RunConfig, dataset: PreparedDataset, checkpoint_path: Path) -> dict[str, list[str]]:
-    """Batch column -> the names of its managed-collision tables ([ids]); empty without."""
-    if not config.ids.managed:
-        return {}
-    model = model_for_sharding(config, dataset.num_users, dataset.num_items, dataset.stats.get("features"),
-                               checkpoint_world_size(checkpoint_path))
-    return {column: module.table_names for column, module in managed_columns(model).items()}
-
-
-def table_keys(dataset: PreparedDataset, column: str) -> np.ndarray:
-    """What a managed table keys dataset ids 0..n-1 of `column` by (models/managed_ids.ManagedColumn)."""
-    kind = column.removesuffix("_id")
-    ids = (raw_ids(dataset, kind, "export") if dataset.id_mode != "contiguous"
-           else np.arange(dataset.num_users if kind == "user" else dataset.num_items, dtype=np.int64))
-    return spread64(ids) & (ID_SPACE - 1)
 
 
 def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None,
@@ -113,14 +94,14 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
         config.sharding.plan, config.sharding.default, config.sharding.tables = "", "", {}
         # Managed id tables ([ids]) are exported through plain ones, one row per dataset id
         # (trainers/managed_export.py): their remapping state is split by the ranks that wrote it.
-        managed = managed_tables(config, dataset, latest)
+        managed = config.ids.managed
         config.ids = IdsSection()
         sharded = build_sharded_model(config, dataset, setup("gloo"))
         if sharded.model.retrieval_key is None:
             raise UserError(f"model {config.model.name!r} does not score by a dot product of user and item "
                             "vectors, so it cannot be exported for retrieval (two_tower, lightgcn and the sequence "
                             "models can)")
-        held = _load_weights(sharded, latest, managed, dataset)
+        held = _load_weights(sharded, latest, dataset, managed)
         users = all_vectors(sharded, "user_id", dataset.num_users)
         items = all_vectors(sharded, "item_id", dataset.num_items)
         if isinstance(sharded.model, TwoTower):
@@ -146,23 +127,24 @@ def export_run(run_dir: Path, out: Path | None = None, since: Path | None = None
     return {**info, "out": str(out)}
 
 
-def _load_weights(sharded: ShardedModel, path: Path, managed: dict[str, list[str]],
-                  dataset: PreparedDataset) -> dict[str, np.ndarray]:
-    """Load checkpoint `path`'s weights into the one-rank export model; the plain tables standing for
-    managed ones (`managed`: column -> table names) get each dataset id's managed row. Returns, per
-    managed column, whether each id had a row of its own."""
+def _load_weights(sharded: ShardedModel, path: Path, dataset: PreparedDataset, managed: bool) -> dict[str, np.ndarray]:
+    """Load checkpoint `path`'s weights into the one-rank export model. With `managed` ([ids]), the
+    plain tables standing for managed ones get each dataset id's managed row. Returns, per managed
+    column, whether each id had a row of its own."""
     state = sharded.dmp.state_dict()
-    standing_in = {name for names in managed.values() for name in names}
-    filled = {key for key, table, _ in table_weights(state) if table in standing_in}
     held: dict[str, np.ndarray] = {}
     logging.disable(logging.WARNING)  # DCP logs each failed metadata read with its traceback
     try:
+        tables = read_managed_tables(path) if managed else {}
+        if managed and not tables:
+            raise UserError(f"{path}: no managed-collision state in this checkpoint (was it trained with [ids]?)")
+        standing_in = {name for named in tables.values() for name in named}
+        filled = {key for key, table, _ in table_weights(state) if table in standing_in}
         checkpoint.load({"model": {key: value for key, value in state.items() if key not in filled}}, path,
                         restore_rng=False)
-        for column, names in managed.items():
-            for name in names:
-                rows = read_managed_rows(path, name)
-                row_keys, ids_at = sharded.model.table_row_keys(column, table_keys(dataset, column))
+        for column, named in tables.items():
+            row_keys, ids_at = sharded.model.table_row_keys(column, dataset_row_keys(dataset, column))
+            for name, rows in named.items():
                 row, flags = rows.rows_of(row_keys)
                 held[column] = flags[ids_at]
                 fill_plain_table(state, name, rows.weight[torch.from_numpy(row)])

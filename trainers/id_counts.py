@@ -9,10 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.managed_ids import NO_KEY
 from trainers.distributed import all_sum
-
-EMPTY_SLOT = torch.iinfo(torch.int64).max
-"""What a managed table's sorted id buffer holds where no id has a row."""
 
 HELD_IDS_KEY = "._mch_sorted_raw_ids"
 
@@ -24,7 +22,7 @@ def held_ids(dmp: torch.nn.Module) -> dict[str, np.ndarray]:
         if key.endswith(HELD_IDS_KEY):
             local = value.local_shards()[0].tensor if hasattr(value, "local_shards") else value
             ids = local.numpy()
-            held[key.split(".")[-2]] = np.sort(ids[ids != EMPTY_SLOT])
+            held[key.split(".")[-2]] = np.sort(ids[ids != NO_KEY])
     return held
 
 

@@ -24,11 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from core.errors import UserError
-from models.managed_ids import ID_SPACE
-
-EMPTY = torch.iinfo(torch.int64).max
-"""What a managed table's sorted key buffer holds where no key has a row."""
-
+from models.managed_ids import ID_SPACE, NO_KEY
 
 @dataclass(frozen=True)
 class ManagedRows:
@@ -51,31 +47,44 @@ class ManagedRows:
         return np.where(held, self.rows[position] if len(self.rows) else 0, (block + 1) * per_block - 1), held
 
 
-def read_managed_rows(checkpoint: Path, table: str) -> ManagedRows:
-    """Table `table`'s weight and remapping state from a checkpoint (all blocks, on this process)."""
+MANAGED_KEYS_SUFFIX = "._mch_sorted_raw_ids"
+
+
+def read_managed_tables(checkpoint: Path) -> dict[str, dict[str, ManagedRows]]:
+    """Batch column -> table name -> its weight and remapping state (all blocks, on this process),
+    for every managed-collision table of a checkpoint, read in one pass. A table's keys sit at
+    `model.<...>.<column>.collection._managed_collision_collection._managed_collision_modules.<table>`."""
     metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-    suffix = f"_managed_collision_modules.{table}._mch_sorted_raw_ids"
-    found = [key for key in metadata if key.startswith("model.") and key.endswith(suffix)]
-    if len(found) != 1:
-        raise UserError(f"{checkpoint}: no managed-collision state for table {table} (was it trained with [ids]?)")
-    prefix = found[0][: found[0].index("_managed_collision_collection")]
-    weights = [key for key in metadata if key.startswith(f"{prefix}_embedding_module.") and key.endswith(f".{table}.weight")]
-    names = {"keys": found[0], "rows": found[0].replace("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"),
-             "weight": weights[0] if len(weights) == 1 else f"{prefix}_embedding_module.?.{table}.weight"}
+    names: dict[tuple[str, str], dict[str, str]] = {}
+    for key in metadata:
+        if key.startswith("model.") and key.endswith(MANAGED_KEYS_SUFFIX):
+            prefix = key[: key.index("_managed_collision_collection")]  # model.<...>.<column>.collection.
+            table = key.split(".")[-2]
+            weights = [name for name in metadata
+                       if name.startswith(f"{prefix}_embedding_module.") and name.endswith(f".{table}.weight")]
+            if len(weights) != 1:
+                raise UserError(f"{checkpoint}: no single weight for the managed table {table}; the checkpoint "
+                                "is not one of this model")
+            names[(prefix.split(".")[-3], table)] = {
+                "keys": key, "rows": key.replace("_mch_sorted_raw_ids", "_mch_remapped_ids_mapping"), "weight": weights[0]}
     state = {}
-    for name, key in names.items():
-        stored = metadata.get(key)
-        if not isinstance(stored, TensorStorageMetadata):
-            raise UserError(f"{checkpoint}: {key} is missing; the checkpoint is not one of this model")
-        state[key] = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
+    for parts in names.values():
+        for key in parts.values():
+            stored = metadata.get(key)
+            if not isinstance(stored, TensorStorageMetadata):
+                raise UserError(f"{checkpoint}: {key} is missing; the checkpoint is not one of this model")
+            state[key] = torch.empty(tuple(stored.size), dtype=stored.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    keys, rows = state[names["keys"]].numpy(), state[names["rows"]].numpy()
-    held = keys != EMPTY
-    order = np.argsort(keys[held], kind="stable")
-    blocks = len(metadata[names["keys"]].chunks)
-    return ManagedRows(state[names["weight"]], keys[held][order], rows[held][order], blocks)
+    tables: dict[str, dict[str, ManagedRows]] = {}
+    for (column, table), parts in names.items():
+        keys, rows = state[parts["keys"]].numpy(), state[parts["rows"]].numpy()
+        held = keys != NO_KEY
+        order = np.argsort(keys[held], kind="stable")
+        tables.setdefault(column, {})[table] = ManagedRows(state[parts["weight"]], keys[held][order],
+                                                           rows[held][order], len(metadata[parts["keys"]].chunks))
+    return tables
 
 
 @torch.no_grad()

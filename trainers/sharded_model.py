@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torchrec.distributed.model_parallel import DistributedModelParallel
@@ -20,6 +21,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from core.config import RunConfig
 from core.dataset_format import PreparedDataset, raw_ids
 from core.graph import graph_of
+from core.id_hash import table_keys
 from core.errors import UserError
 from core.model_data import load_model_data
 from core.rank_plan import RankPlan
@@ -69,14 +71,25 @@ def model_for_sharding(config: RunConfig, num_users: int, num_items: int,
     return model
 
 
+def dataset_row_keys(dataset: PreparedDataset, column: str) -> np.ndarray:
+    """What managed-collision tables key the dataset's ids 0..n-1 of `column` ("user_id", "item_id")
+    by: the raw id on a dataset imported with raw ids (`--ids raw|hash`), else the id, spread
+    (core/id_hash.table_keys)."""
+    kind = column.removesuffix("_id")
+    if dataset.id_mode == "contiguous":
+        ids = np.arange(dataset.num_users if kind == "user" else dataset.num_items, dtype=np.int64)
+    else:
+        ids = raw_ids(dataset, kind, "managed-collision tables")
+    return table_keys(ids)
+
+
 def key_managed_rows_by_raw_ids(model: RecModel, dataset: PreparedDataset, device: torch.device) -> None:
-    """On a dataset imported with raw ids (`--ids raw|hash`), managed-collision tables look rows up by
-    the raw id (8 bytes per user and per item on every rank), not by the dataset's own numbering."""
+    """On a dataset imported with raw ids, managed-collision tables look rows up by the raw id (a key
+    of 8 bytes per user and per item on every rank, computed once), not by the dataset's numbering."""
     if dataset.id_mode == "contiguous":
         return
     for column, managed in managed_columns(model).items():
-        kind = column.removesuffix("_id")
-        managed.raw_ids = torch.tensor(raw_ids(dataset, kind, "managed-collision tables"), device=device)
+        managed.row_keys = torch.from_numpy(dataset_row_keys(dataset, column)).to(device)
 
 
 TABLE_OPTIMIZER_CLASSES: dict[str, tuple[type, dict[str, float]]] = {
